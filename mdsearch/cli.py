@@ -1,0 +1,93 @@
+"""`mdsearch` command line: parses arguments and calls the library; nothing else lives here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .arch import presets
+from .arch.cost import cost
+from .arch.spec import ArchSpec, SpecError, parse_set
+
+
+def _add_spec_args(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--preset", default=None, choices=sorted(presets.PRESETS),
+                        help="a named architecture (default: md)")
+    source.add_argument("--spec", metavar="FILE", help="an ArchSpec YAML or JSON file")
+    parser.add_argument("--set", dest="overrides", action="append", metavar="FIELD=VALUE",
+                        help="override a field, e.g. ffn_expansion=4 or levels.2.channels=896 "
+                             "(repeatable)")
+
+
+def _load_spec(args) -> ArchSpec:
+    overrides = parse_set(args.overrides)
+    if args.spec:
+        spec = ArchSpec.from_file(args.spec)
+        return spec.override(overrides, source="--set") if overrides else spec
+    return presets.get(args.preset or "md", overrides)
+
+
+def cmd_spec(args) -> None:
+    spec = _load_spec(args)
+    print(spec.to_json() if args.json else spec.to_yaml(), end="" if not args.json else "\n")
+
+
+def cmd_cost(args) -> None:
+    c = cost(_load_spec(args), args.resolution)
+    if args.json:
+        print(json.dumps(c.to_dict()))
+        return
+    kinds = ", ".join(f"{k} {v:.1f}" for k, v in c.gmacs_by_kind.items())
+    print(f"{c.name} at {c.resolution}x{c.resolution} (latent {c.latent_size}x{c.latent_size}): "
+          f"{c.params:,} parameters ({c.params / 1e6:.1f}M), {c.gmacs:.1f} GMACs ({kinds})\n"
+          f"channels {tuple(c.channels)}, {c.conv_blocks} conv blocks, "
+          f"{c.sa_layers} SA + {c.ca_layers} CA layers")
+
+
+def cmd_table1(args) -> None:
+    from .analysis.paper import table1, table1_markdown
+
+    rows = table1(args.resolution)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(table1_markdown(rows, args.resolution), end="")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="mdsearch",
+        description="Architecture search and ablations for MobileDiffusion-family UNets.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("spec", help="print an architecture spec (YAML, or JSON with --json)")
+    _add_spec_args(p)
+    p.add_argument("--json", action="store_true", help="JSON instead of YAML")
+    p.set_defaults(func=cmd_spec)
+
+    p = sub.add_parser("cost", help="parameters, GMACs and Table 1 columns of a spec")
+    _add_spec_args(p)
+    p.add_argument("--resolution", type=int, default=512, help="image resolution (latent = /8)")
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    p.set_defaults(func=cmd_cost)
+
+    p = sub.add_parser("table1", help="the paper's Table 1, reproduced beside our measurement")
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--markdown", action="store_true", help="markdown table (the default)")
+    fmt.add_argument("--json", action="store_true", help="a JSON list of rows")
+    p.add_argument("--resolution", type=int, default=512)
+    p.set_defaults(func=cmd_table1)
+
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except SpecError as err:
+        print(f"mdsearch {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
