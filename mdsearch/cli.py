@@ -9,6 +9,8 @@ import sys
 from .arch import presets
 from .arch.cost import cost
 from .arch.spec import ArchSpec, SpecError, parse_set
+from .config import ConfigError
+from .data.errors import DataError
 
 
 def _add_spec_args(parser: argparse.ArgumentParser) -> None:
@@ -56,6 +58,31 @@ def cmd_table1(args) -> None:
         print(table1_markdown(rows, args.resolution), end="")
 
 
+def cmd_train(args) -> None:
+    from .train.recipe import load_recipe
+    from .train.trainer import train_trial
+
+    recipe = load_recipe(args.trial)
+    if args.seed is not None:
+        recipe = recipe.override({"seed": args.seed}, source="--seed")
+    spec = _load_spec(args)
+    tracker = None
+    if not args.no_mlflow:
+        from .track import MLflowTracker
+
+        tracker = MLflowTracker(experiment=args.experiment, run_name=spec.name)
+    log = (lambda msg: print(f"[{spec.name}] {msg}", file=sys.stderr, flush=True))
+    result = train_trial(spec, recipe, args.out, steps=args.steps, progress=log, tracker=tracker)
+    if args.json:
+        print(json.dumps(result.to_dict()))
+    else:
+        print(f"{result.status}{': ' + result.reason if result.reason else ''} after "
+              f"{result.steps} steps in {result.seconds:.0f}s; metrics: "
+              + ", ".join(f"{k} {v:.4g}" for k, v in result.metrics.items()))
+    if result.status != "ok":
+        raise SystemExit(1)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="mdsearch",
@@ -80,10 +107,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resolution", type=int, default=512)
     p.set_defaults(func=cmd_table1)
 
+    p = sub.add_parser("train", help="train one candidate's proxy and evaluate it")
+    _add_spec_args(p)
+    p.add_argument("--trial", default="cpu_quick",
+                   help="a trial recipe file, or a name in trials/ (default: cpu_quick)")
+    p.add_argument("--out", required=True, help="run directory (checkpoints, samples, spec)")
+    p.add_argument("--steps", type=int, default=None, help="override the recipe's steps")
+    p.add_argument("--seed", type=int, default=None, help="override the recipe's seed")
+    p.add_argument("--experiment", default="mdsearch", help="MLflow experiment name")
+    p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    p.add_argument("--json", action="store_true", help="last stdout line: the result as JSON")
+    p.set_defaults(func=cmd_train)
+
     args = parser.parse_args(argv)
     try:
         args.func(args)
-    except SpecError as err:
+    except (SpecError, ConfigError, DataError) as err:
         print(f"mdsearch {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -24,7 +24,6 @@ Overrides use dotted paths: ``ffn_expansion=3``, ``levels.2.channels=896``,
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path as FilePath
@@ -32,8 +31,10 @@ from typing import Any
 
 import yaml
 
+from .. import config
 
-class SpecError(ValueError):
+
+class SpecError(config.ConfigError):
     """A malformed architecture spec: the message names the source, the field and the reason."""
 
 
@@ -114,26 +115,20 @@ class ArchSpec:
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "spec") -> "ArchSpec":
-        spec = _build(cls, data, source, "")
+        spec = config.from_dict(cls, data, source, error=SpecError)
         spec.validate(source)
         return spec
 
     @classmethod
     def from_file(cls, path: str | FilePath) -> "ArchSpec":
-        path = FilePath(path)
-        if not path.is_file():
-            raise SpecError(f"{path}: spec file not found")
-        try:
-            data = yaml.safe_load(path.read_text())  # JSON is a subset of YAML
-        except yaml.YAMLError as err:
-            raise SpecError(f"{path}: not valid YAML/JSON: {err}") from None
+        data = config.load_yaml(path, error=SpecError)  # JSON is a subset of YAML
         return cls.from_dict(data, source=str(path))
 
     def override(self, overrides: dict[str, Any], source: str = "overrides") -> "ArchSpec":
         """A new spec with dotted-path fields replaced, validated: {"levels.2.channels": 896}."""
         data = self.to_dict()
         for key, value in overrides.items():
-            _set_path(data, key, value, source)
+            config.set_path(data, key, value, source, error=SpecError)
         return ArchSpec.from_dict(data, source=f"{self.name} + {source}")
 
     # ---- validation ----------------------------------------------------------------------
@@ -228,91 +223,6 @@ def _check_choice(value, choices, where, fail) -> None:
         fail(where, f"{value!r} is not one of {', '.join(choices)}")
 
 
-# ---- dict -> dataclass with strict field checking --------------------------------------------
-_NESTED = {"levels": Level, "down": Path, "up": Path}
-
-
-def _build(cls, data: Any, source: str, prefix: str):
-    if not isinstance(data, dict):
-        raise SpecError(f"{source}: {prefix.rstrip('.') or 'spec'} must be a mapping, got "
-                        f"{type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in data.items():
-        where = f"{prefix}{key}"
-        if key not in fields:
-            hint = difflib.get_close_matches(str(key), fields, n=1)
-            hint = f"; did you mean {hint[0]!r}?" if hint else f"; known: {', '.join(fields)}"
-            raise SpecError(f"{source}: unknown field {where!r}{hint}")
-        if key == "levels":
-            if not isinstance(value, list):
-                raise SpecError(f"{source}: field levels must be a list of levels")
-            kwargs[key] = [_build(Level, v, source, f"levels[{i}].") for i, v in enumerate(value)]
-        elif key in _NESTED:
-            kwargs[key] = _build(_NESTED[key], value, source, f"{where}.")
-        else:
-            kwargs[key] = _coerce(value, fields[key], source, where)
-    missing = [f.name for f in fields.values()
-               if f.name not in kwargs and f.default is dataclasses.MISSING
-               and f.default_factory is dataclasses.MISSING]
-    if missing:
-        raise SpecError(f"{source}: {prefix.rstrip('.') or 'spec'} is missing required field(s): "
-                        f"{', '.join(missing)}")
-    return cls(**kwargs)
-
-
-def _coerce(value: Any, f: dataclasses.Field, source: str, where: str):
-    kind = str(f.type)
-    ok = True
-    if value is None:
-        ok = "None" in kind
-    elif kind.startswith("bool"):
-        ok = isinstance(value, bool)
-    elif kind.startswith("int"):
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif kind.startswith("float"):
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    elif kind.startswith("str"):
-        ok = isinstance(value, str)
-    if not ok:
-        raise SpecError(f"{source}: field {where}: expected {kind}, got {value!r}")
-    return value
-
-
-def _set_path(data: dict, key: str, value: Any, source: str) -> None:
-    parts = key.split(".")
-    node: Any = data
-    for depth, part in enumerate(parts):
-        last = depth == len(parts) - 1
-        if isinstance(node, list):
-            try:
-                index = int(part)
-                node[index]  # noqa: B018 - bounds check
-            except (ValueError, IndexError):
-                raise SpecError(f"{source}: {key!r}: {part!r} is not a valid index into a list "
-                                f"of {len(node)}") from None
-            if last:
-                node[index] = value
-            else:
-                node = node[index]
-        else:
-            if part not in node:
-                hint = difflib.get_close_matches(part, list(node), n=1)
-                hint = f"; did you mean {hint[0]!r}?" if hint else ""
-                raise SpecError(f"{source}: unknown field {key!r}{hint}")
-            if last:
-                node[part] = value
-            else:
-                node = node[part]
-
-
 def parse_set(items: list[str] | None) -> dict[str, Any]:
     """CLI `--set k=v` items to an override dict; values are parsed as YAML scalars."""
-    overrides = {}
-    for item in items or []:
-        if "=" not in item:
-            raise SpecError(f"--set {item!r}: expected FIELD=VALUE, e.g. ffn_expansion=3")
-        key, raw = item.split("=", 1)
-        overrides[key.strip()] = yaml.safe_load(raw)
-    return overrides
+    return config.parse_set(items, error=SpecError)

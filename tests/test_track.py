@@ -1,0 +1,71 @@
+"""MLflow tracking against a real `mlflow server` on 127.0.0.1."""
+
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from mdsearch.arch import presets
+from mdsearch.track import MLflowTracker, flatten
+from mdsearch.train.trainer import train_trial
+from test_train import ImageStats, tiny_recipe
+
+
+def test_flatten():
+    assert flatten({"a": {"b": [1, {"c": 2}]}, "d": None}) == {"a.b.0": 1, "a.b.1.c": 2,
+                                                             "d": None}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlflow")
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+         "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=2)
+            break
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                pytest.fail("mlflow server did not start on 127.0.0.1")
+            time.sleep(0.5)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_trial_logs_params_metrics_and_artifacts_to_a_server(mlflow_server, tmp_path,
+                                                             monkeypatch):
+    monkeypatch.setenv("MDSEARCH_CACHE_DIR", str(tmp_path / "cache"))
+    tracker = MLflowTracker(experiment="test-trials", run_name="md-tiny",
+                            tracking_uri=mlflow_server)
+    result = train_trial(presets.get("md", ffn_expansion=4), tiny_recipe(), tmp_path / "run",
+                         evaluator=ImageStats(), tracker=tracker)
+    client = MlflowClient(mlflow_server)
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["status"] == "ok"
+    assert run.data.params["spec.ffn_expansion"] == "4.0"
+    assert run.data.params["recipe.width"] == "0.0625"
+    assert int(run.data.metrics["params"]) == result.params
+    losses = client.get_metric_history(tracker.run_id, "loss")
+    assert len(losses) >= result.steps
+    assert [m.step for m in client.get_metric_history(tracker.run_id, "sample_std")] == [3, 6]
+    artifacts = {a.path for a in client.list_artifacts(tracker.run_id)}
+    assert {"spec.yaml", "samples_000006.png"} <= artifacts

@@ -1,0 +1,90 @@
+"""The trial loop: determinism, exact resume, failure status, and the CLI contract."""
+
+import json
+
+import pytest
+import torch
+
+from mdsearch.arch import presets
+from mdsearch.cli import main
+from mdsearch.train.recipe import Recipe
+from mdsearch.train.trainer import CHECKPOINT, train_trial
+
+TINY = {
+    "name": "test", "data": {"kind": "synthetic", "size": 64, "eval_size": 32, "seed": 0},
+    "text_encoder": {"name": "minilm", "max_length": 8}, "resolution": 16, "width": 0.0625,
+    "batch_size": 4, "steps": 6, "ema_decay": 0.9, "checkpoint_every": 3, "log_every": 1,
+    "eval": {"every": 3, "sample_steps": 2, "prompts": 8, "reference_images": 32},
+    "optimizer": {"lr": 1e-3, "warmup_steps": 2},
+}
+
+
+def tiny_recipe(**overrides) -> Recipe:
+    return Recipe.from_dict(TINY, "tiny").override(overrides) if overrides else Recipe.from_dict(
+        TINY, "tiny")
+
+
+class ImageStats:
+    """A cheap stand-in for the quality evaluator, for tests of the loop itself: it reports
+    statistics of the sampled images, so the history still depends on the trained weights."""
+
+    def evaluate(self, images, captions, labels):
+        return {"sample_mean": images.mean().item(), "sample_std": images.std().item()}
+
+
+def weights(out_dir):
+    return torch.load(out_dir / CHECKPOINT, weights_only=True)["model"]
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("MDSEARCH_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def test_same_seed_same_history_and_weights(tmp_path):
+    a = train_trial(presets.get("md"), tiny_recipe(), tmp_path / "a", evaluator=ImageStats())
+    b = train_trial(presets.get("md"), tiny_recipe(), tmp_path / "b", evaluator=ImageStats())
+    assert a.status == "ok" and a.steps == 6 and len(a.history) == 2
+    assert a.history == b.history
+    wa, wb = weights(tmp_path / "a"), weights(tmp_path / "b")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    c = train_trial(presets.get("md"), tiny_recipe(seed=1), tmp_path / "c", evaluator=ImageStats())
+    assert c.history != a.history
+
+
+def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path):
+    full = train_trial(presets.get("md"), tiny_recipe(), tmp_path / "full", evaluator=ImageStats())
+    part = train_trial(presets.get("md"), tiny_recipe(), tmp_path / "part", steps=3,
+                       evaluator=ImageStats())
+    assert part.steps == 3
+    resumed = train_trial(presets.get("md"), tiny_recipe(), tmp_path / "part",
+                          evaluator=ImageStats())
+    assert resumed.steps == 6 and resumed.history == full.history
+    wf, wr = weights(tmp_path / "full"), weights(tmp_path / "part")
+    assert all(torch.equal(wf[k], wr[k]) for k in wf)
+
+
+def test_diverging_trial_fails_with_reason_and_keeps_its_work(tmp_path):
+    recipe = tiny_recipe(**{"optimizer.lr": 1e12, "optimizer.grad_clip": 0.0, "steps": 40,
+                            "eval.every": 1000, "checkpoint_every": 1})
+    result = train_trial(presets.get("md"), recipe, tmp_path, evaluator=ImageStats())
+    assert result.status == "failed" and "non-finite loss" in result.reason
+    assert 0 < result.steps < 40
+    assert torch.load(tmp_path / CHECKPOINT, weights_only=True)["step"] == result.steps
+
+
+def test_train_cli_json_contract(tmp_path, capsys):
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(json.dumps(TINY))
+    code = main(["train", "--preset", "md", "--trial", str(recipe), "--out", str(tmp_path / "run"),
+                 "--steps", "3", "--json", "--no-mlflow"])
+    out, err = capsys.readouterr()
+    result = json.loads(out.strip().splitlines()[-1])
+    assert code == 0 and result["status"] == "ok" and result["steps"] == 3
+    assert {"reason", "seconds", "params", "gmacs", "metrics", "history"} <= set(result)
+    assert result["params"] == 390_449_480  # full-size md: costs never come from the proxy
+    metrics = result["metrics"]
+    assert {"fid_proxy", "align", "align_chance"} <= set(metrics) and "fid" not in metrics
+    assert result["history"][-1]["step"] == 3 and "loss" in result["history"][-1]
+    assert "step 3/3" in err  # progress is shown
+    assert (tmp_path / "run" / "samples_000003.png").stat().st_size > 0
