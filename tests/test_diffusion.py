@@ -46,3 +46,11 @@ def test_ddim_is_deterministic_by_generator():
     run = lambda: ddim_sample(model, s, torch.zeros(1, 2, 3), torch.zeros(1, 2, 3), (1, 3, 4, 4),  # noqa: E731
                               steps=5, generator=torch.Generator().manual_seed(7))
     assert torch.equal(run(), run())
+
+
+def test_linear_schedule_has_a_weaker_terminal_signal():
+    linear, scaled = NoiseSchedule(kind="linear"), NoiseSchedule()
+    assert linear.alphas_cumprod[-1].item() == pytest.approx(4.04e-5, rel=0.02)  # DDPM's
+    assert linear.alphas_cumprod[-1] < scaled.alphas_cumprod[-1] / 100
+    with pytest.raises(ValueError, match="noise schedule 'cosine'"):
+        NoiseSchedule(kind="cosine")

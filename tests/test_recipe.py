@@ -24,6 +24,9 @@ def test_recipe_errors_name_file_and_field(tmp_path):
     bad.write_text("name: x\noptimizer: {lr: fast}\n")
     with pytest.raises(RecipeError, match=r"optimizer\.lr: expected float, got 'fast'"):
         load_recipe(bad)
+    bad.write_text("name: x\nnoise_schedule: cosine\n")
+    with pytest.raises(RecipeError, match="noise_schedule: .cosine. is not one of"):
+        load_recipe(bad)
     bad.write_text("name: x\nwidth: 2\n")
     with pytest.raises(RecipeError, match=r"width: must be in \(0, 1\]"):
         load_recipe(bad)

@@ -13,6 +13,7 @@ from typing import Any
 
 from .. import config
 from ..paths import TRIALS
+from .diffusion import SCHEDULES
 
 
 class RecipeError(config.ConfigError):
@@ -54,6 +55,7 @@ class Recipe:
     optimizer: Optimizer = field(default_factory=Optimizer)
     ema_decay: float = 0.9999
     prediction: str = "epsilon"  # or "v"
+    noise_schedule: str = "scaled_linear"  # SD's; or "linear" (DDPM's, for pixel space)
     caption_dropout: float = 0.1  # for classifier-free guidance
     eval: Evaluation = field(default_factory=Evaluation)
     checkpoint_every: int = 1000
@@ -72,6 +74,8 @@ class Recipe:
             fail("width", f"must be in (0, 1], got {self.width}")
         if self.prediction not in ("epsilon", "v"):
             fail("prediction", f"{self.prediction!r} is not one of epsilon, v")
+        if self.noise_schedule not in SCHEDULES:
+            fail("noise_schedule", f"{self.noise_schedule!r} is not one of {', '.join(SCHEDULES)}")
         if not 0 <= self.caption_dropout < 1:
             fail("caption_dropout", f"must be in [0, 1), got {self.caption_dropout}")
         if not 0 <= self.ema_decay < 1:

@@ -151,7 +151,7 @@ def train_trial(spec: ArchSpec, recipe: Recipe, out_dir: str | Path, *,
     optimizer = torch.optim.AdamW(model.parameters(), lr=opt.lr, betas=tuple(opt.betas),
                                   weight_decay=opt.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(opt.warmup_steps))
-    schedule = NoiseSchedule(prediction=recipe.prediction)
+    schedule = NoiseSchedule(kind=recipe.noise_schedule, prediction=recipe.prediction)
     proxy_params = sum(p.numel() for p in model.parameters())
 
     result = TrialResult("ok", None, 0, 0.0, full.params, full.gmacs, proxy_params)
