@@ -9,31 +9,12 @@ the real weights and run a real forward pass; ours allocates nothing.
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import time
 
 import torch
-from fvcore.nn import FlopCountAnalysis
-
 from mdsearch.arch import presets
-from mdsearch.arch.cost import cost, example_inputs, latent_size
-from mdsearch.arch.unet import build
-
-
-def _sdpa_macs(inputs, outputs):
-    q, k, v = (i.type().sizes() for i in inputs[:3])
-    return math.prod(q[:-1]) * k[-2] * (q[-1] + v[-1])
-
-
-def fvcore_count(spec, resolution):
-    model = build(spec).eval()
-    args, kwargs = example_inputs(spec, latent_size(spec, resolution))
-    analysis = FlopCountAnalysis(model, args + tuple(kwargs.values()))
-    analysis.set_op_handle("aten::scaled_dot_product_attention", _sdpa_macs)
-    analysis.unsupported_ops_warnings(False)
-    analysis.uncalled_modules_warnings(False)
-    return analysis.total()
+from mdsearch.arch.cost import cost, fvcore_count
 
 
 def timed(fn, repeats):
@@ -56,7 +37,8 @@ def main():
 
     cost(spec, args.resolution)  # warm-up (imports, dispatcher caches)
     ours_s, ours = timed(lambda: cost(spec, args.resolution), args.repeats)
-    fv_s, fv_macs = timed(lambda: fvcore_count(spec, args.resolution), max(1, args.repeats // 2))
+    fv_s, fv = timed(lambda: fvcore_count(spec, args.resolution), max(1, args.repeats // 2))
+    fv_macs = fv["total"]
 
     print(f"spec {spec.name} at {args.resolution}x{args.resolution}, "
           f"{torch.get_num_threads()} threads")

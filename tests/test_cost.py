@@ -1,37 +1,13 @@
 """Cost model: exact against fvcore on real tensors, and the paper's figures and claims."""
 
-import math
-
 import pytest
 import torch
-from fvcore.nn import FlopCountAnalysis
 
 from conftest import tiny
 from mdsearch.arch import presets
-from mdsearch.arch.cost import MacCounter, cost, example_inputs
+from mdsearch.arch.cost import MacCounter, cost, example_inputs, fvcore_count
 from mdsearch.arch.spec import SpecError
 from mdsearch.arch.unet import build
-
-
-def _sdpa_macs(inputs, outputs):
-    """fvcore skips aten::scaled_dot_product_attention unless given a handle: QK^T plus AV."""
-    q, k, v = (i.type().sizes() for i in inputs[:3])
-    return math.prod(q[:-1]) * k[-2] * (q[-1] + v[-1])
-
-
-def fvcore_macs(spec, latent):
-    torch.manual_seed(0)
-    model = build(spec).eval()
-    args, kwargs = example_inputs(spec, latent)
-    inputs = args + tuple(kwargs.values())  # fvcore passes positional inputs only
-    analysis = FlopCountAnalysis(model, inputs)
-    analysis.set_op_handle("aten::scaled_dot_product_attention", _sdpa_macs)
-    analysis.unsupported_ops_warnings(False)
-    analysis.uncalled_modules_warnings(False)
-    by_op = analysis.by_operator()
-    return {"conv": by_op.get("conv", 0), "linear": by_op.get("linear", 0),
-            "attention": by_op.get("scaled_dot_product_attention", 0) + by_op.get("matmul", 0),
-            "total": analysis.total()}
 
 
 @pytest.mark.parametrize("name, knobs", [
@@ -45,7 +21,7 @@ def fvcore_macs(spec, latent):
 def test_cost_agrees_with_fvcore_on_real_tensors(name, knobs):
     spec = tiny(name, **knobs)
     ours = cost(spec, resolution=8 * 32)
-    ref = fvcore_macs(spec, 32)
+    ref = fvcore_count(spec, resolution=8 * 32)
     for kind in ("conv", "linear", "attention"):  # the same ops, counted the same way
         assert ours.gmacs_by_kind[kind] * 1e9 == pytest.approx(ref[kind], rel=1e-6), kind
 
@@ -53,7 +29,7 @@ def test_cost_agrees_with_fvcore_on_real_tensors(name, knobs):
 def test_total_agrees_with_fvcore_at_full_width():
     """fvcore also counts norms and upsampling element-wise; at real widths that is < 1%."""
     spec = presets.get("md")
-    ours, ref = cost(spec, resolution=128), fvcore_macs(spec, 16)
+    ours, ref = cost(spec, resolution=128), fvcore_count(spec, resolution=128)
     assert ours.gmacs * 1e9 == pytest.approx(ref["total"], rel=0.01)
     assert ours.gmacs * 1e9 < ref["total"]
 

@@ -153,3 +153,28 @@ def cost(spec: ArchSpec, resolution: int = 512) -> Cost:
     return Cost(name=spec.name, resolution=resolution, latent_size=latent, params=params,
                 gmacs=sum(by_kind.values()), **spec.counts(), channels=list(spec.channels),
                 gmacs_by_kind=by_kind)
+
+
+def _fvcore_sdpa_macs(inputs, outputs):
+    """fvcore skips aten::scaled_dot_product_attention unless given a handle: QK^T plus AV."""
+    q, k, v = (i.type().sizes() for i in inputs[:3])
+    return prod(q[:-1]) * k[-2] * (q[-1] + v[-1])
+
+
+def fvcore_count(spec: ArchSpec, resolution: int = 512, seed: int = 0) -> dict[str, float]:
+    """The independent cross-check: fvcore's FlopCountAnalysis on the real model and real tensors
+    (slow; allocates the weights). MACs by kind as `cost` names them, plus fvcore's `total`,
+    which also counts norms and upsampling element-wise."""
+    from fvcore.nn import FlopCountAnalysis
+
+    torch.manual_seed(seed)
+    model = build(spec).eval()
+    args, kwargs = example_inputs(spec, latent_size(spec, resolution))
+    analysis = FlopCountAnalysis(model, args + tuple(kwargs.values()))  # positional inputs only
+    analysis.set_op_handle("aten::scaled_dot_product_attention", _fvcore_sdpa_macs)
+    analysis.unsupported_ops_warnings(False)
+    analysis.uncalled_modules_warnings(False)
+    by_op = analysis.by_operator()
+    return {"conv": by_op.get("conv", 0), "linear": by_op.get("linear", 0),
+            "attention": by_op.get("scaled_dot_product_attention", 0) + by_op.get("matmul", 0),
+            "total": analysis.total()}

@@ -70,6 +70,19 @@ def _resolve(root: Path, path: str | Path) -> Path:
     return path if path.is_absolute() else root / path
 
 
+def _root_and_file(root: str | Path, file: str | Path, root_what: str,
+                   file_what: str) -> tuple[Path, Path]:
+    """The image folder and the captions/annotations file (relative to it), both checked."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"{root_what} {str(root)!r} does not exist or is not a folder")
+    path = _resolve(root, file)
+    if not path.is_file():
+        raise DataError(f"{file_what} {str(path)!r} does not exist (relative paths are taken "
+                        f"from the image folder {str(root)!r})")
+    return root, path
+
+
 class CaptionedImages(Dataset):
     """A list of (image file, caption) pairs, loaded lazily; the base of the two formats."""
 
@@ -157,13 +170,7 @@ class ImageCaptionFolder(CaptionedImages):
     or CSV (a header row naming the columns file and caption)."""
 
     def __init__(self, root: str | Path, captions: str | Path, resolution: int):
-        root = Path(root).expanduser()
-        if not root.is_dir():
-            raise DataError(f"image folder {str(root)!r} does not exist or is not a folder")
-        path = _resolve(root, captions)
-        if not path.is_file():
-            raise DataError(f"captions file {str(path)!r} does not exist (relative paths are "
-                            f"taken from the image folder {str(root)!r})")
+        root, path = _root_and_file(root, captions, "image folder", "captions file")
         suffix = path.suffix.lower()
         if suffix in (".jsonl", ".ndjson"):
             rows = _read_jsonl(path)
@@ -232,13 +239,8 @@ class CocoCaptions(CaptionedImages):
 
     def __init__(self, root: str | Path, annotations: str | Path, resolution: int,
                  one_caption_per_image: bool = False):
-        root = Path(root).expanduser()
-        if not root.is_dir():
-            raise DataError(f"COCO image folder {str(root)!r} does not exist or is not a folder")
-        path = _resolve(root, annotations)
-        if not path.is_file():
-            raise DataError(f"COCO annotations file {str(path)!r} does not exist (relative paths "
-                            f"are taken from the image folder {str(root)!r})")
+        root, path = _root_and_file(root, annotations, "COCO image folder",
+                                    "COCO annotations file")
         try:
             with open(path, encoding="utf-8") as f:
                 data = json.load(f)
