@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -29,11 +28,10 @@ from ..arch.spec import ArchSpec
 from ..arch.unet import build
 from ..data import make_dataset
 from ..data.autoencoder import make_autoencoder
+from ..data.errors import DataError
 from ..data.text import cached_embeddings, get_text_encoder
 from .diffusion import NoiseSchedule, ddim_sample
 from .recipe import Recipe
-
-log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -61,7 +59,7 @@ class DataPipeline:
         self.recipe = recipe
         self.autoencoder = make_autoencoder(recipe.autoencoder)
         if recipe.resolution % self.autoencoder.factor:
-            raise ValueError(f"resolution {recipe.resolution} is not divisible by the "
+            raise DataError(f"resolution {recipe.resolution} is not divisible by the "
                              f"autoencoder's factor {self.autoencoder.factor}")
         self.latent_size = recipe.resolution // self.autoencoder.factor
         self.train = make_dataset(recipe.data, recipe.resolution, "train")
@@ -214,8 +212,9 @@ def train_trial(spec: ArchSpec, recipe: Recipe, out_dir: str | Path, *,
             rate = recipe.log_every / max(time.time() - last_log, 1e-9)
             last_log = time.time()
             eta = (total - done) / max(rate, 1e-9)
-            say(f"step {done}/{total}  loss {sum(losses[-recipe.log_every:]) / len(losses[-recipe.log_every:]):.4f}"
-                f"  {rate:.2f} steps/s  eta {eta:.0f}s")
+            recent = losses[-recipe.log_every:]
+            say(f"step {done}/{total}  loss {sum(recent) / len(recent):.4f}  {rate:.2f} steps/s"
+                f"  eta {eta:.0f}s")
             if tracker is not None:
                 tracker.log_metrics({"loss": losses[-1]}, done)
         if done % recipe.eval.every == 0 or done == total:
