@@ -60,7 +60,7 @@ class DataPipeline:
         self.autoencoder = make_autoencoder(recipe.autoencoder)
         if recipe.resolution % self.autoencoder.factor:
             raise DataError(f"resolution {recipe.resolution} is not divisible by the "
-                             f"autoencoder's factor {self.autoencoder.factor}")
+                            f"autoencoder's factor {self.autoencoder.factor}")
         self.latent_size = recipe.resolution // self.autoencoder.factor
         self.train = make_dataset(recipe.data, recipe.resolution, "train")
         self.val = make_dataset(recipe.data, recipe.resolution, "val")
