@@ -88,3 +88,16 @@ def test_train_cli_json_contract(tmp_path, capsys):
     assert result["history"][-1]["step"] == 3 and "loss" in result["history"][-1]
     assert "step 3/3" in err  # progress is shown
     assert (tmp_path / "run" / "samples_000003.png").stat().st_size > 0
+
+
+def test_trials_with_different_seeds_share_one_judge(monkeypatch):
+    """Repeats over seeds must be scored by the same classifier, not one per seed."""
+    from mdsearch.train import trainer
+
+    seen = []
+    monkeypatch.setattr("mdsearch.train.metrics.Evaluator",
+                        lambda *args, **kwargs: seen.append(kwargs["seed"]))
+    data = type("Data", (), {"reference_images": lambda self, n: None})()
+    for seed in (0, 1, 7):
+        trainer.make_evaluator(tiny_recipe(seed=seed), data)
+    assert seen == [trainer.JUDGE_SEED] * 3

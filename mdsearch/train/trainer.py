@@ -240,12 +240,15 @@ def train_trial(spec: ArchSpec, recipe: Recipe, out_dir: str | Path, *,
     return result
 
 
+JUDGE_SEED = 0  # every trial, whatever its own seed, is judged by the same attribute classifier
+
+
 def make_evaluator(recipe: Recipe, data: DataPipeline):
     from .metrics import Evaluator
 
     return Evaluator(recipe.resolution, data.reference_images(recipe.eval.reference_images),
                      inception_path=recipe.eval.inception_path, clip_path=recipe.eval.clip_path,
-                     seed=recipe.seed)
+                     seed=JUDGE_SEED)
 
 
 @torch.no_grad()
