@@ -21,9 +21,15 @@ class ConfigError(ValueError):
     """A malformed configuration file or dict: names the source, the field and the reason."""
 
 
-def did_you_mean(word: str, options) -> str:
+def closest(word: str, options) -> str | None:
+    """The option closest to a mistyped `word`, or None when none is close."""
     match = difflib.get_close_matches(str(word), list(options), n=1)
-    return f"; did you mean {match[0]!r}?" if match else f"; known: {', '.join(map(str, options))}"
+    return match[0] if match else None
+
+
+def did_you_mean(word: str, options) -> str:
+    match = closest(word, options)
+    return f"; did you mean {match!r}?" if match else f"; known: {', '.join(map(str, options))}"
 
 
 def load_yaml(path: str | Path, error=ConfigError) -> Any:

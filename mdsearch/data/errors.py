@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Iterable
+
+from ..config import closest
 
 
 class DataError(ValueError):
@@ -12,5 +13,5 @@ class DataError(ValueError):
 
 def did_you_mean(word: str, options: Iterable[str]) -> str:
     """' (did you mean 'x'?)' for the closest option, or '' when none is close."""
-    close = difflib.get_close_matches(str(word), list(options), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+    close = closest(word, options)
+    return f" (did you mean {close!r}?)" if close else ""
