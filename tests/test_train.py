@@ -62,6 +62,9 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path):
     assert resumed.steps == 6 and resumed.history == full.history
     wf, wr = weights(tmp_path / "full"), weights(tmp_path / "part")
     assert all(torch.equal(wf[k], wr[k]) for k in wf)
+    again = train_trial(presets.get("md"), tiny_recipe(), tmp_path / "part",
+                        evaluator=ImageStats())  # a finished trial reports, trains nothing
+    assert (again.steps, again.history, again.metrics) == (6, full.history, full.metrics)
 
 
 def test_diverging_trial_fails_with_reason_and_keeps_its_work(tmp_path):

@@ -164,6 +164,10 @@ def train_trial(spec: ArchSpec, recipe: Recipe, out_dir: str | Path, *,
         scheduler.load_state_dict(state["scheduler"])
         start_step, elapsed_before = state["step"], state["seconds"]
         result.history = json.loads(state["history"])
+        result.steps = start_step
+        if result.history:
+            result.metrics = {k: v for k, v in result.history[-1].items()
+                              if k not in ("step", "loss")}
         say(f"resumed from {ckpt_path} at step {start_step}")
 
     if evaluator is None and total > start_step:
@@ -192,9 +196,10 @@ def train_trial(spec: ArchSpec, recipe: Recipe, out_dir: str | Path, *,
         noise = torch.randn(latents.shape, generator=g)
         pred = model(schedule.add_noise(latents, noise, t), t, data.context(captions))
         loss = F.mse_loss(pred, schedule.target(latents, noise, t))
-        if not math.isfinite(loss.item()):
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
             result.status = "failed"
-            result.reason = f"non-finite loss ({loss.item()}) at step {step + 1}"
+            result.reason = f"non-finite loss ({loss_value}) at step {step + 1}"
             say(f"FAILED: {result.reason}")
             break
         optimizer.zero_grad(set_to_none=True)
@@ -204,7 +209,7 @@ def train_trial(spec: ArchSpec, recipe: Recipe, out_dir: str | Path, *,
         optimizer.step()
         scheduler.step()
         ema.update(model)
-        losses.append(loss.item())
+        losses.append(loss_value)
         done = step + 1
         result.steps = done
 
