@@ -41,7 +41,6 @@ from .errors import DataError, did_you_mean
 log = logging.getLogger(__name__)
 
 CLIP_PATH_ENV = "MDSEARCH_CLIP_PATH"
-CACHE_DIR_ENV = "MDSEARCH_CACHE_DIR"
 
 
 class Encoded(NamedTuple):
@@ -222,9 +221,9 @@ def get_text_encoder(name: str = "minilm", path: str | Path | None = None,
 # --- The embedding cache -------------------------------------------------------------------------
 
 def _default_cache_dir() -> Path:
-    from mdsearch.paths import ROOT
+    from mdsearch.paths import cache_dir
 
-    return Path(os.environ.get(CACHE_DIR_ENV) or ROOT / "runs" / "cache") / "text"
+    return cache_dir("text")
 
 
 def captions_fingerprint(captions: Sequence[str]) -> str:
@@ -285,8 +284,9 @@ def cached_embeddings(encoder: TextEncoder, captions: Sequence[str],
 
     The file is keyed by (encoder cache id, max length, dtype, trimming, hash of the caption
     list): a second call with the same inputs loads it (torch.load with weights_only=True) and
-    runs no encoder. `cache_dir` defaults to $MDSEARCH_CACHE_DIR/text, else runs/cache/text in
-    the checkout. A stale or corrupt file is re-encoded and replaced.
+    runs no encoder. `cache_dir` defaults to $MDSEARCH_CACHE_DIR/text, else
+    ~/.cache/mdsearch/text (`mdsearch.paths.cache_dir`). A stale or corrupt file is
+    re-encoded and replaced.
 
     By default lookups return exactly what `encode` gives (in `dtype` precision), padding
     positions' hidden states included, since a UNet that ignores the mask (as Stable Diffusion's

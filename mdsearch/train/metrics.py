@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mdsearch.data.errors import DataError
+from mdsearch.paths import CACHE_DIR_ENV
 from mdsearch.data.synthetic import (ATTRIBUTE_NAMES, CHANCE, NUM_CLASSES, SyntheticShapes,
                                      labels_for)
 
@@ -68,7 +69,6 @@ DEFAULT_TRAIN_SIZE = 16000
 DEFAULT_EPOCHS = 2
 DEFAULT_VAL_SIZE = 2000
 BATCH_SIZE = 128
-CACHE_DIR_ENV = "MDSEARCH_CACHE_DIR"
 INCEPTION_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 """The standard FID Inception weights (pytorch-fid's name; torch-fidelity ships the same file
 as weights-inception-2015-12-05-6726825d.pth)."""
@@ -88,8 +88,9 @@ class MetricsError(ValueError):
 def default_cache_dir() -> Path:
     """Where classifier weights are cached: $MDSEARCH_CACHE_DIR/metrics, else
     ~/.cache/mdsearch/metrics."""
-    root = os.environ.get(CACHE_DIR_ENV) or Path.home() / ".cache" / "mdsearch"
-    return Path(root).expanduser() / "metrics"
+    from ..paths import cache_dir
+
+    return cache_dir("metrics")
 
 
 # --- The attribute classifier --------------------------------------------------------------------
