@@ -234,10 +234,10 @@ def train_trial(spec: ArchSpec, recipe: Recipe, out_dir: str | Path, *,
             if tracker is not None:
                 tracker.log_metrics(record, done)
                 tracker.log_artifact(out / f"samples_{done:06d}.png")
-            if on_eval is not None:
-                on_eval(record)
         if done % recipe.checkpoint_every == 0 or done == total:
             save(done)
+        if on_eval is not None and result.history and result.history[-1]["step"] == done:
+            on_eval(record)  # after the save, so a checkpoint reported with it is current
 
     result.seconds = elapsed_before + time.time() - started
     if tracker is not None:
