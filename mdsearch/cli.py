@@ -83,6 +83,21 @@ def cmd_train(args) -> None:
         raise SystemExit(1)
 
 
+def cmd_sweep(args) -> None:
+    from .search import keep_ray_on_loopback
+
+    if args.address is None:
+        keep_ray_on_loopback()  # before Ray is imported: a laptop sweep opens no network port
+    from .search.runner import run_sweep, summary
+    from .search.space import load_space
+
+    space = load_space(args.space)
+    result = run_sweep(space, args.trial, name=args.name, storage=args.storage,
+                       address=args.address, resume=args.resume, num_samples=args.num_samples,
+                       mlflow=not args.no_mlflow)
+    print(summary(result, space))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="mdsearch",
@@ -118,6 +133,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     p.add_argument("--json", action="store_true", help="last stdout line: the result as JSON")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sweep", help="run a search space's sweep (Ray Tune + Optuna)")
+    p.add_argument("space", help="a search space file, or a name in search_space/ (quickstart)")
+    p.add_argument("--trial", default=None,
+                   help="trial recipe (file or name in trials/); default: the space's own, "
+                        "with its trial_overrides")
+    p.add_argument("--name", default=None,
+                   help="sweep name (default: SPACE-DATE-TIME; with --resume, the latest sweep "
+                        "of this space)")
+    p.add_argument("--storage", default="runs/sweeps",
+                   help="directory holding sweeps (shared filesystem on a cluster); results go "
+                        "to STORAGE/NAME (default: runs/sweeps)")
+    p.add_argument("--address", default=None,
+                   help="an existing Ray cluster: auto, HOST:PORT or ray://HOST:PORT "
+                        "(default: a local Ray on 127.0.0.1)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted sweep (finished trials are kept, unfinished "
+                        "ones continue from their last evaluation)")
+    p.add_argument("--num-samples", type=int, default=None,
+                   help="trained trials (default: the space's search.num_samples)")
+    p.add_argument("--no-mlflow", action="store_true", help="do not log trials to MLflow")
+    p.set_defaults(func=cmd_sweep)
 
     args = parser.parse_args(argv)
     try:

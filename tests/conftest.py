@@ -1,6 +1,12 @@
-import pytest
+import os
 
-from mdsearch.arch import presets
+# Every Ray the tests start (local, or a Cluster of nodes) stays on 127.0.0.1: Ray reads this
+# when it is imported, so it is set before any test module imports it.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+import pytest  # noqa: E402
+
+from mdsearch.arch import presets  # noqa: E402
 
 TINY = {"head_dim": 16, "norm_groups": 8, "context_dim": 32, "context_len": 8,
         "time_freq_dim": 32, "time_embed_dim": 64}

@@ -1,0 +1,76 @@
+"""Plots of a sweep's results (PNG, and SVG beside it): quality against full-size GMACs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .pareto import pareto_mask
+
+REFERENCES = ("md", "md-lite", "sd15")  # costed presets, drawn as vertical lines
+
+
+def pareto_plot(table: pd.DataFrame, metric: str, out: str | Path, mode: str = "min",
+                max_gmacs: float | None = None, title: str = "",
+                references: dict[str, float] | None = None) -> Path:
+    """Every trained trial at (full-size GMACs, `metric`), the front of the completed ones drawn
+    and labelled, stopped-early trials hollow, failed ones as crosses on the top edge, the
+    budget and the reference models' GMACs as vertical lines. Writes `out` (.png) and .svg."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
+    has = table[metric].notna() if metric in table else pd.Series(False, index=table.index)
+    done = table[(table["status"] == "completed") & has]
+    stopped = table[(table["status"] == "stopped") & has]
+    failed = table[table["status"] == "failed"]
+    ax.scatter(done["gmacs"], done[metric], s=40, color="tab:blue", label="completed", zorder=3)
+    ax.scatter(stopped["gmacs"], stopped[metric], s=40, facecolors="none",
+               edgecolors="tab:orange", label="stopped early (metric at its last evaluation)",
+               zorder=3)
+    if len(done):
+        values = np.c_[done["gmacs"], done[metric] * (1 if mode == "min" else -1)]
+        front = done[pareto_mask(values)].sort_values("gmacs")
+        ax.step(front["gmacs"], front[metric], where="post", color="tab:blue", alpha=0.6,
+                label="Pareto front (completed)")
+        for _, row in front.iterrows():
+            ax.annotate(str(row["trial_id"])[:8], (row["gmacs"], row[metric]),
+                        textcoords="offset points", xytext=(4, 4), fontsize=7)
+    top = ax.get_ylim()[1]
+    if len(failed):
+        ax.scatter(failed["gmacs"], [top] * len(failed), marker="x", color="tab:red",
+                   label="failed (no metric)", zorder=3, clip_on=False)
+    if max_gmacs is not None:
+        ax.axvline(max_gmacs, color="black", linestyle="--", linewidth=1,
+                   label=f"budget {max_gmacs:g} GMACs")
+    right = 1.25 * max([max_gmacs or 0, *table["gmacs"].dropna()])
+    for name, gmacs in (references or {}).items():
+        if gmacs > right:  # e.g. sd15 (400 GMACs) beside a 175-GMAC budget: off the chart
+            continue
+        ax.axvline(gmacs, color="grey", linestyle=":", linewidth=1)
+        ax.text(gmacs, top, f" {name}", rotation=90, va="top", fontsize=7, color="grey")
+    filtered = int((table["status"] == "filtered").sum())
+    ax.set_xlabel("full-size GMACs at 512x512 (multiply-accumulates)")
+    ax.set_ylabel(f"{metric} ({'lower' if mode == 'min' else 'higher'} is better; proxy training)")
+    ax.set_title(title + (f"  [{filtered} over-budget configurations not trained]"
+                          if filtered else ""), fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    fig.savefig(out.with_suffix(".svg"))
+    plt.close(fig)
+    return out
+
+
+def reference_gmacs(resolution: int = 512) -> dict[str, float]:
+    from ..arch import presets
+    from ..arch.cost import cost
+
+    return {name: cost(presets.get(name), resolution).gmacs for name in REFERENCES}

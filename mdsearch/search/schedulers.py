@@ -1,0 +1,118 @@
+"""When to stop a candidate early: the paper's rule as a Ray Tune scheduler, and ASHA.
+
+The paper (§5.1) stops a candidate "when the FID and CLIP scores show signs of slower improvement
+compared to previous candidates". `PaperStopRule` makes that precise: at every evaluation step s a
+trial's metrics are compared with the best value any other trial reported at the same step s; a
+trial worse than that best by more than `margin` (relative) on *every* watched metric is stopped.
+Trials are compared at equal steps, so a slow start is judged against other slow starts, never
+against finished runs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+
+
+class PaperStopRule(FIFOScheduler):
+    """Stop a trial whose metrics at step s are worse than the other candidates' best at s.
+
+    metrics:   metric -> "min" | "max" (e.g. {"fid_proxy": "min", "align": "max"})
+    margin:    relative tolerance: for "min", stop when value > best * (1 + margin)
+    grace:     the first evaluation (1-based) at which a trial may be stopped
+    min_peers: how many other trials must have reported at that step before anyone is judged
+    state_file: where the per-step values and stop reasons are kept (so --resume keeps them)
+    """
+
+    def __init__(self, metrics: dict[str, str], margin: float = 0.1, grace: int = 1,
+                 min_peers: int = 1, time_attr: str = "step", state_file: str | Path | None = None):
+        super().__init__()
+        self.metrics, self.margin = dict(metrics), float(margin)
+        self.grace, self.min_peers, self.time_attr = grace, min_peers, time_attr
+        self.state_file = Path(state_file) if state_file else None
+        self.seen: dict[str, dict[str, dict[str, float]]] = {}  # step -> trial -> metric -> value
+        self.evals: dict[str, int] = {}  # trial -> evaluations seen
+        self.reasons: dict[str, str] = {}  # trial -> why it was stopped
+        self._load()
+
+    def __setstate__(self, state: dict) -> None:
+        # Tune unpickles the scheduler saved when the sweep began; on --resume the file is newer
+        self.__dict__.update(state)
+        self._load()
+
+    def _load(self) -> None:
+        if self.state_file and self.state_file.is_file():
+            state = json.loads(self.state_file.read_text())
+            self.seen, self.evals, self.reasons = state["seen"], state["evals"], state["reasons"]
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        return self.judge(trial.trial_id, result)
+
+    def judge(self, trial_id: str, result: dict) -> str:
+        """CONTINUE or STOP for `trial_id` reporting `result` (the rule, free of Tune objects)."""
+        step = result.get(self.time_attr)
+        values = {m: result.get(m) for m in self.metrics}
+        if step is None or any(not _finite(v) for v in values.values()):
+            return TrialScheduler.CONTINUE
+        at_step = self.seen.setdefault(str(step), {})
+        self.evals[trial_id] = self.evals.get(trial_id, 0) + 1
+        peers = {t: v for t, v in at_step.items() if t != trial_id}
+        at_step[trial_id] = values
+        decision = TrialScheduler.CONTINUE
+        if self.evals[trial_id] >= self.grace and len(peers) >= self.min_peers:
+            why = []
+            for metric, mode in self.metrics.items():
+                best_trial, best = _best(peers, metric, mode)
+                limit = best + self.margin * abs(best) * (1 if mode == "min" else -1)
+                worse = values[metric] > limit if mode == "min" else values[metric] < limit
+                if not worse:
+                    break
+                why.append(f"{metric} {values[metric]:.4g} vs best {best:.4g} ({best_trial})")
+            else:
+                decision = TrialScheduler.STOP
+                self.reasons[trial_id] = (f"paper rule at step {step}: worse than the best other "
+                                          f"candidate by more than {self.margin:.0%} on "
+                                          + "; ".join(why))
+        self._save()
+        return decision
+
+    def _save(self) -> None:
+        if self.state_file is None:
+            return
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"seen": self.seen, "evals": self.evals,
+                                   "reasons": self.reasons}))
+        tmp.replace(self.state_file)
+
+    def debug_string(self) -> str:
+        return f"PaperStopRule: {len(self.reasons)} stopped"
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _best(peers: dict[str, dict[str, float]], metric: str, mode: str) -> tuple[str, float]:
+    pick = min if mode == "min" else max
+    return pick(((t, v[metric]) for t, v in peers.items()), key=lambda tv: tv[1])
+
+
+def make_scheduler(settings: dict, quality_metric: str, quality_mode: str, max_steps: int,
+                   eval_every: int, state_file: Path | None):
+    """The Tune scheduler a search space's `scheduler:` section asks for (None: run to the end)."""
+    kind = settings.get("kind", "none")
+    if kind == "paper":
+        return PaperStopRule(settings["metrics"], margin=settings.get("margin", 0.1),
+                             grace=settings.get("grace", 1), min_peers=settings.get("min_peers", 1),
+                             state_file=state_file)
+    if kind == "asha":
+        metric = settings.get("metric", quality_metric)
+        mode = quality_mode if metric == quality_metric else "min"
+        grace = min(max_steps, eval_every * settings.get("grace", 1))
+        return ASHAScheduler(time_attr="step", metric=metric, mode=mode, max_t=max_steps,
+                             grace_period=grace,
+                             reduction_factor=settings.get("reduction_factor", 3))
+    return None

@@ -1,0 +1,564 @@
+"""Search spaces as data: a small YAML language over ArchSpec fields (`search_space/*.yaml`).
+
+    name: quickstart
+    base: md                          # a preset name, or an ArchSpec file (relative to this file)
+    set: {ffn_expansion: 3}           # fixed changes to the base (optional)
+    trial: cpu_quick                  # the default trial recipe (a name in trials/ or a file)
+    trial_overrides: {steps: 240}     # dotted recipe changes (optional)
+    dimensions:                       # what varies; each name becomes a results column
+      inner_channels:
+        field: levels.2.channels      # or `fields: [a, b]`: all set to the same value (tied)
+        values: [640, 768, 896]       # choice
+      inner_layers:
+        fields: [levels.2.down.layers, levels.2.up.layers]
+        range: [1, 4]                 # inclusive; `step` (default 1); ints unless a bound is float
+      kv_share: {field: kv_share, bool: true}
+      kernel:
+        field: levels.2.kernel_size
+        values: [3, 7]
+        when: {conv: separable}       # only sampled when dimension `conv` has this value (or list)
+      variant:                        # named bundles of changes (one-factor ablations)
+        variants: {baseline: {}, no_kv_share: {kv_share: false}}
+    ties: {levels.1.up.layers: levels.1.down.layers}   # field <- dimension name or field
+    constraints: {resolution: 512, max_params: 400_000_000, max_gmacs: 200}
+    objectives: [{fid_proxy: min}, {gmacs: min}]
+    search: {algorithm: tpe, num_samples: 16, seed: 0, max_concurrent: 2}
+    seeds: [0]                        # training seeds per configuration (several: grid only)
+    scheduler: {kind: paper, margin: 0.1}   # paper | asha | none (see search/schedulers.py)
+
+Everything is checked when the file is loaded: unknown keys, unknown fields, values a field cannot
+take, conditions on unknown dimensions. Errors name the file, the key path and the reason.
+Costs are always of the full-size spec; `Budget.check` is what keeps a configuration from training.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .. import config
+from ..arch import presets
+from ..arch.cost import cost
+from ..arch.spec import ArchSpec, SpecError
+from ..paths import SEARCH_SPACES
+
+ALGORITHMS = ("tpe", "nsga2", "random", "grid")
+SCHEDULERS = ("paper", "asha", "none")
+COST_METRICS = ("params", "gmacs")  # objectives known before training
+TOP_KEYS = ("name", "description", "base", "set", "trial", "trial_overrides", "dimensions",
+            "ties", "constraints", "objectives", "search", "seeds", "scheduler")
+DIM_KINDS = ("values", "range", "bool", "variants")
+
+
+class SpaceError(config.ConfigError):
+    """A malformed search space: names the file, the key path and the reason."""
+
+
+@dataclass
+class Dimension:
+    name: str
+    fields: list[str]  # set to the sampled value (empty for `variants`)
+    values: list[Any]  # the finite list of values (ranges expanded)
+    variants: dict[str, dict[str, Any]] | None = None  # value name -> field changes
+    when: dict[str, list[Any]] = field(default_factory=dict)  # dimension -> allowed values
+
+    def changes(self, value: Any) -> dict[str, Any]:
+        if self.variants is not None:
+            return dict(self.variants[value])
+        return {f: value for f in self.fields}
+
+    def active(self, point: dict[str, Any]) -> bool:
+        return all(point.get(dim) in allowed for dim, allowed in self.when.items())
+
+
+@dataclass
+class Budget:
+    resolution: int = 512
+    max_params: float | None = None
+    max_gmacs: float | None = None
+
+    def violations(self, params: int, gmacs: float) -> list[str]:
+        out = []
+        if self.max_params is not None and params > self.max_params:
+            out.append(f"params {params / 1e6:.1f}M > {self.max_params / 1e6:.1f}M")
+        if self.max_gmacs is not None and gmacs > self.max_gmacs:
+            out.append(f"GMACs {gmacs:.1f} > {self.max_gmacs:.1f}")
+        return out
+
+    def describe(self) -> str:
+        parts = []
+        if self.max_params is not None:
+            parts.append(f"params <= {self.max_params / 1e6:.0f}M")
+        if self.max_gmacs is not None:
+            parts.append(f"GMACs <= {self.max_gmacs:g}")
+        return (" and ".join(parts) or "no budget") + f" at {self.resolution}x{self.resolution}"
+
+
+@dataclass
+class Objective:
+    metric: str
+    mode: str  # "min" | "max"
+
+    @property
+    def is_cost(self) -> bool:
+        return self.metric in COST_METRICS
+
+
+@dataclass
+class Space:
+    name: str
+    source: str
+    base: ArchSpec
+    trial: str
+    trial_overrides: dict[str, Any]
+    dimensions: list[Dimension]
+    ties: dict[str, str]
+    budget: Budget
+    objectives: list[Objective]
+    algorithm: str = "tpe"
+    num_samples: int = 8
+    search_seed: int = 0
+    max_concurrent: int | None = None
+    seeds: list[int] = field(default_factory=lambda: [0])
+    scheduler: dict[str, Any] = field(default_factory=lambda: {"kind": "none"})
+    description: str = ""
+
+    # ---- configurations ------------------------------------------------------------------
+    def dimension(self, name: str) -> Dimension:
+        return next(d for d in self.dimensions if d.name == name)
+
+    def changes(self, point: dict[str, Any]) -> dict[str, Any]:
+        """The field changes a point (dimension name -> value) makes to the base spec."""
+        changes: dict[str, Any] = {}
+        for dim in self.dimensions:
+            if dim.name in point and point[dim.name] is not None:
+                changes.update(dim.changes(point[dim.name]))
+        if self.ties:
+            data = self.base.to_dict()
+            for key, value in changes.items():
+                config.set_path(data, key, value, self.source, error=SpaceError)
+            for target, source in self.ties.items():
+                changes[target] = point[source] if source in point else _get_path(data, source)
+        return changes
+
+    def spec_for(self, point: dict[str, Any]) -> ArchSpec:
+        """The full-size spec of a point; a SpecError if the combination is not a valid UNet."""
+        label = ", ".join(f"{k}={v}" for k, v in point.items() if k != "seed")
+        spec = self.base.override(self.changes(point), source=f"{self.source} [{label}]")
+        spec.name = f"{self.name}[{label}]" if label else self.name
+        return spec
+
+    def sample(self, rng: random.Random) -> dict[str, Any]:
+        """A uniformly random point (conditional dimensions only where active)."""
+        point: dict[str, Any] = {}
+        for dim in self.dimensions:
+            if dim.active(point):
+                point[dim.name] = rng.choice(dim.values)
+        return point
+
+    def grid(self) -> list[dict[str, Any]]:
+        """Every point of the space (conditionals respected), in declaration order."""
+        points: list[dict[str, Any]] = [{}]
+        for dim in self.dimensions:
+            grown = []
+            for point in points:
+                if dim.active(point):
+                    grown.extend({**point, dim.name: v} for v in dim.values)
+                else:
+                    grown.append(point)
+            points = grown
+        return points
+
+    # ---- budget --------------------------------------------------------------------------
+    def screen(self, point: dict[str, Any], cache: "CostCache") -> tuple[dict | None, str | None]:
+        """Cost a point's full-size spec: (cost summary, None) or (summary|None, why filtered)."""
+        try:
+            spec = self.spec_for(point)
+        except SpecError as err:
+            return None, f"invalid spec: {err}"
+        c = cache.get(spec, self.budget.resolution)
+        broken = self.budget.violations(c["params"], c["gmacs"])
+        return c, ("over budget: " + ", ".join(broken)) if broken else None
+
+    def check_feasible(self, cache: "CostCache", tries: int = 32) -> None:
+        """Fail at once, with the cheapest configuration found, when nothing fits the budget.
+
+        The cheapest corner is found by one pass of coordinate descent over the dimensions,
+        then random points are tried; a grid is checked exhaustively by the runner."""
+        if self.budget.max_params is None and self.budget.max_gmacs is None:
+            return
+        point = self.grid_fill({})
+        best, best_why = None, None
+        for dim in self.dimensions:
+            if not dim.active(point):
+                continue
+            scores = []
+            for value in dim.values:
+                trial = self.grid_fill({**point, dim.name: value})
+                c, why = self.screen(trial, cache)
+                if c is not None and why is None:
+                    return
+                if c is not None:
+                    scores.append((self._excess(c), value, c, why))
+            if scores:
+                scores.sort(key=lambda s: s[0])
+                point = self.grid_fill({**point, dim.name: scores[0][1]})
+                best, best_why = scores[0][2], scores[0][3]
+        rng = random.Random(0)
+        for _ in range(tries):
+            c, why = self.screen(self.sample(rng), cache)
+            if c is not None and why is None:
+                return
+        cheapest = (f"; the cheapest configuration found has {best['params'] / 1e6:.1f}M params "
+                    f"and {best['gmacs']:.1f} GMACs ({best_why})") if best else ""
+        raise SpaceError(f"{self.source}: constraints: no configuration of this space satisfies "
+                         f"{self.budget.describe()}{cheapest}. Loosen the constraints or "
+                         f"allow smaller configurations.")
+
+    def grid_fill(self, point: dict[str, Any]) -> dict[str, Any]:
+        """`point` with conditional dimensions added (first value) or removed as they apply."""
+        out: dict[str, Any] = {}
+        for dim in self.dimensions:
+            if dim.active(out):
+                out[dim.name] = point.get(dim.name, dim.values[0])
+        return out
+
+    def _excess(self, c: dict) -> float:
+        b = self.budget
+        excess = 0.0
+        if b.max_params is not None:
+            excess += max(0.0, c["params"] / b.max_params - 1)
+        if b.max_gmacs is not None:
+            excess += max(0.0, c["gmacs"] / b.max_gmacs - 1)
+        return excess
+
+    # ---- objectives ----------------------------------------------------------------------
+    @property
+    def quality(self) -> Objective:
+        """The first objective measured by training (what schedulers and 'best' look at)."""
+        return next(o for o in self.objectives if not o.is_cost)
+
+
+class CostCache:
+    """Full-size costs by spec, so a configuration sampled twice is costed once."""
+
+    def __init__(self):
+        self._cache: dict[tuple[str, int], dict] = {}
+
+    def get(self, spec: ArchSpec, resolution: int) -> dict:
+        data = spec.to_dict()
+        data.pop("name")
+        key = (json.dumps(data, sort_keys=True), resolution)
+        if key not in self._cache:
+            c = cost(spec, resolution)
+            self._cache[key] = {"params": c.params, "gmacs": round(c.gmacs, 3)}
+        return self._cache[key]
+
+
+# ---- loading ---------------------------------------------------------------------------------
+def load_space(path_or_name: str | Path) -> Space:
+    """A search space file, or the name of one in search_space/ (`quickstart`)."""
+    path = Path(path_or_name)
+    if not path.exists() and (SEARCH_SPACES / f"{path_or_name}.yaml").exists():
+        path = SEARCH_SPACES / f"{path_or_name}.yaml"
+    data = config.load_yaml(path, error=SpaceError)
+    return parse_space(data, str(path), base_dir=path.parent)
+
+
+def parse_space(data: Any, source: str = "space", base_dir: Path | None = None) -> Space:
+    def fail(where: str, reason: str):
+        raise SpaceError(f"{source}: {where}: {reason}")
+
+    if not isinstance(data, dict):
+        fail("top level", f"must be a mapping, got {type(data).__name__}")
+    for key in data:
+        if key not in TOP_KEYS:
+            fail(f"key {key!r}", "unknown" + config.did_you_mean(key, TOP_KEYS))
+    for key in ("base", "dimensions", "objectives"):
+        if key not in data:
+            fail(key, "missing (required)")
+
+    base = _load_base(data["base"], base_dir, fail)
+    if data.get("set"):
+        base = base.override(_mapping(data["set"], "set", fail), source=f"{source}: set")
+    name = str(data.get("name") or Path(source).stem)
+
+    dims = _parse_dimensions(data["dimensions"], base, fail)
+    ties = _mapping(data.get("ties") or {}, "ties", fail)
+    dim_names = {d.name for d in dims}
+    for target, src in ties.items():
+        _get_or_fail(base, target, f"ties.{target}", fail)
+        if src not in dim_names:
+            _get_or_fail(base, src, f"ties.{target}", fail)
+
+    budget = _parse_budget(data.get("constraints") or {}, fail)
+    objectives = _parse_objectives(data["objectives"], fail)
+    search = _mapping(data.get("search") or {}, "search", fail)
+    for key in search:
+        if key not in ("algorithm", "num_samples", "seed", "max_concurrent"):
+            fail(f"search.{key}", "unknown" + config.did_you_mean(
+                key, ("algorithm", "num_samples", "seed", "max_concurrent")))
+    algorithm = search.get("algorithm", "tpe" if len(objectives) == 1 else "nsga2")
+    if algorithm not in ALGORITHMS:
+        fail("search.algorithm", f"{algorithm!r} is not one of {', '.join(ALGORITHMS)}")
+    num_samples = search.get("num_samples", 8)
+    if not isinstance(num_samples, int) or num_samples < 1:
+        fail("search.num_samples", f"must be a positive integer, got {num_samples!r}")
+    max_conc = search.get("max_concurrent")
+    if max_conc is not None and (not isinstance(max_conc, int) or max_conc < 1):
+        fail("search.max_concurrent", f"must be a positive integer, got {max_conc!r}")
+    seeds = data.get("seeds", [0])
+    if not isinstance(seeds, list) or not seeds or not all(
+            isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        fail("seeds", f"must be a non-empty list of integers, got {seeds!r}")
+    if len(seeds) > 1 and algorithm != "grid":
+        fail("seeds", "repeats over several seeds need `search.algorithm: grid` (a sampler "
+                      "would treat seeds as different configurations)")
+    scheduler = _parse_scheduler(data.get("scheduler") or {"kind": "none"}, objectives, fail)
+    trial = str(data.get("trial", "cpu_quick"))
+    trial_overrides = _mapping(data.get("trial_overrides") or {}, "trial_overrides", fail)
+
+    return Space(name=name, source=source, base=base, trial=trial,
+                 trial_overrides=trial_overrides, dimensions=dims, ties=ties, budget=budget,
+                 objectives=objectives, algorithm=algorithm, num_samples=num_samples,
+                 search_seed=int(search.get("seed", 0)), max_concurrent=max_conc, seeds=seeds,
+                 scheduler=scheduler, description=str(data.get("description", "")).strip())
+
+
+def _load_base(base: Any, base_dir: Path | None, fail) -> ArchSpec:
+    if not isinstance(base, str):
+        fail("base", f"a preset name or an ArchSpec file, got {base!r}")
+    if base in presets.PRESETS:
+        return presets.get(base)
+    path = Path(base)
+    if not path.is_absolute() and base_dir is not None and (base_dir / path).exists():
+        path = base_dir / path
+    if not path.exists():
+        fail("base", f"{base!r} is neither a preset ({', '.join(presets.PRESETS)}) "
+                     "nor an existing spec file")
+    return ArchSpec.from_file(path)
+
+
+def _mapping(value: Any, where: str, fail) -> dict:
+    if not isinstance(value, dict):
+        fail(where, f"must be a mapping, got {value!r}")
+    return value
+
+
+def _get_path(data: Any, key: str) -> Any:
+    node = data
+    for part in key.split("."):
+        node = node[int(part)] if isinstance(node, list) else node[part]
+    return node
+
+
+def _get_or_fail(base: ArchSpec, key: str, where: str, fail) -> Any:
+    try:
+        return _get_path(base.to_dict(), key)
+    except (KeyError, IndexError, ValueError, TypeError):
+        data = base.to_dict()
+        try:
+            config.set_path(data, key, None, "", error=SpaceError)
+        except SpaceError as err:
+            fail(where, str(err).lstrip(": "))
+        fail(where, f"{key!r} is not a field of the base spec")
+
+
+def _check_field(base: ArchSpec, key: str, value: Any, where: str, fail) -> None:
+    """The base spec's field `key` accepts `value` (type and range; combinations come later)."""
+    _get_or_fail(base, key, where, fail)
+    data = base.to_dict()
+    config.set_path(data, key, value, "", error=SpaceError)
+    try:
+        config.from_dict(ArchSpec, data, "", error=SpaceError)
+    except SpaceError as err:
+        fail(where, f"value {value!r} for {key}: {str(err).split(': ', 2)[-1]}")
+
+
+def _parse_dimensions(raw: Any, base: ArchSpec, fail) -> list[Dimension]:
+    if not isinstance(raw, dict) or not raw:
+        fail("dimensions", "must be a non-empty mapping of dimension name -> definition")
+    dims: list[Dimension] = []
+    for name, d in raw.items():
+        at = f"dimensions.{name}"
+        if not isinstance(d, dict):
+            fail(at, f"must be a mapping, got {d!r}")
+        known = ("field", "fields", "when", "step") + DIM_KINDS
+        for key in d:
+            if key not in known:
+                fail(f"{at}.{key}", "unknown" + config.did_you_mean(key, known))
+        kinds = [k for k in DIM_KINDS if k in d]
+        if len(kinds) != 1:
+            fail(at, f"give exactly one of {', '.join(DIM_KINDS)} (got {kinds or 'none'})")
+        kind = kinds[0]
+        if kind == "variants":
+            if "field" in d or "fields" in d:
+                fail(at, "`variants` name their own fields; drop field/fields")
+            variants = _mapping(d["variants"], f"{at}.variants", fail)
+            if not variants:
+                fail(f"{at}.variants", "needs at least one variant")
+            for vname, changes in variants.items():
+                changes = _mapping(changes or {}, f"{at}.variants.{vname}", fail)
+                try:
+                    base.override(changes, source="")
+                except SpecError as err:
+                    fail(f"{at}.variants.{vname}", str(err).split(": ", 1)[-1].lstrip(": "))
+                variants[vname] = changes
+            dims.append(Dimension(str(name), [], list(variants), variants=variants))
+            continue
+        fields = d.get("fields", [d["field"]] if "field" in d else None)
+        if not fields or not isinstance(fields, list):
+            fail(at, "needs `field: PATH` or `fields: [PATH, ...]`")
+        if kind == "values":
+            values = d["values"]
+            if not isinstance(values, list) or not values:
+                fail(f"{at}.values", f"must be a non-empty list, got {values!r}")
+        elif kind == "bool":
+            values = [False, True]
+        else:
+            values = _expand_range(d["range"], d.get("step", 1), f"{at}.range", fail)
+        if "step" in d and kind != "range":
+            fail(f"{at}.step", "only ranges take a step")
+        if len(set(map(repr, values))) != len(values):
+            fail(f"{at}.values", f"has duplicates: {values!r}")
+        for f in fields:
+            for v in values:
+                _check_field(base, str(f), v, f"{at}", fail)
+        dims.append(Dimension(str(name), [str(f) for f in fields], values))
+
+    names = [d.name for d in dims]
+    for d, (name, raw_d) in zip(dims, raw.items()):
+        when = raw_d.get("when") or {}
+        when = _mapping(when, f"dimensions.{name}.when", fail)
+        for dep, allowed in when.items():
+            if dep not in names:
+                fail(f"dimensions.{name}.when.{dep}",
+                     "not a dimension" + config.did_you_mean(dep, names))
+            if names.index(dep) >= names.index(name):
+                fail(f"dimensions.{name}.when.{dep}",
+                     "conditions may only refer to dimensions declared before this one")
+            allowed = allowed if isinstance(allowed, list) else [allowed]
+            bad = [a for a in allowed if a not in dims[names.index(dep)].values]
+            if bad:
+                fail(f"dimensions.{name}.when.{dep}", f"{bad!r} not among {dep}'s values "
+                                                      f"{dims[names.index(dep)].values!r}")
+            d.when[dep] = allowed
+    return dims
+
+
+def _expand_range(rng: Any, step: Any, where: str, fail) -> list:
+    if (not isinstance(rng, list) or len(rng) != 2
+            or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in rng)):
+        fail(where, f"must be [low, high], got {rng!r}")
+    low, high = rng
+    if not isinstance(step, (int, float)) or step <= 0:
+        fail(where, f"step must be positive, got {step!r}")
+    if high < low:
+        fail(where, f"high {high} < low {low}")
+    as_int = all(isinstance(x, int) for x in (low, high, step))
+    count = int((high - low) / step + 1e-9) + 1
+    values = [low + i * step for i in range(count)]
+    return values if as_int else [round(float(v), 10) for v in values]
+
+
+def _parse_budget(raw: Any, fail) -> Budget:
+    raw = _mapping(raw, "constraints", fail)
+    known = ("resolution", "max_params", "max_gmacs")
+    for key in raw:
+        if key not in known:
+            fail(f"constraints.{key}", "unknown" + config.did_you_mean(key, known))
+    budget = Budget()
+    if "resolution" in raw:
+        if not isinstance(raw["resolution"], int) or raw["resolution"] < 8:
+            fail("constraints.resolution", f"an image size in pixels, got {raw['resolution']!r}")
+        budget.resolution = raw["resolution"]
+    for key in ("max_params", "max_gmacs"):
+        if key in raw and raw[key] is not None:
+            value = _number(raw[key])
+            if value is None or value <= 0:
+                fail(f"constraints.{key}", f"a positive number (e.g. 400_000_000 or 400M), "
+                                           f"got {raw[key]!r}")
+            setattr(budget, key, value)
+    return budget
+
+
+def _number(value: Any) -> float | None:
+    """400, 400.5, '400M', '1.2G', '400e6' -> a float (None if not a number)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        text = value.strip().replace("_", "")
+        scale = {"K": 1e3, "M": 1e6, "G": 1e9}.get(text[-1:].upper(), 1.0)
+        if scale != 1.0:
+            text = text[:-1]
+        try:
+            return float(text) * scale
+        except ValueError:
+            return None
+    return None
+
+
+def _parse_objectives(raw: Any, fail) -> list[Objective]:
+    if not isinstance(raw, list) or not raw:
+        fail("objectives", "a non-empty list like [{fid_proxy: min}, {gmacs: min}]")
+    objectives = []
+    for i, item in enumerate(raw):
+        if not isinstance(item, dict) or len(item) != 1:
+            fail(f"objectives[{i}]", f"one `metric: min|max` mapping, got {item!r}")
+        (metric, mode), = item.items()
+        if mode not in ("min", "max"):
+            fail(f"objectives[{i}].{metric}", f"mode must be min or max, got {mode!r}")
+        objectives.append(Objective(str(metric), mode))
+    if all(o.is_cost for o in objectives):
+        fail("objectives", "needs at least one quality metric measured by training "
+                           "(e.g. fid_proxy: min); params and gmacs alone need no sweep")
+    if len(objectives) > 2:
+        fail("objectives", "at most two (one for TPE, two for NSGA-II)")
+    return objectives
+
+
+def _parse_scheduler(raw: Any, objectives: list[Objective], fail) -> dict:
+    raw = dict(_mapping(raw, "scheduler", fail))
+    kind = raw.get("kind", "none")
+    if kind not in SCHEDULERS:
+        fail("scheduler.kind", f"{kind!r} is not one of {', '.join(SCHEDULERS)}")
+    known = {"paper": ("kind", "metrics", "margin", "grace", "min_peers"),
+             "asha": ("kind", "metric", "reduction_factor", "grace"),
+             "none": ("kind",)}[kind]
+    for key in raw:
+        if key not in known:
+            fail(f"scheduler.{key}", f"unknown for kind {kind}" + config.did_you_mean(key, known))
+    quality = next(o for o in objectives if not o.is_cost)
+    if kind == "paper":
+        metrics = raw.get("metrics", {quality.metric: quality.mode})
+        if not isinstance(metrics, dict) or not metrics or any(
+                m not in ("min", "max") for m in metrics.values()):
+            fail("scheduler.metrics", f"a mapping metric -> min|max, got {metrics!r}")
+        raw["metrics"] = metrics
+        margin = raw.setdefault("margin", 0.1)
+        if not isinstance(margin, (int, float)) or margin < 0:
+            fail("scheduler.margin", f"a non-negative fraction, got {margin!r}")
+    for key in ("grace", "min_peers", "reduction_factor"):
+        if key in raw and (not isinstance(raw[key], int) or raw[key] < 1):
+            fail(f"scheduler.{key}", f"a positive integer, got {raw[key]!r}")
+    raw["kind"] = kind
+    return raw
+
+
+def describe(space: Space) -> str:
+    dims = "; ".join(f"{d.name} in {d.values}" + (f" when {d.when}" if d.when else "")
+                     for d in space.dimensions)
+    return (f"{space.name}: base {space.base.name}, {len(space.grid())} configurations "
+            f"({dims}); {space.budget.describe()}; objectives "
+            + ", ".join(f"{o.mode} {o.metric}" for o in space.objectives))
+
+
+def product(space: Space) -> list[dict[str, Any]]:
+    """Grid points crossed with the training seeds."""
+    return [{**p, "seed": s} for p, s in itertools.product(space.grid(), space.seeds)]

@@ -1,0 +1,53 @@
+"""The paper's stopping rule, as a decision on reported results (no Ray cluster needed)."""
+
+from ray.tune.schedulers import TrialScheduler
+
+from mdsearch.search.schedulers import PaperStopRule
+
+STOP, GO = TrialScheduler.STOP, TrialScheduler.CONTINUE
+
+
+def test_stops_a_trial_worse_than_the_best_at_the_same_step_by_the_margin():
+    rule = PaperStopRule({"fid_proxy": "min"}, margin=0.1)
+    assert rule.judge("a", {"step": 60, "fid_proxy": 1000.0}) == GO  # nobody to compare with
+    assert rule.judge("b", {"step": 60, "fid_proxy": 1090.0}) == GO  # within 10%
+    assert rule.judge("c", {"step": 60, "fid_proxy": 1150.0}) == STOP
+    assert "step 60" in rule.reasons["c"] and "fid_proxy 1150 vs best 1000 (a)" in rule.reasons["c"]
+    # judged against the same step only: a later, better step of another trial does not count
+    assert rule.judge("a", {"step": 120, "fid_proxy": 500.0}) == GO
+    assert rule.judge("d", {"step": 60, "fid_proxy": 1050.0}) == GO
+
+
+def test_every_watched_metric_must_trail_and_modes_are_respected():
+    rule = PaperStopRule({"fid_proxy": "min", "align": "max"}, margin=0.1)
+    rule.judge("a", {"step": 1, "fid_proxy": 100.0, "align": 0.5})
+    assert rule.judge("b", {"step": 1, "fid_proxy": 200.0, "align": 0.6}) == GO  # aligns better
+    assert rule.judge("c", {"step": 1, "fid_proxy": 200.0, "align": 0.4}) == STOP
+
+
+def test_grace_and_min_peers_delay_judgement():
+    rule = PaperStopRule({"fid_proxy": "min"}, margin=0.0, grace=2, min_peers=2)
+    rule.judge("a", {"step": 1, "fid_proxy": 1.0})
+    rule.judge("b", {"step": 1, "fid_proxy": 1.0})
+    assert rule.judge("c", {"step": 1, "fid_proxy": 9.0}) == GO  # first evaluation: grace
+    rule.judge("a", {"step": 2, "fid_proxy": 1.0})
+    assert rule.judge("c", {"step": 2, "fid_proxy": 9.0}) == GO  # one peer at step 2
+    rule.judge("b", {"step": 2, "fid_proxy": 1.0})
+    assert rule.judge("c", {"step": 2, "fid_proxy": 9.0}) == STOP
+
+
+def test_missing_or_non_finite_metrics_never_stop():
+    rule = PaperStopRule({"fid_proxy": "min"})
+    rule.judge("a", {"step": 1, "fid_proxy": 1.0})
+    assert rule.judge("b", {"step": 1, "fid_proxy": float("nan")}) == GO
+    assert rule.judge("b", {"step": 1}) == GO
+
+
+def test_state_survives_a_new_scheduler_object(tmp_path):
+    state = tmp_path / "stop_rule.json"
+    first = PaperStopRule({"fid_proxy": "min"}, state_file=state)
+    first.judge("a", {"step": 1, "fid_proxy": 1.0})
+    first.judge("b", {"step": 1, "fid_proxy": 5.0})
+    again = PaperStopRule({"fid_proxy": "min"}, state_file=state)  # as after --resume
+    assert again.reasons == first.reasons and "b" in again.reasons
+    assert again.judge("c", {"step": 1, "fid_proxy": 5.0}) == STOP  # a's value is remembered

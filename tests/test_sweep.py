@@ -1,0 +1,181 @@
+"""Sweeps through a real Ray (local, and a two-node cluster on 127.0.0.1), with real Optuna,
+a real MLflow store, and a real SIGKILL of the driver followed by --resume."""
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from mdsearch.search.runner import run_sweep
+from mdsearch.search.space import load_space
+
+RECIPE = {
+    "name": "tiny", "data": {"kind": "synthetic", "size": 64, "eval_size": 32, "seed": 0},
+    "text_encoder": {"name": "minilm", "max_length": 8}, "resolution": 16, "width": 0.0625,
+    "batch_size": 4, "steps": 6, "ema_decay": 0.9, "checkpoint_every": 3, "log_every": 3,
+    "eval": {"every": 3, "sample_steps": 2, "prompts": 8, "reference_images": 32},
+    "optimizer": {"lr": 1e-3, "warmup_steps": 2}, "resources": {"cpu": 1, "gpu": 0},
+}
+SPACE = {
+    "name": "tiny_space", "base": "md",
+    "dimensions": {
+        "inner_channels": {"field": "levels.2.channels", "values": [512, 640, 1280]},
+        "inner_layers": {"fields": ["levels.2.down.layers", "levels.2.up.layers"],
+                         "values": [1, 2]},
+    },
+    # 1280 channels (310M and up) is over this budget; 512 and 640 at 1, 2 or 3 layers fit
+    "constraints": {"resolution": 512, "max_params": "210M"},
+    "objectives": [{"fid_proxy": "min"}],
+    "search": {"algorithm": "tpe", "num_samples": 2, "seed": 0, "max_concurrent": 2},
+}
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("MDSEARCH_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
+    yield
+    import ray
+
+    ray.shutdown()
+
+
+def write(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def files(tmp_path, recipe=None, **space_changes):
+    recipe_file = write(tmp_path / "recipe.yaml", {**RECIPE, **(recipe or {})})
+    space_file = write(tmp_path / "space.yaml", {**SPACE, **space_changes})
+    return load_space(space_file), recipe_file
+
+
+def trained(table: pd.DataFrame) -> pd.DataFrame:
+    return table[table["status"] != "filtered"]
+
+
+def test_grid_sweep_filters_before_training_and_writes_results(tmp_path):
+    space, recipe = files(tmp_path, search={"algorithm": "grid"},
+                          dimensions={"inner_channels": SPACE["dimensions"]["inner_channels"]})
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = run_sweep(space, recipe, name="grid", storage=tmp_path / "sweeps",
+                       tracking_uri=uri)
+    table = pd.read_csv(tmp_path / "sweeps" / "grid" / "results.csv")
+    assert len(table) == 3 and result.filtered == 1
+    filtered = table[table["status"] == "filtered"].iloc[0]
+    assert filtered["inner_channels"] == 1280 and filtered["steps"] == 0
+    assert filtered["stop_reason"].startswith("over budget: params 558.8M > 210.0M")
+    done = trained(table)
+    assert sorted(done["inner_channels"]) == [512, 640]
+    assert (done["status"] == "completed").all() and (done["steps"] == 6).all()
+    assert (done["params"] <= 210e6).all()  # nothing over budget trained
+    for column in ("trial_id", "stop_reason", "gmacs", "fid_proxy", "align", "seconds", "seed"):
+        assert column in table.columns
+    assert done["fid_proxy"].notna().all() and (done["seconds"] > 0).all()
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("grid")  # one experiment per sweep
+    runs = client.search_runs([experiment.experiment_id])
+    assert sorted(r.data.tags["trial_id"] for r in runs) == sorted(done["trial_id"])
+    assert all("fid_proxy" in r.data.metrics and r.info.status == "FINISHED" for r in runs)
+
+
+def test_optuna_sweep_records_a_failed_trial_and_goes_on(tmp_path):
+    # lr 1e30 drives every trial to a non-finite loss: each is recorded as failed, with its
+    # reason, and the sweep still ends normally with its results
+    space, recipe = files(tmp_path, recipe={"optimizer": {"lr": 1e30, "warmup_steps": 0}})
+    result = run_sweep(space, recipe, name="nan", storage=tmp_path, mlflow=False)
+    done = trained(result.table)
+    assert len(done) == 2 and (done["status"] == "failed").all()
+    assert done["stop_reason"].str.contains("non-finite loss").all()
+    assert done[["inner_channels", "inner_layers"]].drop_duplicates().shape[0] == 2
+
+
+def test_existing_sweep_needs_resume_and_resume_needs_a_sweep(tmp_path):
+    from mdsearch.search.runner import SweepError
+
+    space, recipe = files(tmp_path)
+    with pytest.raises(SweepError, match="no sweep to resume"):
+        run_sweep(space, recipe, name="x", storage=tmp_path / "s", resume=True)
+    (tmp_path / "s" / "x").mkdir(parents=True)
+    (tmp_path / "s" / "x" / "results.csv").write_text("kept\n")
+    with pytest.raises(SweepError, match="already holds a sweep; pass --resume"):
+        run_sweep(space, recipe, name="x", storage=tmp_path / "s")
+    assert (tmp_path / "s" / "x" / "results.csv").read_text() == "kept\n"
+
+
+def test_two_node_loopback_cluster_runs_a_sweep(tmp_path):
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    try:
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        space, recipe = files(tmp_path)
+        result = run_sweep(space, recipe, name="cluster", storage=tmp_path,
+                           address=cluster.address, mlflow=False)
+        done = trained(result.table)
+        assert len(done) == 2 and (done["status"] == "completed").all()
+        assert done["node_id"].nunique() == 2  # one trial per 1-CPU node, run concurrently
+    finally:
+        import ray
+
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def _sweep_cmd(space_file, recipe_file, storage, *extra):
+    return [sys.executable, "-m", "mdsearch.cli", "sweep", str(space_file), "--trial",
+            str(recipe_file), "--name", "killed", "--storage", str(storage), "--no-mlflow", *extra]
+
+
+def test_sigkill_then_resume_completes_every_trial_exactly_once(tmp_path):
+    space_file = write(tmp_path / "space.yaml", {**SPACE, "search": {
+        "algorithm": "random", "num_samples": 4, "seed": 0, "max_concurrent": 2}})
+    recipe_file = write(tmp_path / "recipe.yaml", {
+        **RECIPE, "steps": 40, "checkpoint_every": 10,
+        "eval": {**RECIPE["eval"], "every": 10}})
+    log = tmp_path / "first.log"
+    with open(log, "w") as err:
+        driver = subprocess.Popen(_sweep_cmd(space_file, recipe_file, tmp_path), stderr=err,
+                                  stdout=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while "finished" not in log.read_text():
+        assert driver.poll() is None, log.read_text()[-3000:]
+        assert time.time() < deadline, "no trial finished in time"
+        time.sleep(0.5)
+    time.sleep(5)  # the experiment state is snapshotted every 2 s
+    assert driver.poll() is None, "the sweep ended before it could be killed"
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    first = log.read_text()
+    finished_before = {line.split()[2] for line in first.splitlines() if line.endswith("finished")}
+
+    resumed = subprocess.run(_sweep_cmd(space_file, recipe_file, tmp_path, "--resume"),
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    table = pd.read_csv(tmp_path / "killed" / "results.csv")
+    done = trained(table)
+    assert len(done) == 4 and done["trial_id"].is_unique
+    assert (done["status"] == "completed").all() and (done["steps"] == 40).all()
+    assert done[["inner_channels", "inner_layers"]].drop_duplicates().shape[0] == 4
+    started_again = {line.split()[2] for line in resumed.stderr.splitlines() if " start (" in line}
+    assert finished_before and not finished_before & started_again
+    assert "results:" in resumed.stdout
+
+
+def test_cli_reports_a_bad_space_in_one_line(tmp_path, capsys):
+    from mdsearch.cli import main
+
+    bad = write(tmp_path / "bad.yaml", {**SPACE, "constraints": {"max_params": "1M"}})
+    assert main(["sweep", str(bad), "--storage", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "bad.yaml: constraints: no configuration of this space satisfies params <= 1M" in err
+    assert not (tmp_path / "tiny_space").exists()  # nothing started, nothing written
