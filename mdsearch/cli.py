@@ -98,6 +98,25 @@ def cmd_sweep(args) -> None:
     print(summary(result, space))
 
 
+def cmd_report(args) -> None:
+    from .analysis.report import build_report
+
+    report = build_report(args.run_dir, args.out)
+    for key, path in report.files.items():
+        print(f"{key:<18} {path}")
+
+
+def cmd_fidelity(args) -> None:
+    from .analysis.fidelity import fidelity
+
+    result = fidelity(args.short, args.long, args.metric, args.out)
+    print(json.dumps(result) if args.json else
+          f"Kendall tau-b {result['kendall_tau_b']:.3f} between {result['metric']} after "
+          f"{result['steps_short']} and {result['steps_long']} steps, over {result['pairs']} "
+          f"configurations matched on {', '.join(result['keys'])}"
+          + (f"; plot: {result['plot']}" if result.get("plot") else ""))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="mdsearch",
@@ -155,6 +174,19 @@ def main(argv: list[str] | None = None) -> int:
                    help="trained trials (default: the space's search.num_samples)")
     p.add_argument("--no-mlflow", action="store_true", help="do not log trials to MLflow")
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("report", help="Pareto plots, tables and an HTML report of a sweep")
+    p.add_argument("run_dir", help="a sweep directory (runs/sweeps/NAME)")
+    p.add_argument("--out", default=None, help="output directory (default: RUN_DIR/report)")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("fidelity", help="rank agreement (Kendall tau) of two sweeps' proxies")
+    p.add_argument("short", help="sweep directory at the smaller budget")
+    p.add_argument("long", help="sweep directory at the larger budget (same configurations)")
+    p.add_argument("--metric", default="fid_proxy")
+    p.add_argument("--out", default=None, help="write fidelity.csv and fidelity.png here")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_fidelity)
 
     args = parser.parse_args(argv)
     try:
