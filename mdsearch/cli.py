@@ -109,7 +109,8 @@ def cmd_report(args) -> None:
 def cmd_fidelity(args) -> None:
     from .analysis.fidelity import fidelity
 
-    result = fidelity(args.short, args.long, args.metric, args.out)
+    result = fidelity(args.short, args.long or args.short, args.metric, args.out,
+                      short_step=args.short_step)
     print(json.dumps(result) if args.json else
           f"Kendall tau-b {result['kendall_tau_b']:.3f} between {result['metric']} after "
           f"{result['steps_short']} and {result['steps_long']} steps, over {result['pairs']} "
@@ -182,7 +183,11 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("fidelity", help="rank agreement (Kendall tau) of two sweeps' proxies")
     p.add_argument("short", help="sweep directory at the smaller budget")
-    p.add_argument("long", help="sweep directory at the larger budget (same configurations)")
+    p.add_argument("long", nargs="?", default=None,
+                   help="sweep directory at the larger budget (same configurations); with "
+                        "--short-step it defaults to SHORT itself")
+    p.add_argument("--short-step", type=int, default=None,
+                   help="take the short budget from SHORT's trial histories at this step")
     p.add_argument("--metric", default="fid_proxy")
     p.add_argument("--out", default=None, help="write fidelity.csv and fidelity.png here")
     p.add_argument("--json", action="store_true")

@@ -118,11 +118,15 @@ def test_two_node_loopback_cluster_runs_a_sweep(tmp_path):
     try:
         cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()
-        space, recipe = files(tmp_path)
+        # the two-objective path too: NSGA-II over (fid_proxy, gmacs), with ASHA stopping
+        space, recipe = files(tmp_path, objectives=[{"fid_proxy": "min"}, {"gmacs": "min"}],
+                              search={"algorithm": "nsga2", "num_samples": 2, "seed": 0},
+                              scheduler={"kind": "asha", "reduction_factor": 2})
         result = run_sweep(space, recipe, name="cluster", storage=tmp_path,
                            address=cluster.address, mlflow=False)
         done = trained(result.table)
-        assert len(done) == 2 and (done["status"] == "completed").all()
+        assert len(done) == 2 and done["status"].isin(["completed", "stopped"]).all()
+        assert done["fid_proxy"].notna().all() and (done["steps"] >= 3).all()
         assert done["node_id"].nunique() == 2  # one trial per 1-CPU node, run concurrently
     finally:
         import ray

@@ -12,12 +12,21 @@ from .pareto import pareto_mask
 REFERENCES = ("md", "md-lite", "sd15")  # costed presets, drawn as vertical lines
 
 
+X_AXES = {"gmacs": ("full-size GMACs at 512x512 (multiply-accumulates)", "{:g} GMACs", 1.0),
+          "params": ("full-size parameters (millions)", "{:g}M params", 1e-6)}
+
+
 def pareto_plot(table: pd.DataFrame, metric: str, out: str | Path, mode: str = "min",
-                max_gmacs: float | None = None, title: str = "",
-                references: dict[str, float] | None = None) -> Path:
-    """Every trained trial at (full-size GMACs, `metric`), the front of the completed ones drawn
-    and labelled, stopped-early trials hollow, failed ones as crosses on the top edge, the
-    budget and the reference models' GMACs as vertical lines. Writes `out` (.png) and .svg."""
+                budget: float | None = None, title: str = "",
+                references: dict[str, float] | None = None, x: str = "gmacs") -> Path:
+    """Every trained trial at (full-size cost `x`, `metric`), the front of the completed ones
+    drawn and labelled, stopped-early trials hollow, failed ones as crosses on the top edge, the
+    budget and the reference models' costs as vertical lines (all in `x`'s units: GMACs, or
+    parameters, plotted in millions). Writes `out` (.png) and .svg."""
+    xlabel, budget_label, scale = X_AXES[x]
+    table = table.assign(gmacs=table[x] * scale)  # the plotted x, whatever the cost
+    budget = budget * scale if budget is not None else None
+    references = {k: v * scale for k, v in (references or {}).items()}
     import matplotlib
 
     matplotlib.use("Agg")
@@ -45,17 +54,17 @@ def pareto_plot(table: pd.DataFrame, metric: str, out: str | Path, mode: str = "
     if len(failed):
         ax.scatter(failed["gmacs"], [top] * len(failed), marker="x", color="tab:red",
                    label="failed (no metric)", zorder=3, clip_on=False)
-    if max_gmacs is not None:
-        ax.axvline(max_gmacs, color="black", linestyle="--", linewidth=1,
-                   label=f"budget {max_gmacs:g} GMACs")
-    right = 1.25 * max([max_gmacs or 0, *table["gmacs"].dropna()])
+    if budget is not None:
+        ax.axvline(budget, color="black", linestyle="--", linewidth=1,
+                   label="budget " + budget_label.format(budget))
+    right = 1.25 * max([budget or 0, *table["gmacs"].dropna()])
     for name, gmacs in (references or {}).items():
         if gmacs > right:  # e.g. sd15 (400 GMACs) beside a 175-GMAC budget: off the chart
             continue
         ax.axvline(gmacs, color="grey", linestyle=":", linewidth=1)
         ax.text(gmacs, top, f" {name}", rotation=90, va="top", fontsize=7, color="grey")
     filtered = int((table["status"] == "filtered").sum())
-    ax.set_xlabel("full-size GMACs at 512x512 (multiply-accumulates)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(f"{metric} ({'lower' if mode == 'min' else 'higher'} is better; proxy training)")
     ax.set_title(title + (f"  [{filtered} over-budget configurations not trained]"
                           if filtered else ""), fontsize=9)
@@ -69,8 +78,11 @@ def pareto_plot(table: pd.DataFrame, metric: str, out: str | Path, mode: str = "
     return out
 
 
-def reference_gmacs(resolution: int = 512) -> dict[str, float]:
+def reference_costs(resolution: int = 512) -> dict[str, dict[str, float]]:
+    """{"gmacs": {"md": 185.5, ...}, "params": {"md": 390.4e6, ...}} for the REFERENCES."""
     from ..arch import presets
     from ..arch.cost import cost
 
-    return {name: cost(presets.get(name), resolution).gmacs for name in REFERENCES}
+    costs = {name: cost(presets.get(name), resolution) for name in REFERENCES}
+    return {"gmacs": {n: c.gmacs for n, c in costs.items()},
+            "params": {n: float(c.params) for n, c in costs.items()}}

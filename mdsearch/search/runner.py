@@ -515,11 +515,11 @@ def run_sweep(space: Space, trial: str | Path | None = None, *, name: str | None
     _write_csv(table, sweep_dir / RESULTS)
     plot = None
     if "gmacs" in table and space.quality.metric in table:
-        from ..analysis.plots import pareto_plot, reference_gmacs
+        from ..analysis.plots import pareto_plot, reference_costs
 
         plot = pareto_plot(table, space.quality.metric, sweep_dir / PLOT, space.quality.mode,
                            space.budget.max_gmacs, title=f"sweep {name} ({space.name}, "
-                           f"recipe {recipe.name})", references=reference_gmacs())
+                           f"recipe {recipe.name})", references=reference_costs()["gmacs"])
     return SweepResult(sweep_dir, table, int((table["status"] == "filtered").sum()),
                        best_trials(table, space), plot)
 

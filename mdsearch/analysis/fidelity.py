@@ -1,0 +1,114 @@
+"""Proxy fidelity: do two budgets rank the same configurations the same way?
+
+`mdsearch fidelity SHORT_RUN LONG_RUN` matches the completed trials of two sweeps by their
+configuration (the varied fields and the seed), and reports Kendall's tau-b between the two
+rankings of the quality metric, with a scatter plot of the ranks. tau = 1: the short proxy
+orders candidates exactly as the long one; 0: no better than chance.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..search.runner import RESULTS, SweepError
+
+
+def kendall_tau_b(x, y) -> float:
+    """Kendall's tau-b (ties in either ranking handled); nan with fewer than 2 pairs."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    n = len(x)
+    if n < 2:
+        return math.nan
+    concordant = discordant = ties_x = ties_y = 0
+    for i in range(n):
+        dx, dy = np.sign(x[i + 1:] - x[i]), np.sign(y[i + 1:] - y[i])
+        concordant += int(np.sum(dx * dy > 0))
+        discordant += int(np.sum(dx * dy < 0))
+        ties_x += int(np.sum((dx == 0) & (dy != 0)))
+        ties_y += int(np.sum((dy == 0) & (dx != 0)))
+    denom = math.sqrt((concordant + discordant + ties_x) * (concordant + discordant + ties_y))
+    return (concordant - discordant) / denom if denom else math.nan
+
+
+def _completed(run_dir: str | Path, metric: str) -> pd.DataFrame:
+    path = Path(run_dir) / RESULTS
+    if not path.is_file():
+        raise SweepError(f"{run_dir}: no {RESULTS}; give sweep directories")
+    t = pd.read_csv(path)
+    return t[(t["status"] == "completed") & t[metric].notna()]
+
+
+def at_step(run_dir: str | Path, step: int, metric: str = "fid_proxy") -> pd.DataFrame:
+    """A sweep's completed trials as they were at evaluation `step`, from each trial's reported
+    history (Tune's result.json). With a constant learning rate after warm-up, this is what a
+    sweep with `step` training steps would have measured."""
+    import json
+
+    rows = []
+    for _, row in _completed(run_dir, metric).iterrows():
+        history = Path(str(row.get("path", ""))) / "result.json"
+        if not history.is_file():
+            continue
+        for line in history.read_text().splitlines():
+            record = json.loads(line)
+            if record.get("step") == step and metric in record:
+                rows.append({**row.to_dict(), metric: record[metric], "steps": step})
+    if not rows:
+        raise SweepError(f"{run_dir}: no completed trial reported {metric} at step {step}")
+    return pd.DataFrame(rows)
+
+
+def fidelity(short_dir: str | Path, long_dir: str | Path, metric: str = "fid_proxy",
+             out: str | Path | None = None, short_step: int | None = None) -> dict:
+    """Rank agreement between a short and a long budget. With `short_step`, the short budget is
+    the long sweep's own trials at that evaluation step (short_dir may equal long_dir)."""
+    long = _completed(long_dir, metric)
+    short = (at_step(short_dir, short_step, metric) if short_step is not None
+             else _completed(short_dir, metric))
+    keys = [c for c in _config_columns(short) if c in long.columns]
+    merged = short.merge(long, on=keys, suffixes=("_short", "_long"))
+    tau = kendall_tau_b(merged[f"{metric}_short"], merged[f"{metric}_long"])
+    result = {"pairs": len(merged), "kendall_tau_b": tau, "metric": metric, "keys": keys,
+              "steps_short": int(short["steps"].max()) if len(short) else 0,
+              "steps_long": int(long["steps"].max()) if len(long) else 0}
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        merged.to_csv(out / "fidelity.csv", index=False)
+        result["plot"] = str(_plot(merged, metric, tau, result, out / "fidelity.png"))
+    return result
+
+
+def _config_columns(table: pd.DataFrame) -> list[str]:
+    """The varied fields and the seed: results.csv puts them between stop_reason and params."""
+    cols = list(table.columns)
+    start = cols.index("stop_reason") + 1 if "stop_reason" in cols else 0
+    end = cols.index("params") if "params" in cols else len(cols)
+    return cols[start:end]
+
+
+def _plot(merged: pd.DataFrame, metric: str, tau: float, result: dict, out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 5), dpi=120)
+    rs = merged[f"{metric}_short"].rank(method="average")
+    rl = merged[f"{metric}_long"].rank(method="average")
+    ax.scatter(rs, rl, s=40)
+    n = len(merged)
+    ax.plot([1, max(n, 1)], [1, max(n, 1)], color="grey", linestyle=":", linewidth=1)
+    ax.set_xlabel(f"rank by {metric} after {result['steps_short']} steps (1 = best)")
+    ax.set_ylabel(f"rank by {metric} after {result['steps_long']} steps")
+    ax.set_title(f"proxy fidelity: Kendall tau-b = {tau:.2f} over {n} configurations",
+                 fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out

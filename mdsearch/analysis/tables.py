@@ -1,0 +1,117 @@
+"""Tables from sweep results: ablation tables (variant vs baseline, mean +- std over seeds) and
+comparison grids shaped like the paper's Table 5, rendered to Markdown, LaTeX and CSV by pandas.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+
+MEASURED = ("completed",)  # trials whose metrics are at the full proxy budget
+
+
+def _mean_std(values: pd.Series) -> tuple[float, float, int]:
+    values = values.dropna().astype(float)
+    n = len(values)
+    if n == 0:
+        return math.nan, math.nan, 0
+    return values.mean(), (values.std(ddof=1) if n > 1 else math.nan), n
+
+
+def _cell(mean: float, std: float, digits: int = 3, signed: bool = False) -> str:
+    if math.isnan(mean):
+        return "-"
+    fmt = f"{{:{'+' if signed else ''}.{digits}g}}"
+    text = fmt.format(mean)
+    return text if math.isnan(std) else f"{text} ± {std:.2g}"
+
+
+def ablation_table(table: pd.DataFrame, variant: str = "variant", baseline: str = "baseline",
+                   quality: str = "fid_proxy", alignment: str = "align") -> pd.DataFrame:
+    """One row per variant: its metrics and their change against `baseline`, mean and standard
+    deviation over the seeds that completed (n), and the full-size cost change.
+
+    A delta is computed per seed (variant seed s minus baseline seed s) where both completed,
+    so the spread is that of paired differences; without pairs it falls back to the difference
+    of means (std left empty)."""
+    done = table[table["status"].isin(MEASURED)]
+    if variant not in done or baseline not in set(done[variant]):
+        raise ValueError(f"no completed '{baseline}' trial in column '{variant}': an ablation "
+                         "table needs the baseline measured")
+    base = done[done[variant] == baseline]
+    base_cost = base[["params", "gmacs"]].iloc[0]
+    rows = []
+    order = [baseline] + [v for v in dict.fromkeys(table[variant]) if v != baseline]
+    for name in order:
+        runs = done[done[variant] == name]
+        all_runs = table[table[variant] == name]
+        row = {"variant": name, "n": len(runs),
+               "not_completed": int((all_runs["status"] != "completed").sum())}
+        for metric in (quality, alignment):
+            if metric not in done:
+                continue
+            m, s, _ = _mean_std(runs[metric])
+            row[metric], row[f"{metric}_std"] = m, s
+            paired = runs.merge(base, on="seed", suffixes=("", "_base"))[
+                [metric, f"{metric}_base"]].dropna()
+            if len(paired):
+                d_mean, d_std, _ = _mean_std(paired[metric] - paired[f"{metric}_base"])
+            else:
+                d_mean, d_std = m - _mean_std(base[metric])[0], math.nan
+            row[f"d_{metric}"], row[f"d_{metric}_std"] = d_mean, d_std
+        cost = all_runs[["params", "gmacs"]].dropna()
+        if len(cost):
+            row["params_m"] = cost["params"].iloc[0] / 1e6
+            row["gmacs"] = cost["gmacs"].iloc[0]
+            row["d_params_pct"] = 100 * (cost["params"].iloc[0] / base_cost["params"] - 1)
+            row["d_gmacs_pct"] = 100 * (cost["gmacs"].iloc[0] / base_cost["gmacs"] - 1)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def ablation_display(ab: pd.DataFrame, quality: str = "fid_proxy",
+                     alignment: str = "align") -> pd.DataFrame:
+    """The ablation table with mean ± std cells, for Markdown and LaTeX."""
+    out = pd.DataFrame({"variant": ab["variant"], "seeds": ab["n"]})
+    for metric in (quality, alignment):
+        if metric in ab:
+            out[metric] = [_cell(m, s) for m, s in zip(ab[metric], ab[f"{metric}_std"])]
+            out[f"Δ {metric}"] = [_cell(m, s, signed=True)
+                                  for m, s in zip(ab[f"d_{metric}"], ab[f"d_{metric}_std"])]
+    if "params_m" in ab:
+        out["params"] = [f"{p:.1f}M" for p in ab["params_m"]]
+        out["Δ params"] = [f"{d:+.1f}%" for d in ab["d_params_pct"]]
+        out["GMACs"] = [f"{g:.1f}" for g in ab["gmacs"]]
+        out["Δ GMACs"] = [f"{d:+.1f}%" for d in ab["d_gmacs_pct"]]
+    return out
+
+
+def comparison_table(table: pd.DataFrame, rows: str, columns: str, value: str,
+                     row_order=None, column_order=None) -> pd.DataFrame:
+    """A grid of `value` (mean ± std over repeats) by `rows` x `columns`: the shape of the
+    paper's Table 5 (reconstruction loss x full fine-tuning / LoRA)."""
+    grouped = table.groupby([rows, columns], sort=False)[value]
+    cells = grouped.apply(lambda v: _cell(*_mean_std(v)[:2])).unstack(columns)
+    if row_order is not None:
+        cells = cells.reindex(row_order)
+    if column_order is not None:
+        cells = cells.reindex(columns=column_order)
+    cells.index.name = rows
+    return cells.fillna("-")
+
+
+def write_table(df: pd.DataFrame, stem: str | Path, raw: pd.DataFrame | None = None,
+                caption: str = "") -> dict[str, Path]:
+    """STEM.md, STEM.tex (from the display frame) and STEM.csv (from `raw`, full precision)."""
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    paths = {"md": stem.with_suffix(".md"), "tex": stem.with_suffix(".tex"),
+             "csv": stem.with_suffix(".csv")}
+    index = df.index.name is not None
+    paths["md"].write_text(df.to_markdown(index=index) + "\n")
+    latex = df.to_latex(index=index, caption=caption or None, escape=True)
+    paths["tex"].write_text(latex)
+    (raw if raw is not None else df).to_csv(paths["csv"], index=index)
+    return paths

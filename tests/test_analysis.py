@@ -1,0 +1,182 @@
+"""Analysis: the exact Pareto front, Kendall's tau, ablation and Table-5-shaped tables, reports."""
+
+import itertools
+import math
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from mdsearch.analysis.fidelity import fidelity, kendall_tau_b
+from mdsearch.analysis.pareto import pareto_mask
+from mdsearch.analysis.report import build_report
+from mdsearch.analysis.tables import ablation_table, comparison_table, write_table
+from mdsearch.paths import ANALYSIS, SEARCH_SPACES
+
+
+def brute_front(v: np.ndarray) -> np.ndarray:
+    keep = []
+    for i, a in enumerate(v):
+        if np.isnan(a).any():
+            keep.append(False)
+            continue
+        keep.append(not any(np.all(b <= a) and np.any(b < a)
+                            for j, b in enumerate(v) if j != i and not np.isnan(b).any()))
+    return np.array(keep)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_pareto_front_matches_brute_force_with_ties(seed):
+    rng = np.random.default_rng(seed)
+    n, k = rng.integers(1, 40), rng.integers(2, 4)
+    v = rng.integers(0, 6, size=(n, k)).astype(float)  # small integers: many ties and duplicates
+    if n > 3:
+        v[rng.integers(n)] = np.nan
+    assert np.array_equal(pareto_mask(v), brute_front(v))
+
+
+def test_pareto_front_keeps_duplicates_and_drops_dominated():
+    v = [[1, 5], [1, 5], [2, 2], [2, 3], [5, 1], [5, 1.5]]
+    assert pareto_mask(v).tolist() == [True, True, True, False, True, False]
+
+
+def test_kendall_tau_b():
+    assert kendall_tau_b([1, 2, 3, 4], [10, 20, 30, 40]) == 1
+    assert kendall_tau_b([1, 2, 3, 4], [4, 3, 2, 1]) == -1
+    assert math.isnan(kendall_tau_b([1], [1]))
+    scipy_stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(0)
+    for _ in range(10):
+        x, y = rng.integers(0, 5, 15), rng.integers(0, 5, 15)  # with ties
+        assert kendall_tau_b(x, y) == pytest.approx(scipy_stats.kendalltau(x, y).statistic)
+
+
+def results(rows):
+    """A results table in results.csv's column order: ids, the varied fields and the seed,
+    then cost, metrics and steps."""
+    base = {"status": "completed", "stop_reason": "", "steps": 240, "params": 390e6,
+            "gmacs": 185.5}
+    t = pd.DataFrame([{**base, **r} for r in rows])
+    tail = ["params", "gmacs", "fid_proxy", "align", "steps"]
+    head = ["trial_id", "status", "stop_reason"]
+    middle = [c for c in t.columns if c not in head + tail]
+    return t[head + middle + [c for c in tail if c in t.columns]]
+
+
+def test_ablation_table_pairs_seeds_and_reports_spread():
+    t = results([
+        {"trial_id": "a", "variant": "baseline", "seed": 0, "fid_proxy": 100.0, "align": 0.5},
+        {"trial_id": "b", "variant": "baseline", "seed": 1, "fid_proxy": 110.0, "align": 0.6},
+        {"trial_id": "c", "variant": "ffn_4", "seed": 0, "fid_proxy": 90.0, "align": 0.55,
+         "params": 429e6, "gmacs": 190.0},
+        {"trial_id": "d", "variant": "ffn_4", "seed": 1, "fid_proxy": 104.0, "align": 0.6,
+         "params": 429e6, "gmacs": 190.0},
+        {"trial_id": "e", "variant": "gelu", "seed": 0, "status": "stopped", "fid_proxy": 500.0},
+    ])
+    ab = ablation_table(t).set_index("variant")
+    assert ab.loc["baseline", "n"] == 2 and ab.loc["baseline", "d_fid_proxy"] == 0
+    assert ab.loc["ffn_4", "d_fid_proxy"] == pytest.approx(-8.0)  # mean of -10 and -6
+    assert ab.loc["ffn_4", "d_fid_proxy_std"] == pytest.approx(np.std([-10, -6], ddof=1))
+    assert ab.loc["ffn_4", "d_params_pct"] == pytest.approx(10.0)
+    assert ab.loc["gelu", "n"] == 0 and ab.loc["gelu", "not_completed"] == 1
+    with pytest.raises(ValueError, match="needs the baseline measured"):
+        ablation_table(t[t["variant"] != "baseline"])
+
+
+def test_table5_shape_renders_the_papers_table(tmp_path):
+    paper = yaml.safe_load((ANALYSIS / "paper_tables.yaml").read_text())["table5"]
+    long = pd.DataFrame([{"loss": r[0], "tuning": col, "fid": v}
+                         for r in paper["rows"] for col, v in zip(("full", "LoRA"), r[1:])])
+    grid = comparison_table(long, "loss", "tuning", "fid", column_order=["full", "LoRA"])
+    assert grid.loc["Distill loss", "full"] == "11.2" and grid.loc["EMA distill loss",
+                                                                     "LoRA"] == "14.1"
+    paths = write_table(grid, tmp_path / "table5", caption="Table 5")
+    assert "| Distill loss" in paths["md"].read_text()
+    assert "\\begin{tabular}" in paths["tex"].read_text()
+    repeats = pd.concat([long, long.assign(fid=long["fid"] + 1)])
+    cell = comparison_table(repeats, "loss", "tuning", "fid").loc["Diffusion loss", "full"]
+    assert cell.startswith("12.2 ± 0.71")
+
+
+def sweep_dir(tmp_path, table, space="quickstart"):
+    d = tmp_path / "sweep"
+    d.mkdir()
+    table.to_csv(d / "results.csv", index=False)
+    shutil.copy(SEARCH_SPACES / f"{space}.yaml", d / "space.yaml")
+    return d
+
+
+def test_report_from_a_sweep_directory(tmp_path):
+    rows = []
+    for i, (c, layers, fid, gm) in enumerate([(512, 1, 700, 95), (768, 2, 540, 120),
+                                              (768, 4, 560, 133), (1024, 2, 530, 148),
+                                              (512, 4, 640, 105)]):
+        rows.append({"trial_id": f"t{i}", "inner_channels": c, "inner_layers": layers,
+                     "ffn_expansion": 3, "transformer_32": "on", "seed": 0, "fid_proxy": fid,
+                     "align": 0.3, "gmacs": gm, "params": gm * 2e6})
+    rows.append({"trial_id": "s", "status": "stopped", "inner_channels": 512, "inner_layers": 2,
+                 "ffn_expansion": 2, "transformer_32": "off", "seed": 0, "fid_proxy": 1200,
+                 "steps": 60, "gmacs": 100, "params": 2e8, "stop_reason": "paper rule"})
+    rows.append({"trial_id": "filtered_0001", "status": "filtered", "steps": 0,
+                 "inner_channels": 1280, "gmacs": 200, "params": 5e8})
+    d = sweep_dir(tmp_path, results(rows))
+    report = build_report(d, tmp_path / "out")
+    for key in ("pareto", "pareto_params", "quality_vs_align", "pareto_csv", "summary", "html"):
+        assert report.files[key].is_file() and report.files[key].stat().st_size > 0
+    front = pd.read_csv(report.files["pareto_csv"])
+    assert sorted(front["trial_id"]) == ["t0", "t1", "t3", "t4"]  # t2 is dominated by t1
+    assert {"inner_channels", "inner_layers", "gmacs", "fid_proxy"} <= set(front.columns)
+    summary = report.files["summary"].read_text()
+    assert "filtered before training (over budget or invalid): 1" in summary
+    assert "never with the paper's FID" in summary
+    page = report.files["html"].read_text()
+    assert page.count("data:image/png;base64,") == 3 and 'src="pareto.png"' not in page
+
+
+def test_report_of_an_ablation_sweep_has_the_table(tmp_path):
+    rows = [{"trial_id": f"{v}{s}", "variant": v, "seed": s, "fid_proxy": f + s, "align": 0.4}
+            for v, f in (("baseline", 200), ("no_kv_share", 190), ("gelu", 230))
+            for s in (0, 1)]
+    d = sweep_dir(tmp_path, results(rows), space="ablations")
+    report = build_report(d)
+    assert report.out == d / "report"
+    table = report.files["ablation_md"].read_text()
+    assert "no_kv_share" in table and "-10" in table
+    assert "Ablations" in report.files["summary"].read_text()
+
+
+def test_fidelity_matches_configurations_across_budgets(tmp_path):
+    cfgs = list(itertools.product([512, 768, 1024], [1, 2]))
+    short = results([{"trial_id": f"s{i}", "inner_channels": c, "inner_layers": n, "seed": 0,
+                      "fid_proxy": 100 + i} for i, (c, n) in enumerate(cfgs)])
+    long = results([{"trial_id": f"l{i}", "inner_channels": c, "inner_layers": n, "seed": 0,
+                     "fid_proxy": 50 + (i if i != 5 else -1)} for i, (c, n) in enumerate(cfgs)])
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    short.to_csv(a / "results.csv", index=False)
+    long.to_csv(b / "results.csv", index=False)
+    out = fidelity(a, b, out=tmp_path / "f")
+    assert out["pairs"] == 6 and out["kendall_tau_b"] == pytest.approx(kendall_tau_b(
+        range(6), [0, 1, 2, 3, 4, -1]))
+    assert (tmp_path / "f" / "fidelity.png").is_file()
+
+
+def test_fidelity_against_the_same_sweep_at_an_earlier_step(tmp_path):
+    import json
+
+    rows = []
+    for i, early in enumerate([3.0, 1.0, 2.0]):  # early ranking: t1 < t2 < t0; final: t0 < t1 < t2
+        trial = tmp_path / f"trial{i}"
+        trial.mkdir()
+        (trial / "result.json").write_text("\n".join(json.dumps(r) for r in (
+            {"step": 60, "fid_proxy": early}, {"step": 120, "fid_proxy": 10.0 + i})))
+        rows.append({"trial_id": f"t{i}", "inner_channels": 512 + 256 * i, "seed": 0,
+                     "fid_proxy": 10.0 + i, "steps": 120, "path": str(trial)})
+    d = tmp_path / "sweep"
+    d.mkdir()
+    results(rows).to_csv(d / "results.csv", index=False)
+    out = fidelity(d, d, short_step=60)
+    assert out["pairs"] == 3 and out["steps_short"] == 60 and out["steps_long"] == 120
+    assert out["kendall_tau_b"] == pytest.approx(kendall_tau_b([3, 1, 2], [10, 11, 12]))
