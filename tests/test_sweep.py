@@ -86,6 +86,15 @@ def test_grid_sweep_filters_before_training_and_writes_results(tmp_path):
     assert sorted(r.data.tags["trial_id"] for r in runs) == sorted(done["trial_id"])
     assert all("fid_proxy" in r.data.metrics and r.info.status == "FINISHED" for r in runs)
 
+    # the same sweep, reported from its MLflow experiment alone
+    from mdsearch.analysis.report import build_report
+
+    report = build_report(mlflow_experiment="grid", tracking_uri=uri, out=tmp_path / "rep")
+    summary = report.files["summary"].read_text()
+    assert "trained: 2 (2 completed" in summary and "over budget or invalid): 1" in summary
+    front = pd.read_csv(report.files["pareto_csv"])
+    assert set(front["trial_id"]) <= set(done["trial_id"]) and len(front) >= 1
+
 
 def test_optuna_sweep_records_a_failed_trial_and_goes_on(tmp_path):
     # lr 1e30 drives every trial to a non-finite loss: each is recorded as failed, with its

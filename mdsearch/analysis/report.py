@@ -49,6 +49,52 @@ def _load(run_dir: Path):
     return table, space, recipe
 
 
+def _load_mlflow(experiment: str, tracking_uri: str | None = None):
+    """The same (table, space, recipe) from a sweep's MLflow experiment: one run per trained
+    trial (params: the configuration; metrics: the last reported values; tags: status, reason)
+    and the space and recipe the runner stored as experiment tags. Filtered configurations are
+    not runs; only their count is kept (tag mdsearch.filtered)."""
+    import tempfile
+
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    from ..search.space import load_space
+    from ..track import default_tracking_uri
+
+    client = MlflowClient(tracking_uri or default_tracking_uri())
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise SweepError(f"MLflow experiment {experiment!r} not found at {client.tracking_uri}")
+    rows = []
+    for run in client.search_runs([exp.experiment_id], max_results=50000):
+        tags, metrics = run.data.tags, run.data.metrics
+        row = {"trial_id": tags.get("trial_id", run.info.run_name)}
+        if tags.get("status") == "failed":
+            row["status"], row["stop_reason"] = "failed", tags.get("reason", "")
+        elif metrics.get("step", 0) >= metrics.get("steps_total", math.inf):
+            row["status"], row["stop_reason"] = "completed", ""
+        else:
+            row["status"] = "stopped" if tags.get("status") == "finished" else "not_run"
+            row["stop_reason"] = f"stopped at step {metrics.get('step', 0):g}"
+        row.update({k: yaml.safe_load(v) for k, v in run.data.params.items()
+                    if k not in ("recipe", "base")})
+        row.update(metrics)
+        row["steps"] = metrics.get("step", 0)
+        rows.append(row)
+    filtered = int(exp.tags.get("mdsearch.filtered", 0))
+    rows += [{"trial_id": f"filtered_{i + 1:04d}", "status": "filtered", "steps": 0}
+             for i in range(filtered)]
+    table = pd.DataFrame(rows)
+    space = None
+    if "mdsearch.space" in exp.tags:
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+            f.write(exp.tags["mdsearch.space"])
+        space = load_space(f.name)
+    recipe = yaml.safe_load(exp.tags["mdsearch.recipe"]) if "mdsearch.recipe" in exp.tags else None
+    return table, space, recipe
+
+
 def front_table(table: pd.DataFrame, metric: str, mode: str, cost: str = "gmacs") -> pd.DataFrame:
     """The completed trials on the front of (metric, cost), both as given or negated for max."""
     done = table[(table["status"] == "completed") & table[metric].notna()]
@@ -86,18 +132,25 @@ def scatter(table: pd.DataFrame, x: str, y: str, out: Path, title: str, xlabel: 
     return out
 
 
-def build_report(run_dir: str | Path, out: str | Path | None = None) -> Report:
+def build_report(run_dir: str | Path | None = None, out: str | Path | None = None,
+                 mlflow_experiment: str | None = None,
+                 tracking_uri: str | None = None) -> Report:
+    """A report of the sweep in `run_dir`, or of the sweep logged to `mlflow_experiment`."""
     from .plots import pareto_plot, reference_costs
     from .tables import ablation_display, ablation_table, write_table
 
-    run_dir = Path(run_dir)
-    table, space, recipe = _load(run_dir)
-    report = Report(Path(out) if out else run_dir / "report")
+    if mlflow_experiment is not None:
+        table, space, recipe = _load_mlflow(mlflow_experiment, tracking_uri)
+        report = Report(Path(out or f"runs/reports/{mlflow_experiment}"))
+    else:
+        run_dir = Path(run_dir)
+        table, space, recipe = _load(run_dir)
+        report = Report(Path(out) if out else run_dir / "report")
     report.out.mkdir(parents=True, exist_ok=True)
     metric = space.quality.metric if space else "fid_proxy"
     mode = space.quality.mode if space else "min"
     dims = [d.name for d in space.dimensions] if space else []
-    name = run_dir.name
+    name = mlflow_experiment or Path(run_dir).name
     budget = space.budget if space else None
 
     if metric in table:

@@ -319,9 +319,11 @@ class MLflowSweepLogger(_callback_base()):
     """Every trial as an MLflow run of one experiment (the sweep's name), written by the driver
     only (one writer, so the embedded SQLite store is safe). A resumed trial continues its run."""
 
-    def __init__(self, experiment: str, tracking_uri: str, space: Space, recipe_name: str):
+    def __init__(self, experiment: str, tracking_uri: str, space: Space, recipe: Recipe,
+                 sweep_dir: Path):
         self.experiment, self.uri, self.space = experiment, tracking_uri, space
-        self.recipe_name = recipe_name
+        self.recipe_name, self.recipe_yaml = recipe.name, _yaml(recipe.to_dict())
+        self.sweep_dir = str(sweep_dir)
         self._client, self._exp_id, self._runs = None, None, {}
 
     def __getstate__(self):
@@ -336,6 +338,13 @@ class MLflowSweepLogger(_callback_base()):
             found = self._client.get_experiment_by_name(self.experiment)
             self._exp_id = found.experiment_id if found else self._client.create_experiment(
                 self.experiment, artifact_location=_artifact_location(self.uri))
+            # what `mdsearch report --mlflow` needs to rebuild the sweep without its directory
+            space_file = Path(self.sweep_dir) / SPACE_COPY
+            tags = {"mdsearch.recipe": self.recipe_yaml, "mdsearch.sweep_dir": self.sweep_dir}
+            if space_file.is_file():
+                tags["mdsearch.space"] = space_file.read_text()
+            for key, value in tags.items():
+                self._client.set_experiment_tag(self._exp_id, key, value[:5000])
         if trial.trial_id in self._runs:
             return self._runs[trial.trial_id]
         runs = self._client.search_runs([self._exp_id],
@@ -376,6 +385,12 @@ class MLflowSweepLogger(_callback_base()):
         self._client.set_tag(run_id, "status", "failed")
         self._client.set_tag(run_id, "reason", _error_text(trial)[:5000])
         self._client.set_terminated(run_id, "FAILED")
+
+    def on_experiment_end(self, trials, **info):
+        filtered = Path(self.sweep_dir) / FILTERED
+        if self._client is not None and filtered.is_file():
+            count = len(filtered.read_text().splitlines())
+            self._client.set_experiment_tag(self._exp_id, "mdsearch.filtered", str(count))
 
 
 def _artifact_location(uri: str) -> str | None:
@@ -493,7 +508,7 @@ def run_sweep(space: Space, trial: str | Path | None = None, *, name: str | None
             from ..track import default_tracking_uri
 
             callbacks.append(MLflowSweepLogger(name, tracking_uri or default_tracking_uri(),
-                                               space, recipe.name))
+                                               space, recipe, sweep_dir))
         searcher = BudgetedSearch(make_inner_searcher(space, metric, mode), space, sweep_dir,
                                   metric, mode, log=log)
         scheduler = make_scheduler(space.scheduler, quality.metric, quality.mode, recipe.steps,
