@@ -100,8 +100,12 @@ def cmd_sweep(args) -> None:
 
 def cmd_report(args) -> None:
     from .analysis.report import build_report
+    from .search.runner import SweepError
 
-    report = build_report(args.run_dir, args.out)
+    if (args.run_dir is None) == (args.mlflow is None):
+        raise SweepError("give a sweep directory or --mlflow EXPERIMENT (one of them)")
+    report = build_report(args.run_dir, args.out, mlflow_experiment=args.mlflow,
+                          tracking_uri=args.tracking_uri)
     for key, path in report.files.items():
         print(f"{key:<18} {path}")
 
@@ -116,6 +120,33 @@ def cmd_fidelity(args) -> None:
           f"{result['steps_short']} and {result['steps_long']} steps, over {result['pairs']} "
           f"configurations matched on {', '.join(result['keys'])}"
           + (f"; plot: {result['plot']}" if result.get("plot") else ""))
+
+
+def cmd_export(args) -> None:
+    from .arch.cost import latent_size
+    from .export.onnx import export_unet, load_checkpoint, random_model
+
+    if args.checkpoint:
+        spec, model = load_checkpoint(args.checkpoint)
+    else:
+        spec = _load_spec(args)
+        model = random_model(spec)
+    if args.latent_size:
+        latent = args.latent_size
+    elif args.checkpoint and spec.latent_channels == 3:  # a pixel-space proxy (cpu_quick)
+        latent = args.resolution
+    else:
+        latent = latent_size(spec, args.resolution)
+    log = (lambda msg: print(f"[export] {msg}", file=sys.stderr, flush=True))
+    result = export_unet(spec, model, args.out, latent, fp16=args.fp16, progress=log)
+    if args.json:
+        print(json.dumps(result.to_dict()))
+    else:
+        print(f"{result.path}: {result.size_bytes / 1e6:.1f} MB, max abs error vs PyTorch "
+              f"{result.max_abs_err:.3g} (relative {result.rel_err:.3g}), ONNX Runtime CPU "
+              f"latency {result.latency_ms:.1f} ms per UNet call")
+    if not result.within_tolerance:
+        raise SystemExit(f"parity check failed: relative error {result.rel_err:.3g} > 1e-4")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -177,8 +208,14 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("report", help="Pareto plots, tables and an HTML report of a sweep")
-    p.add_argument("run_dir", help="a sweep directory (runs/sweeps/NAME)")
-    p.add_argument("--out", default=None, help="output directory (default: RUN_DIR/report)")
+    p.add_argument("run_dir", nargs="?", default=None,
+                   help="a sweep directory (runs/sweeps/NAME)")
+    p.add_argument("--mlflow", metavar="EXPERIMENT", default=None,
+                   help="build the report from a sweep's MLflow experiment instead")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlruns)")
+    p.add_argument("--out", default=None,
+                   help="output directory (default: RUN_DIR/report, or runs/reports/EXPERIMENT)")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("fidelity", help="rank agreement (Kendall tau) of two sweeps' proxies")
@@ -192,6 +229,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="write fidelity.csv and fidelity.png here")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_fidelity)
+
+    p = sub.add_parser("export", help="export a UNet to ONNX and check it in ONNX Runtime")
+    _add_spec_args(p)
+    p.add_argument("--checkpoint", default=None,
+                   help="a trained trial directory (or its checkpoint.pt): exports its EMA "
+                        "weights; otherwise --preset/--spec with random weights")
+    p.add_argument("--format", default="onnx", choices=["onnx"],
+                   help="onnx (Core ML is not implemented yet)")
+    p.add_argument("--fp16", action="store_true", help="export in half precision")
+    p.add_argument("--resolution", type=int, default=512, help="image resolution")
+    p.add_argument("--latent-size", type=int, default=None,
+                   help="latent size (default: resolution/8; a pixel-space checkpoint: "
+                        "the resolution)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--json", action="store_true", help="last stdout line: the result as JSON")
+    p.set_defaults(func=cmd_export)
 
     args = parser.parse_args(argv)
     try:
