@@ -15,6 +15,9 @@ What happens, in order:
 5. The scheduler (the paper's stop rule, ASHA, or none) may stop a trial at an evaluation.
 6. Every trial is an MLflow run in one experiment per sweep (logged from the driver).
 7. results.csv: one row per trial (filtered configurations included, with status "filtered").
+
+Importing this module imports Ray: a program that wants a local Ray kept on 127.0.0.1 calls
+`mdsearch.search.keep_ray_on_loopback()` first (the CLI does).
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pandas as pd
+from ray.tune import Callback
+from ray.tune.search import Searcher
 
 from ..config import ConfigError
 from ..train.recipe import Recipe, load_recipe
@@ -69,6 +74,7 @@ def run_trial(config: dict, space: Space, recipe: Recipe) -> None:
     import torch
     from ray import tune
 
+    from ..arch.cost import cost
     from ..train.trainer import CHECKPOINT, train_trial
 
     os.chdir(os.environ.get("TUNE_ORIG_WORKING_DIR", os.getcwd()))  # recipe paths as on the CLI
@@ -87,28 +93,22 @@ def run_trial(config: dict, space: Space, recipe: Recipe) -> None:
         with restored.as_directory() as d:
             shutil.copy2(Path(d) / CHECKPOINT, work / CHECKPOINT)
 
+    full = cost(spec, 512)
     node = ray.get_runtime_context().get_node_id()[:12]
-    total = recipe.steps
+    before = 0.0  # training seconds already spent by the run this one resumes
+    if (work / CHECKPOINT).is_file():
+        before = float(torch.load(work / CHECKPOINT, map_location="cpu",
+                                  weights_only=True)["seconds"])
     started = time.time()
 
     def report(record: dict) -> None:
         metrics = {k: v for k, v in record.items() if isinstance(v, (int, float))}
-        metrics.update(params=full["params"], gmacs=full["gmacs"], steps_total=total,
-                       seconds=round(time.time() - started + before["seconds"], 2),
-                       node_id=node)
+        metrics.update(params=full.params, gmacs=round(full.gmacs, 3), steps_total=recipe.steps,
+                       seconds=round(before + time.time() - started, 2), node_id=node)
         with tempfile.TemporaryDirectory() as d:
             shutil.copy2(work / CHECKPOINT, Path(d) / CHECKPOINT)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
 
-    from ..arch.cost import cost
-
-    c = cost(spec, 512)
-    full = {"params": c.params, "gmacs": round(c.gmacs, 3)}
-    before = {"seconds": 0.0}
-    if (work / CHECKPOINT).is_file():
-        state = torch.load(work / CHECKPOINT, map_location="cpu", weights_only=True)
-        before["seconds"] = float(state["seconds"])
-        started = time.time()
     result = train_trial(spec, recipe.override({"seed": seed}, source="sweep seed"), work,
                          on_eval=report)
     if result.status != "ok":
@@ -116,13 +116,7 @@ def run_trial(config: dict, space: Space, recipe: Recipe) -> None:
 
 
 # ---- the searcher ---------------------------------------------------------------------------
-def _searcher_base():
-    from ray.tune.search import Searcher
-
-    return Searcher
-
-
-class GridSearch(_searcher_base()):
+class GridSearch(Searcher):
     """Every point of a list, once, in order (the `grid` algorithm; seeds already crossed in)."""
 
     def __init__(self, points: list[dict]):
@@ -151,7 +145,7 @@ class GridSearch(_searcher_base()):
         self.set_state(json.loads(Path(checkpoint_path).read_text()))
 
 
-class BudgetedSearch(_searcher_base()):
+class BudgetedSearch(Searcher):
     """Costs every configuration the inner searcher suggests before Tune sees it.
 
     Within budget: it becomes a trial. Over budget (or not a valid UNet): it is recorded in
@@ -280,17 +274,11 @@ class define_by_run:
 
 
 # ---- driver-side callbacks ------------------------------------------------------------------
-def _callback_base():
-    from ray.tune import Callback
-
-    return Callback
-
-
 def _point(config: dict, space: Space) -> str:
     return ", ".join(f"{d.name}={config[d.name]}" for d in space.dimensions if d.name in config)
 
 
-class Progress(_callback_base()):
+class Progress(Callback):
     """One line per trial start, evaluation, stop and failure, on stderr."""
 
     def __init__(self, space: Space, total: int, metrics: list[str]):
@@ -315,7 +303,7 @@ class Progress(_callback_base()):
         self._line(trial, f"FAILED: {_error_text(trial)}")
 
 
-class MLflowSweepLogger(_callback_base()):
+class MLflowSweepLogger(Callback):
     """Every trial as an MLflow run of one experiment (the sweep's name), written by the driver
     only (one writer, so the embedded SQLite store is safe). A resumed trial continues its run."""
 
