@@ -1,6 +1,7 @@
 """Sweeps through a real Ray (local, and a two-node cluster on 127.0.0.1), with real Optuna,
 a real MLflow store, and a real SIGKILL of the driver followed by --resume."""
 
+import re
 import signal
 import subprocess
 import sys
@@ -192,3 +193,15 @@ def test_cli_reports_a_bad_space_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "bad.yaml: constraints: no configuration of this space satisfies params <= 1M" in err
     assert not (tmp_path / "tiny_space").exists()  # nothing started, nothing written
+
+
+def test_unnamed_sweeps_are_timestamped_and_resume_takes_the_latest(tmp_path):
+    from mdsearch.search.runner import SweepError, default_name
+
+    space, _ = files(tmp_path)
+    assert re.fullmatch(r"tiny_space-\d{8}-\d{6}", default_name(space, tmp_path, resume=False))
+    with pytest.raises(SweepError, match="no earlier sweep of tiny_space to resume"):
+        default_name(space, tmp_path, resume=True)
+    for stamp in ("20261124-090000", "20261125-080000"):
+        (tmp_path / f"tiny_space-{stamp}").mkdir()
+    assert default_name(space, tmp_path, resume=True) == "tiny_space-20261125-080000"
