@@ -38,10 +38,13 @@ def pareto_plot(table: pd.DataFrame, metric: str, out: str | Path, mode: str = "
     done = table[(table["status"] == "completed") & has]
     stopped = table[(table["status"] == "stopped") & has]
     failed = table[table["status"] == "failed"]
-    ax.scatter(done["gmacs"], done[metric], s=40, color="tab:blue", label="completed", zorder=3)
-    ax.scatter(stopped["gmacs"], stopped[metric], s=40, facecolors="none",
-               edgecolors="tab:orange", label="stopped early (metric at its last evaluation)",
-               zorder=3)
+    if len(done):
+        ax.scatter(done["gmacs"], done[metric], s=40, color="tab:blue", label="completed",
+                   zorder=3)
+    if len(stopped):
+        ax.scatter(stopped["gmacs"], stopped[metric], s=40, facecolors="none",
+                   edgecolors="tab:orange", label="stopped early (metric at its last evaluation)",
+                   zorder=3)
     if len(done):
         values = np.c_[done["gmacs"], done[metric] * (1 if mode == "min" else -1)]
         front = done[pareto_mask(values)].sort_values("gmacs")
