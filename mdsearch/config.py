@@ -42,6 +42,15 @@ def load_yaml(path: str | Path, error=ConfigError) -> Any:
         raise error(f"{path}: not valid YAML/JSON: {err}") from None
 
 
+def named_file(path_or_name: str | Path, folder: Path) -> Path:
+    """A file path as given, or the name of a YAML file in `folder` (`cpu_quick` ->
+    folder/cpu_quick.yaml) when no such path exists."""
+    path = Path(path_or_name)
+    if not path.exists() and (folder / f"{path_or_name}.yaml").exists():
+        return folder / f"{path_or_name}.yaml"
+    return path
+
+
 def from_dict(cls, data: Any, source: str, prefix: str = "", error=ConfigError):
     """Build dataclass `cls` from `data`, strictly."""
     where = prefix.rstrip(".") or "top level"

@@ -155,7 +155,7 @@ class BudgetedSearch(Searcher):
     ends."""
 
     def __init__(self, inner, space: Space, sweep_dir: Path, metric, mode,
-                 log: Callable[[str], None] = say):
+                 log: Callable[[str], None] = say, cache: CostCache | None = None):
         super().__init__(metric=metric, mode=mode)
         self.inner, self.space, self.log = inner, space, log
         self.sweep_dir = str(sweep_dir)
@@ -165,7 +165,7 @@ class BudgetedSearch(Searcher):
         self.seen: set[str] = set()  # configurations handed to Tune
         self.duplicates = 0
         self.gave_up: str | None = None
-        self._cache = CostCache()
+        self._cache = cache or CostCache()  # shared with the feasibility check
 
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
         return True
@@ -498,7 +498,7 @@ def run_sweep(space: Space, trial: str | Path | None = None, *, name: str | None
             callbacks.append(MLflowSweepLogger(name, tracking_uri or default_tracking_uri(),
                                                space, recipe, sweep_dir))
         searcher = BudgetedSearch(make_inner_searcher(space, metric, mode), space, sweep_dir,
-                                  metric, mode, log=log)
+                                  metric, mode, log=log, cache=cache)
         scheduler = make_scheduler(space.scheduler, quality.metric, quality.mode, recipe.steps,
                                    recipe.eval.every, sweep_dir / STOP_STATE)
         tuner = tune.Tuner(

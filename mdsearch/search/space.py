@@ -262,9 +262,7 @@ class CostCache:
 # ---- loading ---------------------------------------------------------------------------------
 def load_space(path_or_name: str | Path) -> Space:
     """A search space file, or the name of one in search_space/ (`quickstart`)."""
-    path = Path(path_or_name)
-    if not path.exists() and (SEARCH_SPACES / f"{path_or_name}.yaml").exists():
-        path = SEARCH_SPACES / f"{path_or_name}.yaml"
+    path = config.named_file(path_or_name, SEARCH_SPACES)
     data = config.load_yaml(path, error=SpaceError)
     return parse_space(data, str(path), base_dir=path.parent)
 
@@ -291,9 +289,9 @@ def parse_space(data: Any, source: str = "space", base_dir: Path | None = None) 
     ties = _mapping(data.get("ties") or {}, "ties", fail)
     dim_names = {d.name for d in dims}
     for target, src in ties.items():
-        _get_or_fail(base, target, f"ties.{target}", fail)
+        _check_exists(base, target, f"ties.{target}", fail)
         if src not in dim_names:
-            _get_or_fail(base, src, f"ties.{target}", fail)
+            _check_exists(base, src, f"ties.{target}", fail)
 
     budget = _parse_budget(data.get("constraints") or {}, fail)
     objectives = _parse_objectives(data["objectives"], fail)
@@ -356,21 +354,17 @@ def _get_path(data: Any, key: str) -> Any:
     return node
 
 
-def _get_or_fail(base: ArchSpec, key: str, where: str, fail) -> Any:
+def _check_exists(base: ArchSpec, key: str, where: str, fail) -> None:
+    """`key` names a field of the base spec (config.set_path's error carries the did-you-mean)."""
     try:
-        return _get_path(base.to_dict(), key)
-    except (KeyError, IndexError, ValueError, TypeError):
-        data = base.to_dict()
-        try:
-            config.set_path(data, key, None, "", error=SpaceError)
-        except SpaceError as err:
-            fail(where, str(err).lstrip(": "))
-        fail(where, f"{key!r} is not a field of the base spec")
+        config.set_path(base.to_dict(), key, None, "", error=SpaceError)
+    except SpaceError as err:
+        fail(where, str(err).lstrip(": "))
 
 
 def _check_field(base: ArchSpec, key: str, value: Any, where: str, fail) -> None:
     """The base spec's field `key` accepts `value` (type and range; combinations come later)."""
-    _get_or_fail(base, key, where, fail)
+    _check_exists(base, key, where, fail)
     data = base.to_dict()
     config.set_path(data, key, value, "", error=SpaceError)
     try:

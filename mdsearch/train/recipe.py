@@ -107,8 +107,6 @@ class Recipe:
 
 def load_recipe(path_or_name: str | Path) -> Recipe:
     """A recipe file, or the name of one in trials/ (`cpu_quick` -> trials/cpu_quick.yaml)."""
-    path = Path(path_or_name)
-    if not path.exists() and (TRIALS / f"{path_or_name}.yaml").exists():
-        path = TRIALS / f"{path_or_name}.yaml"
+    path = config.named_file(path_or_name, TRIALS)
     data = config.load_yaml(path, error=RecipeError)
     return Recipe.from_dict(data, source=str(path))
