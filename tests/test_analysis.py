@@ -125,7 +125,7 @@ def test_report_from_a_sweep_directory(tmp_path):
     report = build_report(d, tmp_path / "out")
     for key in ("pareto", "pareto_params", "quality_vs_align", "pareto_csv", "summary", "html"):
         assert report.files[key].is_file() and report.files[key].stat().st_size > 0
-    front = pd.read_csv(report.files["pareto_csv"])
+    front = pd.read_csv(report.files["pareto_csv"], dtype={"trial_id": str})
     assert sorted(front["trial_id"]) == ["t0", "t1", "t3", "t4"]  # t2 is dominated by t1
     assert {"inner_channels", "inner_layers", "gmacs", "fid_proxy"} <= set(front.columns)
     summary = report.files["summary"].read_text()

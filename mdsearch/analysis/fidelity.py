@@ -38,7 +38,7 @@ def _completed(run_dir: str | Path, metric: str) -> pd.DataFrame:
     path = Path(run_dir) / RESULTS
     if not path.is_file():
         raise SweepError(f"{run_dir}: no {RESULTS}; give sweep directories")
-    t = pd.read_csv(path)
+    t = pd.read_csv(path, dtype={"trial_id": str})
     return t[(t["status"] == "completed") & t[metric].notna()]
 
 

@@ -37,7 +37,7 @@ def _load(run_dir: Path):
     if not results.is_file():
         raise SweepError(f"{run_dir}: no {RESULTS} here; give the directory of a finished sweep "
                          "(runs/sweeps/NAME)")
-    table = pd.read_csv(results)
+    table = pd.read_csv(results, dtype={"trial_id": str})
     if "status" not in table or "trial_id" not in table:
         raise SweepError(f"{results}: not a sweep's results table (no trial_id/status columns)")
     space = load_space(run_dir / SPACE_COPY) if (run_dir / SPACE_COPY).is_file() else None

@@ -671,4 +671,4 @@ def load_results(sweep_dir: str | Path) -> pd.DataFrame:
     path = Path(sweep_dir) / RESULTS
     if not path.is_file():
         raise SweepError(f"{path}: no results.csv (is {sweep_dir} a sweep directory?)")
-    return pd.read_csv(path)
+    return pd.read_csv(path, dtype={"trial_id": str})  # "6038e956" is not 6038 x 10^956
