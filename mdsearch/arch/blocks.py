@@ -99,6 +99,14 @@ class Attention(nn.Module):
         return self.to_out(out.transpose(1, 2).flatten(2))
 
 
+def set_attn_nonlinearity(model: nn.Module, nonlinearity: str) -> None:
+    """Switch every attention of `model` to softmax or relu in place; the weights are unchanged
+    (the paper fine-tunes a softmax model into relu attention, §3.2)."""
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.nonlinearity = nonlinearity
+
+
 class GatedFFN(nn.Module):
     """GLU feed-forward: x -> (act(gate) * value) -> out, inner width = expansion * dim."""
 

@@ -30,7 +30,9 @@ comparable only between evaluations with the same numbers of generated and refer
 (reported as `num_generated` and `num_reference`). `fid_proxy` is not FID: its scale and meaning
 depend on the classifier (its version, resolution and seed), so never compare it with published
 FIDs. The FID statistics are accumulated and computed in float64 (torchmetrics' states are
-float64; the proxy features are cast to float64 before they reach it).
+float64; the proxy features are cast to float64 before they reach it). In data-parallel
+training only rank 0 evaluates, on the whole prompt set, so the metrics never sync across ranks
+(`sync_on_compute=False`; torchmetrics would otherwise wait for the other ranks).
 """
 
 from __future__ import annotations
@@ -368,7 +370,8 @@ def _inception_fid(path: str | Path):
                            f"(torchmetrics' Inception network): pip install torch-fidelity")
     try:
         return FrechetInceptionDistance(feature=2048, reset_real_features=False, normalize=True,
-                                        feature_extractor_weights_path=str(file))
+                                        feature_extractor_weights_path=str(file),
+                                        sync_on_compute=False)
     except (RuntimeError, OSError, KeyError, ValueError) as err:
         raise MetricsError(f"could not load Inception weights from {str(file)!r}: {err}") from None
 
@@ -414,7 +417,7 @@ def _clip_score(path: str | Path):
         return _CLIPFeatures(model), CLIPProcessor.from_pretrained(folder, local_files_only=True)
 
     try:
-        return CLIPScore(model_name_or_path=load)
+        return CLIPScore(model_name_or_path=load, sync_on_compute=False)
     except (OSError, ValueError) as err:
         raise MetricsError(f"could not load a CLIP model and processor from {str(folder)!r}: "
                            f"{err}") from None
@@ -449,7 +452,8 @@ class Evaluator:
             epochs=classifier_epochs)
         self.ceiling: dict[str, float] = dict(self.classifier_report["accuracy"])
         self._fid_proxy = FrechetInceptionDistance(feature=ClassifierFeatures(self.classifier),
-                                                   reset_real_features=False)
+                                                   reset_real_features=False,
+                                                   sync_on_compute=False)
         self.num_reference = len(reference)
         with torch.no_grad():
             for chunk in reference.split(_EVAL_BATCH):

@@ -3,6 +3,11 @@
 A recipe names the data, the frozen text encoder, the autoencoder, how the full-size spec is shrunk
 for the proxy (a width multiplier; topology unchanged) and at which resolution it trains, the
 optimiser and schedule, and how often and how thoroughly the candidate is evaluated.
+
+Full training (trials/full.yaml) adds `stages`: consecutive phases of one run, each with its own
+steps and, optionally, resolution, batch size and attention nonlinearity (the paper's 256 -> 512
+progressive training, then the softmax -> relu fine-tune). Optimiser, schedule and EMA carry over
+from stage to stage. A recipe without stages is one stage.
 """
 
 from __future__ import annotations
@@ -43,6 +48,33 @@ class Evaluation:
 
 
 @dataclass
+class Stage:
+    """One phase of a run. Unset fields take the recipe's top-level value."""
+
+    name: str
+    steps: int
+    resolution: int | None = None
+    batch_size: int | None = None
+    attn_nonlinearity: str | None = None  # "relu": switch the attention, keep the weights
+
+
+@dataclass
+class PlannedStage:
+    """A stage with every field resolved, and where it sits in the run: steps [start, end)."""
+
+    name: str
+    start: int
+    end: int
+    resolution: int
+    batch_size: int
+    attn_nonlinearity: str | None
+
+
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("fp32", "bf16")
+
+
+@dataclass
 class Recipe:
     name: str
     data: dict[str, Any] = field(default_factory=lambda: {"kind": "synthetic"})
@@ -61,7 +93,26 @@ class Recipe:
     checkpoint_every: int = 1000
     log_every: int = 50
     seed: int = 0
-    resources: dict[str, float] = field(default_factory=lambda: {"cpu": 1, "gpu": 0})
+    resources: dict[str, float] = field(default_factory=lambda: {"cpu": 1, "gpu": 0})  # per worker
+    stages: list[Stage] = field(default_factory=list)
+    workers: int = 1  # data-parallel workers (Ray Train); the batch is split between them
+    device: str = "auto"  # auto: the worker's GPU when it has one, else the CPU
+    precision: str = "fp32"  # or bf16 (autocast of the forward pass)
+
+    @property
+    def final_resolution(self) -> int:
+        return self.plan()[-1].resolution
+
+    def plan(self) -> list[PlannedStage]:
+        """The run as consecutive stages (one stage when the recipe has none)."""
+        stages = self.stages or [Stage("train", self.steps)]
+        planned, start = [], 0
+        for st in stages:
+            planned.append(PlannedStage(st.name, start, start + st.steps,
+                                        st.resolution or self.resolution,
+                                        st.batch_size or self.batch_size, st.attn_nonlinearity))
+            start += st.steps
+        return planned
 
     def validate(self, source: str) -> None:
         def fail(where, reason):
@@ -88,6 +139,32 @@ class Recipe:
             fail("eval", "every and sample_steps must be >= 1, prompts >= 2")
         if "kind" not in self.data:
             fail("data.kind", "missing (synthetic, folder or coco)")
+        if self.workers < 1:
+            fail("workers", f"must be positive, got {self.workers}")
+        if self.device not in DEVICES:
+            fail("device", f"{self.device!r} is not one of {', '.join(DEVICES)}")
+        if self.precision not in PRECISIONS:
+            fail("precision", f"{self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        names = [st.name for st in self.stages]
+        for i, st in enumerate(self.stages):
+            if st.steps < 1:
+                fail(f"stages.{i}.steps", f"must be positive, got {st.steps}")
+            for key in ("resolution", "batch_size"):
+                if getattr(st, key) is not None and getattr(st, key) < 1:
+                    fail(f"stages.{i}.{key}", f"must be positive, got {getattr(st, key)}")
+            if st.attn_nonlinearity not in (None, "softmax", "relu"):
+                fail(f"stages.{i}.attn_nonlinearity",
+                     f"{st.attn_nonlinearity!r} is not one of softmax, relu")
+            if names.count(st.name) > 1:
+                fail(f"stages.{i}.name", f"{st.name!r} is used by more than one stage")
+        if self.stages and self.steps != sum(st.steps for st in self.stages):
+            fail("steps", f"{self.steps} is not the sum of the stages' steps "
+                          f"({sum(st.steps for st in self.stages)}); with stages, leave `steps` "
+                          "out or change the stages' own steps (stages.N.steps)")
+        for st in self.plan():
+            if st.batch_size % self.workers:
+                fail(f"stages ({st.name}).batch_size" if self.stages else "batch_size",
+                     f"{st.batch_size} does not split over {self.workers} workers")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -96,10 +173,15 @@ class Recipe:
         data = self.to_dict()
         for key, value in overrides.items():
             config.set_path(data, key, value, source, error=RecipeError)
+        if data["stages"] and "steps" not in overrides:  # stage lengths changed: new total
+            data.pop("steps")
         return Recipe.from_dict(data, f"{self.name} + {source}")
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "recipe") -> "Recipe":
+        if isinstance(data, dict) and data.get("stages") and "steps" not in data:
+            data = {**data, "steps": sum(int(st.get("steps", 0)) for st in data["stages"]
+                                         if isinstance(st, dict))}
         recipe = config.from_dict(cls, data, source, error=RecipeError)
         recipe.validate(source)
         return recipe

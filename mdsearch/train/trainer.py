@@ -1,12 +1,24 @@
-"""One candidate, trained and judged: the proxy training loop behind every trial.
+"""One candidate, trained and judged: the training loop behind every trial and full training.
 
     result = train_trial(presets.get("md"), load_recipe("cpu_quick"), out_dir="runs/md")
 
-Costs come from the full-size spec at 512x512; quality from the proxy the recipe shrinks it to.
-The loop is deterministic by seed on the CPU: every step draws its batch, timesteps, noise and
-caption dropout from a generator seeded by (seed, step), so a run resumed from a checkpoint
-replays exactly the steps an uninterrupted run would have taken. A non-finite loss ends the trial
-with status "failed" and the reason; it never raises into the caller.
+Costs come from the full-size spec at 512x512; quality from the model the recipe trains (a proxy
+shrunk by `width`, or the full-size model at width 1). The loop is deterministic by seed on the
+CPU: every step draws its batch, timesteps, noise and caption dropout from a generator seeded by
+(seed, step), so a run resumed from a checkpoint replays exactly the steps an uninterrupted run
+would have taken. A non-finite loss ends the trial with status "failed" and the reason; it never
+raises into the caller.
+
+Stages (recipe.plan()) run one after another in the same loop: a new resolution gets its own data
+pipeline, a new attention nonlinearity is switched in place (the relu fine-tune), and optimiser,
+LR schedule and EMA carry over. A stage that switches attention is evaluated right after the
+switch, before any fine-tuning, so the history shows quality before the switch (the previous
+stage's last evaluation), just after it, and after fine-tuning.
+
+Data parallel: when torch.distributed is initialised (Ray Train's TorchTrainer, or torchrun),
+every rank draws the same global batch from the step's generator and trains on its own slice of
+it under DistributedDataParallel, so N workers take the same steps as one process with the whole
+batch. Rank 0 evaluates, checkpoints and reports; the others only train.
 """
 
 from __future__ import annotations
@@ -14,26 +26,36 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
+import yaml
 import torch.nn.functional as F
 
+from ..arch.blocks import set_attn_nonlinearity
 from ..arch.cost import cost
 from ..arch.proxy import proxy_spec
 from ..arch.spec import ArchSpec
 from ..arch.unet import build
+from ..config import ConfigError
 from ..data import make_dataset
 from ..data.autoencoder import make_autoencoder
 from ..data.errors import DataError
 from ..data.text import cached_embeddings, get_text_encoder
 from .diffusion import NoiseSchedule, ddim_sample
-from .recipe import Recipe
+from .recipe import PlannedStage, Recipe
 
 CHECKPOINT = "checkpoint.pt"
+RESULT = "result.json"
+
+
+class TrainError(ConfigError):
+    """A run that cannot start as asked (no GPU for device: cuda, a batch that does not split)."""
 
 
 @dataclass
@@ -53,17 +75,19 @@ class TrialResult:
 
 
 class DataPipeline:
-    """Dataset, frozen text embeddings, autoencoder, and the fixed evaluation set of a recipe."""
+    """Dataset, frozen text embeddings, autoencoder, and the fixed evaluation set of a recipe,
+    at one resolution (the recipe's, or a stage's)."""
 
-    def __init__(self, recipe: Recipe):
+    def __init__(self, recipe: Recipe, resolution: int | None = None):
         self.recipe = recipe
+        self.resolution = resolution or recipe.resolution
         self.autoencoder = make_autoencoder(recipe.autoencoder)
-        if recipe.resolution % self.autoencoder.factor:
-            raise DataError(f"resolution {recipe.resolution} is not divisible by the "
+        if self.resolution % self.autoencoder.factor:
+            raise DataError(f"resolution {self.resolution} is not divisible by the "
                             f"autoencoder's factor {self.autoencoder.factor}")
-        self.latent_size = recipe.resolution // self.autoencoder.factor
-        self.train = make_dataset(recipe.data, recipe.resolution, "train")
-        self.val = make_dataset(recipe.data, recipe.resolution, "val")
+        self.latent_size = self.resolution // self.autoencoder.factor
+        self.train = make_dataset(recipe.data, self.resolution, "train")
+        self.val = make_dataset(recipe.data, self.resolution, "val")
         encoder_cfg = dict(recipe.text_encoder)
         self.encoder = get_text_encoder(**encoder_cfg)
         self.prompts, self.prompt_labels = self._eval_prompts()
@@ -85,10 +109,12 @@ class DataPipeline:
     def context(self, captions: list[str]) -> torch.Tensor:
         return self.embeddings.lookup(captions).tokens
 
-    def batch(self, generator: torch.Generator, size: int):
-        """A random training batch: latents and captions."""
-        idx = torch.randint(len(self.train), (size,), generator=generator).tolist()
-        items = [self.train[i] for i in idx]
+    def latent_shape(self, batch: int) -> tuple[int, int, int, int]:
+        return (batch, self.autoencoder.channels, self.latent_size, self.latent_size)
+
+    def batch(self, indices: list[int]):
+        """Training examples by index: latents and captions."""
+        items = [self.train[i] for i in indices]
         images = torch.stack([item["image"] for item in items])
         return self.autoencoder.encode(images), [item["caption"] for item in items]
 
@@ -120,129 +146,299 @@ def _lr_lambda(warmup: int):
     return lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
 
 
+def world() -> tuple[int, int]:
+    """(rank, world size) of this process in torch.distributed; (0, 1) when not distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def pick_device(setting: str, device: str | torch.device | None = None) -> torch.device:
+    """The device to train on: an explicit `device` (Ray Train's choice for this worker) wins;
+    else the recipe's setting, where `auto` means this process's GPU if it has one."""
+    if device is not None:
+        return torch.device(device)
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise TrainError("recipe field device: 'cuda', but torch sees no CUDA GPU here "
+                         "(use device: auto to fall back to the CPU)")
+    if setting in ("cuda", "auto") and torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def stage_attention(plan: list[PlannedStage], spec: ArchSpec) -> list[str]:
+    """Each stage's attention nonlinearity: its own, else the one before it (else the spec's)."""
+    current, out = spec.attn_nonlinearity, []
+    for stage in plan:
+        current = stage.attn_nonlinearity or current
+        out.append(current)
+    return out
+
+
 def train_trial(spec: ArchSpec, recipe: Recipe, out_dir: str | Path, *,
                 steps: int | None = None, seed: int | None = None,
                 progress: Callable[[str], None] | None = None,
                 on_eval: Callable[[dict], None] | None = None,
-                tracker=None, evaluator=None) -> TrialResult:
-    """Train the proxy of `spec` per `recipe`, evaluating as it goes; resume from `out_dir`'s
-    checkpoint if there is one. `on_eval(record)` is called after every evaluation (Ray Tune's
-    report hook); `tracker` (see mdsearch.track) receives params, metrics and artifacts."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    seed = recipe.seed if seed is None else seed
-    total = recipe.steps if steps is None else steps
-    say = progress or (lambda msg: None)
-    started = time.time()
+                on_checkpoint: Callable[[int, Path | None], None] | None = None,
+                tracker=None, evaluator=None,
+                device: str | torch.device | None = None) -> TrialResult:
+    """Train `spec` per `recipe` (its proxy when recipe.width < 1), evaluating as it goes; resume
+    from `out_dir`'s checkpoint if there is one. `steps` stops early (after that many steps in
+    all). `on_eval(record)` is called after every evaluation (Ray Tune's report hook);
+    `on_checkpoint(step, path)` on every rank after every checkpoint (path is None except on rank
+    0; Ray Train's report hook); `tracker` (see mdsearch.track) receives params, metrics and
+    artifacts. Only rank 0 evaluates, saves, tracks and shows progress."""
+    run = Training(spec, recipe, out_dir, seed=seed, progress=progress, tracker=tracker,
+                   evaluator=evaluator, device=device)
+    return run.run(steps, on_eval=on_eval, on_checkpoint=on_checkpoint)
 
-    full = cost(spec, 512)
-    data = DataPipeline(recipe)
-    proxy = proxy_spec(spec, recipe.width, data.autoencoder.channels, data.encoder.dim,
-                       data.encoder.max_length)
-    (out / "spec.yaml").write_text(spec.to_yaml())
-    (out / "proxy_spec.yaml").write_text(proxy.to_yaml())
 
-    torch.manual_seed(seed)
-    model = build(proxy)
-    ema = EMA(model, recipe.ema_decay)
-    opt = recipe.optimizer
-    optimizer = torch.optim.AdamW(model.parameters(), lr=opt.lr, betas=tuple(opt.betas),
-                                  weight_decay=opt.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(opt.warmup_steps))
-    schedule = NoiseSchedule(kind=recipe.noise_schedule, prediction=recipe.prediction)
-    proxy_params = sum(p.numel() for p in model.parameters())
+class Training:
+    """The state of one run: model, EMA, optimiser, schedule, data pipelines and history."""
 
-    result = TrialResult("ok", None, 0, 0.0, full.params, full.gmacs, proxy_params)
-    start_step, elapsed_before = 0, 0.0
-    ckpt_path = out / CHECKPOINT
-    if ckpt_path.is_file():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
-        ema.model.load_state_dict(state["ema"])
-        ema.updates = state["ema_updates"]
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_step, elapsed_before = state["step"], state["seconds"]
-        result.history = json.loads(state["history"])
-        result.steps = start_step
-        if result.history:
-            result.metrics = {k: v for k, v in result.history[-1].items()
-                              if k not in ("step", "loss")}
-        say(f"resumed from {ckpt_path} at step {start_step}")
+    def __init__(self, spec: ArchSpec, recipe: Recipe, out_dir: str | Path, *, seed=None,
+                 progress=None, tracker=None, evaluator=None, device=None):
+        self.out = Path(out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.rank, self.workers = world()
+        self.lead = self.rank == 0
+        self.spec, self.recipe = spec, recipe
+        self.seed = recipe.seed if seed is None else seed
+        self.plan = recipe.plan()
+        self.attention = stage_attention(self.plan, spec)
+        self.staged = len(self.plan) > 1
+        for stage in self.plan:
+            if stage.batch_size % self.workers:
+                raise TrainError(f"stage {stage.name}: batch size {stage.batch_size} does not "
+                                 f"split over {self.workers} workers")
+        self.device = pick_device(recipe.device, device)
+        self.say = (progress or (lambda msg: None)) if self.lead else (lambda msg: None)
+        self.tracker = tracker if self.lead else None
+        self.evaluator = evaluator
+        self.started = time.time()
+        self.pipelines: dict[int, DataPipeline] = {}
 
-    if evaluator is None and total > start_step:
-        evaluator = make_evaluator(recipe, data)
-    if tracker is not None:
-        tracker.start(spec, proxy, recipe, full, proxy_params, out)
+        self.full = cost(spec, 512)
+        data = self.pipeline(self.plan[0].resolution)
+        self.proxy = proxy_spec(spec, recipe.width, data.autoencoder.channels, data.encoder.dim,
+                                data.encoder.max_length)
+        torch.manual_seed(self.seed)
+        self.model = build(self.proxy).to(self.device)
+        self.ema = EMA(self.model, recipe.ema_decay)
+        opt = recipe.optimizer
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=opt.lr,
+                                           betas=tuple(opt.betas), weight_decay=opt.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
+                                                           _lr_lambda(opt.warmup_steps))
+        self.schedule = NoiseSchedule(kind=recipe.noise_schedule, prediction=recipe.prediction)
+        proxy_params = sum(p.numel() for p in self.model.parameters())
+        self.result = TrialResult("ok", None, 0, 0.0, self.full.params, self.full.gmacs,
+                                  proxy_params)
+        self.step, self.elapsed_before = 0, 0.0
+        self.losses: list[float] = []  # since the last evaluation (its record averages them)
+        self.ckpt_path = self.out / CHECKPOINT
+        if self.ckpt_path.is_file():
+            self.load()
+        if self.workers > 1:
+            from torch.nn.parallel import DistributedDataParallel
 
-    def save(step: int) -> None:
-        tmp = ckpt_path.with_suffix(".tmp")
-        torch.save({"model": model.state_dict(), "ema": ema.model.state_dict(),
-                    "ema_updates": ema.updates, "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "step": step,
-                    "seconds": elapsed_before + time.time() - started,
-                    "history": json.dumps(result.history)}, tmp)
-        tmp.replace(ckpt_path)  # atomic: a kill mid-save never leaves a torn checkpoint
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.trained = DistributedDataParallel(self.model, device_ids=ids)
+        else:
+            self.trained = self.model
 
-    model.train()
-    losses: list[float] = []
-    last_log = time.time()
-    for step in range(start_step, total):
-        g = _step_generator(seed, step)
-        latents, captions = data.batch(g, recipe.batch_size)
-        drop = torch.rand(len(captions), generator=g) < recipe.caption_dropout
-        captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
-        t = torch.randint(0, schedule.steps, (len(captions),), generator=g)
-        noise = torch.randn(latents.shape, generator=g)
-        pred = model(schedule.add_noise(latents, noise, t), t, data.context(captions))
-        loss = F.mse_loss(pred, schedule.target(latents, noise, t))
-        loss_value = loss.item()
-        if not math.isfinite(loss_value):
-            result.status = "failed"
-            result.reason = f"non-finite loss ({loss_value}) at step {step + 1}"
-            say(f"FAILED: {result.reason}")
-            break
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if opt.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), opt.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        ema.update(model)
-        losses.append(loss_value)
-        done = step + 1
-        result.steps = done
+    def pipeline(self, resolution: int) -> DataPipeline:
+        if resolution not in self.pipelines:
+            self.pipelines[resolution] = DataPipeline(self.recipe, resolution)
+        return self.pipelines[resolution]
 
-        if done % recipe.log_every == 0 or done == total:
-            rate = recipe.log_every / max(time.time() - last_log, 1e-9)
-            last_log = time.time()
-            eta = (total - done) / max(rate, 1e-9)
-            recent = losses[-recipe.log_every:]
-            say(f"step {done}/{total}  loss {sum(recent) / len(recent):.4f}  {rate:.2f} steps/s"
-                f"  eta {eta:.0f}s")
-            if tracker is not None:
-                tracker.log_metrics({"loss": losses[-1]}, done)
-        if done % recipe.eval.every == 0 or done == total:
-            metrics = evaluate(ema.model, data, schedule, recipe, evaluator,
-                               grid=out / f"samples_{done:06d}.png")
-            record = {"step": done, "loss": sum(losses) / len(losses), **metrics}
-            losses = []
-            result.history.append(record)
-            result.metrics = metrics
-            say("eval " + "  ".join(f"{k} {v:.4g}" for k, v in record.items()
-                                     if isinstance(v, (int, float))))
-            if tracker is not None:
-                tracker.log_metrics(record, done)
-                tracker.log_artifact(out / f"samples_{done:06d}.png")
-        if done % recipe.checkpoint_every == 0 or done == total:
-            save(done)
-        if on_eval is not None and result.history and result.history[-1]["step"] == done:
-            on_eval(record)  # after the save, so a checkpoint reported with it is current
+    # -- checkpoints ---------------------------------------------------------------------------
 
-    result.seconds = elapsed_before + time.time() - started
-    if tracker is not None:
-        tracker.finish(result)
-    return result
+    def load(self) -> None:
+        state = torch.load(self.ckpt_path, map_location="cpu", weights_only=True)
+        self.model.load_state_dict(state["model"])
+        self.ema.model.load_state_dict(state["ema"])
+        self.ema.updates = state["ema_updates"]
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.elapsed_before = state["step"], state["seconds"]
+        self.result.history = json.loads(state["history"])
+        self.losses = json.loads(state.get("losses", "[]"))
+        self.result.steps = self.step
+        if self.result.history:
+            self.result.metrics = _metrics_of(self.result.history[-1])
+        self.say(f"resumed from {self.ckpt_path} at step {self.step}")
+
+    def write_specs(self, attn: str) -> None:
+        """spec.yaml (full size) and proxy_spec.yaml (what is trained), with the attention the
+        weights are trained for."""
+        for name, s in (("spec.yaml", self.spec), ("proxy_spec.yaml", self.proxy)):
+            if s.attn_nonlinearity != attn:
+                s = s.override({"attn_nonlinearity": attn}, source=f"stage attention {attn}")
+            tmp = self.out / (name + ".tmp")
+            tmp.write_text(s.to_yaml())
+            tmp.replace(self.out / name)
+
+    def save(self, attn: str) -> None:
+        self.write_specs(attn)
+        tmp = self.ckpt_path.with_suffix(".tmp")
+        torch.save({"model": self.model.state_dict(), "ema": self.ema.model.state_dict(),
+                    "ema_updates": self.ema.updates, "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(), "step": self.step,
+                    "attn_nonlinearity": attn,
+                    "seconds": self.elapsed_before + time.time() - self.started,
+                    "history": json.dumps(self.result.history),
+                    "losses": json.dumps(self.losses)}, tmp)
+        tmp.replace(self.ckpt_path)  # atomic: a kill mid-save never leaves a torn checkpoint
+
+    # -- evaluation ----------------------------------------------------------------------------
+
+    def evaluate(self, data: DataPipeline, extra: dict) -> dict:
+        """Judge the EMA weights now; the record goes into the history (rank 0 only)."""
+        if self.evaluator is None:
+            self.evaluator = make_evaluator(self.recipe, self.pipeline(self.plan[-1].resolution))
+        grid = self.out / f"samples_{self.step:06d}.png"
+        metrics = evaluate(self.ema.model, data, self.schedule, self.recipe, self.evaluator,
+                           grid=grid)
+        record = {"step": self.step, **extra, **metrics}
+        self.result.history.append(record)
+        self.result.metrics = metrics
+        self.say("eval " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                      for k, v in record.items()))
+        if self.tracker is not None:
+            self.tracker.log_metrics({k: v for k, v in record.items()
+                                      if k != "step" and isinstance(v, (int, float))}, self.step)
+            self.tracker.log_artifact(grid)
+        return record
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def run(self, steps: int | None = None, on_eval=None, on_checkpoint=None) -> TrialResult:
+        total = self.plan[-1].end if steps is None else min(steps, self.plan[-1].end)
+        if self.lead:
+            if self.tracker is not None:
+                self.tracker.start(self.spec, self.proxy, self.recipe, self.full,
+                                   self.result.proxy_params, self.out)
+            (self.out / "recipe.yaml").write_text(yaml.safe_dump(self.recipe.to_dict(),
+                                                                 sort_keys=False))
+            if not self.ckpt_path.is_file():
+                self.write_specs(self.attention[0])
+        for i, (stage, attn) in enumerate(zip(self.plan, self.attention)):
+            if self.step >= min(stage.end, total) or self.result.status != "ok":
+                continue
+            data = self.pipeline(stage.resolution)
+            set_attn_nonlinearity(self.model, attn)
+            set_attn_nonlinearity(self.ema.model, attn)
+            tag = {"stage": stage.name, "resolution": stage.resolution} if self.staged else {}
+            self.say(f"stage {stage.name}: steps {stage.start}-{stage.end} at "
+                     f"{stage.resolution}px, batch {stage.batch_size}"
+                     + (f" over {self.workers} workers" if self.workers > 1 else "")
+                     + f", {attn} attention, on {self.device}")
+            before = self.attention[i - 1] if i > 0 else attn
+            if self.lead and self.step == stage.start and attn != before and not any(
+                    r.get("event") == "switch" and r.get("stage") == stage.name
+                    for r in self.result.history):
+                self.say(f"attention {before} -> {attn}: evaluating before fine-tuning")
+                self.evaluate(data, {**tag, "event": "switch"})
+            self.train_stage(stage, attn, min(stage.end, total), data, tag, on_eval,
+                             on_checkpoint)
+        self.result.seconds = self.elapsed_before + time.time() - self.started
+        if self.lead:
+            (self.out / RESULT).write_text(json.dumps(self.result.to_dict(), indent=1))
+            if self.tracker is not None:
+                self.tracker.finish(self.result)
+        return self.result
+
+    def train_stage(self, stage: PlannedStage, attn: str, end: int, data: DataPipeline,
+                    tag: dict, on_eval, on_checkpoint) -> None:
+        """Steps [self.step, end) of one stage."""
+        recipe, opt, result = self.recipe, self.recipe.optimizer, self.result
+        size, dev = stage.batch_size, self.device
+        mine = slice(self.rank * size // self.workers, (self.rank + 1) * size // self.workers)
+        autocast = torch.autocast(dev.type, dtype=torch.bfloat16,
+                                  enabled=recipe.precision == "bf16")
+        self.trained.train()
+        losses = self.losses
+        last_log = time.time()
+        while self.step < end:
+            g = _step_generator(self.seed, self.step)  # the global batch, the same on every rank
+            idx = torch.randint(len(data.train), (size,), generator=g)
+            drop = torch.rand(size, generator=g) < recipe.caption_dropout
+            t = torch.randint(0, self.schedule.steps, (size,), generator=g)
+            noise = torch.randn(data.latent_shape(size), generator=g)
+            latents, captions = data.batch(idx[mine].tolist())  # this rank's slice of it
+            captions = ["" if d else c for c, d in zip(captions, drop[mine].tolist())]
+            latents, noise, t = latents.to(dev), noise[mine].to(dev), t[mine].to(dev)
+            with autocast:
+                pred = self.trained(self.schedule.add_noise(latents, noise, t), t,
+                                    data.context(captions).to(dev))
+            loss = F.mse_loss(pred.float(), self.schedule.target(latents, noise, t))
+            mean_loss = loss.detach().clone()
+            if self.workers > 1:  # every rank sees the same mean, so all agree on a divergence
+                dist.all_reduce(mean_loss)
+                mean_loss /= self.workers
+            loss_value = mean_loss.item()
+            if not math.isfinite(loss_value):
+                result.status = "failed"
+                result.reason = f"non-finite loss ({loss_value}) at step {self.step + 1}"
+                self.say(f"FAILED: {result.reason}")
+                return
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()  # DDP averages the gradients over the workers here
+            if opt.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), opt.grad_clip)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.ema.update(self.model)
+            losses.append(loss_value)
+            self.step = done = self.step + 1
+            result.steps = done
+
+            if done % recipe.log_every == 0 or done == end:
+                rate = recipe.log_every / max(time.time() - last_log, 1e-9)
+                last_log = time.time()
+                recent = losses[-recipe.log_every:]
+                self.say(f"step {done}/{end}  loss {sum(recent) / len(recent):.4f}  "
+                         f"{rate:.2f} steps/s  eta {(end - done) / max(rate, 1e-9):.0f}s")
+                if self.tracker is not None:
+                    self.tracker.log_metrics({"loss": losses[-1]}, done)
+            at_end = done == end or done == stage.end
+            record = None
+            if self.lead and (done % recipe.eval.every == 0 or at_end):
+                record = self.evaluate(data, {**tag, "loss": sum(losses) / len(losses)})
+                losses.clear()
+            if done % recipe.checkpoint_every == 0 or at_end:
+                if self.lead:
+                    self.save(attn)
+                if on_checkpoint is not None:
+                    on_checkpoint(done, self.ckpt_path if self.lead else None)
+            if record is not None and on_eval is not None:
+                on_eval(record)  # after the save, so a checkpoint reported with it is current
+
+
+def stage_summary(history: list[dict], keys=("fid_proxy", "fid", "align", "clip_score")) -> str:
+    """Quality at the end of each stage, and just after an attention switch (before any
+    fine-tuning): the before / after table of the relu fine-tune."""
+    rows, last = [], {}
+    for record in history:
+        if "stage" not in record:
+            continue
+        if record.get("event") == "switch":
+            rows.append((f"{record['stage']} (switched, not yet fine-tuned)", record))
+        else:
+            last[record["stage"]] = record
+            rows = [r for r in rows if r[0] != record["stage"]] + [(record["stage"], record)]
+    shown = [k for k in keys if any(k in r for _, r in rows)]
+    lines = [" | ".join(["stage", "step", "px"] + shown), " | ".join(["---"] * (3 + len(shown)))]
+    for name, r in rows:
+        lines.append(" | ".join([name, str(r["step"]), str(r.get("resolution", ""))]
+                                + [f"{r[k]:.4g}" if k in r else "" for k in shown]))
+    return "\n".join(lines)
+
+
+def _metrics_of(record: dict) -> dict[str, float]:
+    return {k: v for k, v in record.items()
+            if k not in ("step", "loss", "stage", "resolution", "event")}
 
 
 JUDGE_SEED = 0  # every trial, whatever its own seed, is judged by the same attribute classifier
@@ -251,7 +447,7 @@ JUDGE_SEED = 0  # every trial, whatever its own seed, is judged by the same attr
 def make_evaluator(recipe: Recipe, data: DataPipeline):
     from .metrics import Evaluator
 
-    return Evaluator(recipe.resolution, data.reference_images(recipe.eval.reference_images),
+    return Evaluator(recipe.final_resolution, data.reference_images(recipe.eval.reference_images),
                      inception_path=recipe.eval.inception_path, clip_path=recipe.eval.clip_path,
                      seed=JUDGE_SEED)
 
@@ -263,12 +459,13 @@ def evaluate(model, data: DataPipeline, schedule: NoiseSchedule, recipe: Recipe,
     from .metrics import save_grid
 
     ev = recipe.eval
-    shape = (len(data.prompts), data.autoencoder.channels, data.latent_size, data.latent_size)
-    latents = ddim_sample(model, schedule, data.context(data.prompts), data.null_context, shape,
+    device = next(model.parameters()).device
+    latents = ddim_sample(model, schedule, data.context(data.prompts).to(device),
+                          data.null_context.to(device), data.latent_shape(len(data.prompts)),
                           steps=ev.sample_steps, guidance=ev.guidance,
                           generator=torch.Generator().manual_seed(12345),
                           clip_x0=1.0 if data.autoencoder.name == "identity" else None)
-    images = data.autoencoder.decode(latents)
+    images = data.autoencoder.decode(latents.cpu())
     if grid is not None:
         save_grid(images[:32], data.prompts[:32], grid)
     return evaluator.evaluate(images, data.prompts, data.prompt_labels)
