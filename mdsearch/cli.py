@@ -23,6 +23,18 @@ def _add_spec_args(parser: argparse.ArgumentParser) -> None:
                              "(repeatable)")
 
 
+def _add_run_args(parser: argparse.ArgumentParser, experiment: str) -> None:
+    parser.add_argument("--workers", type=int, default=None,
+                        help="data-parallel workers through Ray Train (default: the recipe's)")
+    parser.add_argument("--address", default=None,
+                        help="train on an existing Ray cluster (default: one process, or a local "
+                             "Ray on 127.0.0.1 when --workers > 1)")
+    parser.add_argument("--experiment", default=experiment, help="MLflow experiment name")
+    parser.add_argument("--no-mlflow", action="store_true",
+                        help="do not log to MLflow (data-parallel runs never do, for now)")
+    parser.add_argument("--json", action="store_true", help="last stdout line: the result as JSON")
+
+
 def _load_spec(args) -> ArchSpec:
     overrides = parse_set(args.overrides)
     if args.spec:
@@ -58,27 +70,64 @@ def cmd_table1(args) -> None:
         print(table1_markdown(rows, args.resolution), end="")
 
 
+def _print_result(result, as_json: bool) -> None:
+    from .train.trainer import stage_summary
+
+    if as_json:
+        print(json.dumps(result.to_dict()))
+        return
+    if any("stage" in r for r in result.history):
+        print(stage_summary(result.history))
+    print(f"{result.status}{': ' + result.reason if result.reason else ''} after "
+          f"{result.steps} steps in {result.seconds:.0f}s; metrics: "
+          + ", ".join(f"{k} {v:.4g}" for k, v in result.metrics.items()))
+
+
+def _tracker(args, run_name: str):
+    if args.no_mlflow:
+        return None
+    from .track import MLflowTracker
+
+    return MLflowTracker(experiment=args.experiment, run_name=run_name)
+
+
 def cmd_train(args) -> None:
     from .train.recipe import load_recipe
-    from .train.trainer import train_trial
 
     recipe = load_recipe(args.trial)
     if args.seed is not None:
         recipe = recipe.override({"seed": args.seed}, source="--seed")
     spec = _load_spec(args)
-    tracker = None
-    if not args.no_mlflow:
-        from .track import MLflowTracker
-
-        tracker = MLflowTracker(experiment=args.experiment, run_name=spec.name)
     log = (lambda msg: print(f"[{spec.name}] {msg}", file=sys.stderr, flush=True))
-    result = train_trial(spec, recipe, args.out, steps=args.steps, progress=log, tracker=tracker)
-    if args.json:
-        print(json.dumps(result.to_dict()))
+    workers = args.workers or recipe.workers
+    if workers > 1 or args.address:
+        from .train.distributed import train_distributed
+
+        result = train_distributed(spec, recipe, args.out, workers=workers, address=args.address,
+                                   steps=args.steps, progress=log)
     else:
-        print(f"{result.status}{': ' + result.reason if result.reason else ''} after "
-              f"{result.steps} steps in {result.seconds:.0f}s; metrics: "
-              + ", ".join(f"{k} {v:.4g}" for k, v in result.metrics.items()))
+        from .train.trainer import train_trial
+
+        result = train_trial(spec, recipe, args.out, steps=args.steps, progress=log,
+                             tracker=_tracker(args, spec.name))
+    _print_result(result, args.json)
+    if result.status != "ok":
+        raise SystemExit(1)
+
+
+def cmd_promote(args) -> None:
+    from .search.promote import promote
+
+    log = (lambda msg: print(f"[promote] {msg}", file=sys.stderr, flush=True))
+    chosen, result = promote(args.run_dir, args.budget, trial=args.trial, out_dir=args.out,
+                             metric=args.metric, workers=args.workers, address=args.address,
+                             steps=args.steps, train=not args.no_train, progress=log,
+                             tracker=None if args.workers and args.workers > 1
+                             else _tracker(args, f"promoted-{args.budget}"))
+    if result is None:
+        print(json.dumps({"promotion": chosen.__dict__}) if args.json else chosen.describe())
+        return
+    _print_result(result, args.json)
     if result.status != "ok":
         raise SystemExit(1)
 
@@ -124,29 +173,55 @@ def cmd_fidelity(args) -> None:
 
 def cmd_export(args) -> None:
     from .arch.cost import latent_size
-    from .export.onnx import export_unet, load_checkpoint, random_model
+    from .export.bundle import export_models, pair_text_encoder, trained_resolution
+    from .export.onnx import (check_unet_exportable, checkpoint_files, load_checkpoint,
+                              random_model)
 
     if args.checkpoint:
         spec, model = load_checkpoint(args.checkpoint)
+        source = str(checkpoint_files(args.checkpoint)[1])
     else:
         spec = _load_spec(args)
         model = random_model(spec)
+        source = args.spec or f"--preset {args.preset or 'md'}"
+    resolution = args.resolution
+    if resolution is None:  # what the checkpoint was trained at, else the paper's 512
+        resolution = (trained_resolution(args.checkpoint) if args.checkpoint else None) or 512
     if args.latent_size:
         latent = args.latent_size
     elif args.checkpoint and spec.latent_channels == 3:  # a pixel-space proxy (cpu_quick)
-        latent = args.resolution
+        latent = resolution
     else:
-        latent = latent_size(spec, args.resolution)
+        latent = latent_size(spec, resolution)
+    check_unet_exportable(spec)
+    encoder = None
+    if not args.no_text_encoder:
+        try:
+            encoder = pair_text_encoder(spec, args.text_encoder, args.text_encoder_path,
+                                        trial_dir=args.checkpoint, spec_source=source)
+        except (ConfigError, DataError) as err:
+            raise type(err)(f"{err} (--text-encoder minilm|clip and --text-encoder-path DIR "
+                            f"choose the text encoder; --no-text-encoder exports the UNet "
+                            f"alone)") from None
     log = (lambda msg: print(f"[export] {msg}", file=sys.stderr, flush=True))
-    result = export_unet(spec, model, args.out, latent, fp16=args.fp16, progress=log)
+    result = export_models(spec, model, args.out, latent, encoder, format=args.format,
+                           fp16=args.fp16, progress=log)
     if args.json:
         print(json.dumps(result.to_dict()))
     else:
-        print(f"{result.path}: {result.size_bytes / 1e6:.1f} MB, max abs error vs PyTorch "
-              f"{result.max_abs_err:.3g} (relative {result.rel_err:.3g}), ONNX Runtime CPU "
-              f"latency {result.latency_ms:.1f} ms per UNet call")
-    if not result.within_tolerance:
-        raise SystemExit(f"parity check failed: relative error {result.rel_err:.3g} > 1e-4")
+        for r, call in ((result.unet, "UNet"), (result.text_encoder, "text encoder")):
+            if r is None:
+                continue
+            if r.max_abs_err is None:
+                print(f"{r.path}: {r.size_bytes / 1e6:.1f} MB, converted in "
+                      f"{r.export_seconds:.0f} s; parity {r.parity}")
+            else:
+                runtime = "ONNX Runtime" if r.format == "onnx" else "Core ML"
+                print(f"{r.path}: {r.size_bytes / 1e6:.1f} MB, max abs error vs PyTorch "
+                      f"{r.max_abs_err:.3g} (relative {r.rel_err:.3g}), {runtime} CPU latency "
+                      f"{r.latency_ms:.1f} ms per {call} call")
+    if result.failures:
+        raise SystemExit("parity check failed: " + "; ".join(result.failures))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -180,10 +255,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="run directory (checkpoints, samples, spec)")
     p.add_argument("--steps", type=int, default=None, help="override the recipe's steps")
     p.add_argument("--seed", type=int, default=None, help="override the recipe's seed")
-    p.add_argument("--experiment", default="mdsearch", help="MLflow experiment name")
-    p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
-    p.add_argument("--json", action="store_true", help="last stdout line: the result as JSON")
+    _add_run_args(p, experiment="mdsearch")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("promote", help="full training of a sweep's best trial under a budget")
+    p.add_argument("run_dir", help="a sweep directory (runs/sweeps/NAME)")
+    p.add_argument("--budget", default="md", choices=["md", "md-lite"],
+                   help="md: <= 400M params, <= 200 GMACs (the paper's search budget); md-lite: "
+                        "<= 300M params, <= 160 GMACs (default: md)")
+    p.add_argument("--trial", default="full",
+                   help="full-training recipe, a file or a name in trials/ (default: full, the "
+                        "paper's schedule; full_cpu runs the same stages on a CPU)")
+    p.add_argument("--out", default=None,
+                   help="training directory (default: RUN_DIR/promoted/BUDGET)")
+    p.add_argument("--metric", default=None,
+                   help="rank trials by this column (default: the sweep's quality objective)")
+    p.add_argument("--steps", type=int, default=None, help="stop after this many steps")
+    p.add_argument("--no-train", action="store_true",
+                   help="only choose the winner and write its spec and promotion.json")
+    _add_run_args(p, experiment="mdsearch-full")
+    p.set_defaults(func=cmd_promote)
 
     p = sub.add_parser("sweep", help="run a search space's sweep (Ray Tune + Optuna)")
     p.add_argument("space", help="a search space file, or a name in search_space/ (quickstart)")
@@ -230,20 +321,36 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_fidelity)
 
-    p = sub.add_parser("export", help="export a UNet to ONNX and check it in ONNX Runtime")
+    p = sub.add_parser("export", help="export a UNet and its text encoder to ONNX (or Core ML), "
+                                      "checked against PyTorch")
     _add_spec_args(p)
     p.add_argument("--checkpoint", default=None,
                    help="a trained trial directory (or its checkpoint.pt): exports its EMA "
                         "weights; otherwise --preset/--spec with random weights")
-    p.add_argument("--format", default="onnx", choices=["onnx"],
-                   help="onnx (Core ML is not implemented yet)")
-    p.add_argument("--fp16", action="store_true", help="export in half precision")
-    p.add_argument("--resolution", type=int, default=512, help="image resolution")
+    p.add_argument("--format", default="onnx", choices=["onnx", "coreml"],
+                   help="onnx (checked in ONNX Runtime), or coreml: .mlpackage through "
+                        "coremltools (pip install -c constraints.txt -e '.[coreml]'), checked "
+                        "only on macOS")
+    p.add_argument("--fp16", action="store_true",
+                   help="export in half precision (Core ML: float16 compute precision)")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="image resolution (default: the checkpoint's last training resolution "
+                        "when its recipe.yaml is there, else 512)")
     p.add_argument("--latent-size", type=int, default=None,
                    help="latent size (default: resolution/8; a pixel-space checkpoint: "
                         "the resolution)")
+    p.add_argument("--no-text-encoder", action="store_true", help="export the UNet alone")
+    p.add_argument("--text-encoder", default=None, choices=["minilm", "clip"],
+                   help="the text encoder exported beside the UNet (default: the trial's "
+                        "recipe.yaml if there is one, else by the UNet's context_dim: 384 "
+                        "minilm, 768 clip)")
+    p.add_argument("--text-encoder-path", default=None, metavar="DIR",
+                   help="a local CLIP checkpoint folder (default: the recipe's path, else "
+                        "$MDSEARCH_CLIP_PATH)")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--json", action="store_true", help="last stdout line: the result as JSON")
+    p.add_argument("--json", action="store_true",
+                   help="last stdout line: the result as JSON (the UNet's fields, and the "
+                        "text encoder's under text_encoder)")
     p.set_defaults(func=cmd_export)
 
     args = parser.parse_args(argv)

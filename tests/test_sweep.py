@@ -66,7 +66,7 @@ def test_grid_sweep_filters_before_training_and_writes_results(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     result = run_sweep(space, recipe, name="grid", storage=tmp_path / "sweeps",
                        tracking_uri=uri)
-    table = pd.read_csv(tmp_path / "sweeps" / "grid" / "results.csv")
+    table = pd.read_csv(tmp_path / "sweeps" / "grid" / "results.csv", dtype={"trial_id": str})
     assert len(table) == 3 and result.filtered == 1
     filtered = table[table["status"] == "filtered"].iloc[0]
     assert filtered["inner_channels"] == 1280 and filtered["steps"] == 0
@@ -93,8 +93,34 @@ def test_grid_sweep_filters_before_training_and_writes_results(tmp_path):
     report = build_report(mlflow_experiment="grid", tracking_uri=uri, out=tmp_path / "rep")
     summary = report.files["summary"].read_text()
     assert "trained: 2 (2 completed" in summary and "over budget or invalid): 1" in summary
-    front = pd.read_csv(report.files["pareto_csv"])
+    front = pd.read_csv(report.files["pareto_csv"], dtype={"trial_id": str})
     assert set(front["trial_id"]) <= set(done["trial_id"]) and len(front) >= 1
+
+    # promote the winner under the md-lite budget, train it through staged full training (a low
+    # resolution, a higher one, the relu fine-tune), and export it for phones
+    import json
+
+    from mdsearch.cli import main
+
+    full = write(tmp_path / "full.yaml", {**RECIPE, "steps": 5, "eval": {
+        **RECIPE["eval"], "every": 100}, "stages": [
+        {"name": "low", "steps": 2, "resolution": 8}, {"name": "high", "steps": 2},
+        {"name": "relu", "steps": 1, "attn_nonlinearity": "relu"}]})
+    out = tmp_path / "promoted"
+    assert main(["promote", str(tmp_path / "sweeps" / "grid"), "--budget", "md-lite",
+                 "--trial", str(full), "--out", str(out), "--no-mlflow", "--json"]) == 0
+    promotion = json.loads((out / "promotion.json").read_text())
+    best = done.sort_values("fid_proxy").iloc[0]
+    assert promotion["trial_id"] == best["trial_id"] and promotion["budget"] == "md-lite"
+    result = json.loads((out / "result.json").read_text())
+    assert result["status"] == "ok" and result["steps"] == 5
+    assert [(r["stage"], r.get("event")) for r in result["history"]] == [
+        ("low", None), ("high", None), ("relu", "switch"), ("relu", None)]
+    assert main(["export", "--checkpoint", str(out), "--out", str(tmp_path / "export"),
+                 "--json"]) == 0
+    exported = json.loads((tmp_path / "export" / "unet.json").read_text())
+    assert exported["within_tolerance"] and exported["max_abs_err"] is not None
+    assert (tmp_path / "export" / "text_encoder.onnx").is_file()
 
 
 def test_optuna_sweep_records_a_failed_trial_and_goes_on(tmp_path):
@@ -175,7 +201,7 @@ def test_sigkill_then_resume_completes_every_trial_exactly_once(tmp_path):
     resumed = subprocess.run(_sweep_cmd(space_file, recipe_file, tmp_path, "--resume"),
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    table = pd.read_csv(tmp_path / "killed" / "results.csv")
+    table = pd.read_csv(tmp_path / "killed" / "results.csv", dtype={"trial_id": str})
     done = trained(table)
     assert len(done) == 4 and done["trial_id"].is_unique
     assert (done["status"] == "completed").all() and (done["steps"] == 40).all()

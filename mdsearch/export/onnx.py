@@ -10,11 +10,16 @@ random inputs: the maximum absolute difference between ONNX Runtime (CPU) and Py
 difference relative to the largest output magnitude. `--fp16` exports a half-precision copy
 (weights and activations) and reports its error against the fp32 PyTorch model.
 
+The text encoder is exported as its own graph by `mdsearch.export.text`, Core ML packages are
+made by `mdsearch.export.coreml`, and `mdsearch.export.bundle` puts a UNet and its text encoder
+side by side in one folder (what `mdsearch export` writes).
+
 Nothing here unpickles anything: checkpoints load with torch.load(weights_only=True).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import statistics
 import time
@@ -37,33 +42,69 @@ class ExportError(ConfigError):
     """A model that cannot be exported as asked (bad checkpoint, unsupported spec)."""
 
 
+PARITY_ORT = "onnxruntime cpu vs pytorch"
+
+
 @dataclass
 class ExportResult:
+    """One exported UNet. For Core ML, `opset` is None and `target` names the deployment
+    target; where the model could not be run (`parity` says why), the error, tolerance and
+    latency fields are None."""
+
     path: str
     format: str
     spec: str
     params: int
     latent_size: int
-    opset: int
+    opset: int | None
     fp16: bool
     size_bytes: int
     external_data: bool
-    max_abs_err: float
-    rel_err: float
-    within_tolerance: bool
-    latency_ms: float
+    max_abs_err: float | None
+    rel_err: float | None
+    within_tolerance: bool | None
+    latency_ms: float | None
     export_seconds: float
+    parity: str = PARITY_ORT
+    target: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
+def compare(output: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
+    """Maximum absolute difference, and that difference relative to the largest |reference|."""
+    max_abs = float(np.abs(output.astype(np.float32) - reference).max())
+    return max_abs, max_abs / max(float(np.abs(reference).max()), 1e-12)
+
+
+def median_ms(run, runs: int) -> float:
+    """Median wall time of `run()` over `runs` calls, in milliseconds."""
+    times = []
+    for _ in range(max(runs, 1)):
+        tick = time.perf_counter()
+        run()
+        times.append((time.perf_counter() - tick) * 1000)
+    return statistics.median(times)
+
+
+def onnx_size(path: Path) -> int:
+    """Bytes of an .onnx file and its external data file, if any."""
+    extra = path.parent.glob(path.name + ".data")
+    return path.stat().st_size + sum(f.stat().st_size for f in extra)
+
+
+def checkpoint_files(path: str | Path) -> tuple[Path, Path]:
+    """A trial directory's (or checkpoint file's) checkpoint.pt and proxy_spec.yaml paths."""
+    path = Path(path)
+    ckpt = path / "checkpoint.pt" if path.is_dir() else path
+    return ckpt, ckpt.parent / "proxy_spec.yaml"
+
+
 def load_checkpoint(path: str | Path) -> tuple[ArchSpec, torch.nn.Module]:
     """A trained trial (its directory or checkpoint.pt): the proxy spec it trained and its EMA
     weights (what sampling uses)."""
-    path = Path(path)
-    ckpt = path / "checkpoint.pt" if path.is_dir() else path
-    spec_file = ckpt.parent / "proxy_spec.yaml"
+    ckpt, spec_file = checkpoint_files(path)
     if not ckpt.is_file():
         raise ExportError(f"{ckpt}: checkpoint not found")
     if not spec_file.is_file():
@@ -74,13 +115,34 @@ def load_checkpoint(path: str | Path) -> tuple[ArchSpec, torch.nn.Module]:
     except Exception as err:  # a truncated or foreign file
         raise ExportError(f"{ckpt}: not a readable mdsearch checkpoint ({err})") from None
     model = build(spec)
-    model.load_state_dict(state.get("ema", state.get("model")))
+    weights = state.get("ema", state.get("model")) if isinstance(state, dict) else None
+    if weights is None:
+        raise ExportError(f"{ckpt}: no 'ema' or 'model' weights in it, so it is not an mdsearch "
+                          f"checkpoint")
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as err:  # weights of another spec
+        first = str(err).strip().splitlines()[1:2] or [str(err)]
+        raise ExportError(f"{ckpt}: its weights do not fit the spec in {spec_file} "
+                          f"({first[0].strip()})") from None
     return spec, model.eval()
 
 
 def random_model(spec: ArchSpec, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     return build(spec).eval()
+
+
+def unet_inputs(spec: ArchSpec, latent_size: int) -> tuple[torch.Tensor, ...]:
+    """Random (latents, timesteps, context) of batch 1 for a parity check (fixed seed)."""
+    (x, t, ctx), _ = example_inputs(spec, latent_size)
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(x.shape, generator=g), t, torch.randn(ctx.shape, generator=g)
+
+
+def check_unet_exportable(spec: ArchSpec) -> None:
+    if spec.pooled_dim or spec.micro_cond_dim:
+        raise ExportError(f"{spec.name}: SD-XL-style extra conditions are not exported yet")
 
 
 def export_unet(spec: ArchSpec, model: torch.nn.Module, out_dir: str | Path, latent_size: int,
@@ -90,8 +152,7 @@ def export_unet(spec: ArchSpec, model: torch.nn.Module, out_dir: str | Path, lat
     import onnx
     import onnxruntime as ort
 
-    if spec.pooled_dim or spec.micro_cond_dim:
-        raise ExportError(f"{spec.name}: SD-XL-style extra conditions are not exported yet")
+    check_unet_exportable(spec)
     if opset < 17:
         raise ExportError(f"opset {opset}: mobile targets need >= 17")
     say = progress or (lambda msg: None)
@@ -99,14 +160,11 @@ def export_unet(spec: ArchSpec, model: torch.nn.Module, out_dir: str | Path, lat
     out.mkdir(parents=True, exist_ok=True)
     path = out / ("unet_fp16.onnx" if fp16 else "unet.onnx")
     model = model.eval()
-    (x, t, ctx), _ = example_inputs(spec, latent_size)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(x.shape, generator=g)
-    ctx = torch.randn(ctx.shape, generator=g)
+    x, t, ctx = unet_inputs(spec, latent_size)
     with torch.no_grad():
         reference = model(x, t, ctx).numpy()
 
-    exported = model.half() if fp16 else model
+    exported = copy.deepcopy(model).half() if fp16 else model  # the caller's model stays fp32
     inputs = (x.half(), t.half(), ctx.half()) if fp16 else (x, t, ctx)
     params = sum(p.numel() for p in model.parameters())
     large = params * (2 if fp16 else 4) > 1.8e9  # protobuf's 2 GB limit, with margin
@@ -118,27 +176,20 @@ def export_unet(spec: ArchSpec, model: torch.nn.Module, out_dir: str | Path, lat
                                 output_names=["prediction"], verbose=False)
     program.save(str(path), external_data=large)
     export_seconds = time.time() - started
-    if fp16:
-        model.float()
+    del exported, program
     onnx.checker.check_model(str(path) if large else onnx.load(str(path)))
-    size = path.stat().st_size + sum(f.stat().st_size for f in out.glob(path.name + ".data"))
+    size = onnx_size(path)
 
     say("checking parity in ONNX Runtime")
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     feed = {"latents": inputs[0].numpy(), "timesteps": inputs[1].numpy(),
             "context": inputs[2].numpy()}
-    output = session.run(None, feed)[0].astype(np.float32)
-    max_abs = float(np.abs(output - reference).max())
-    rel = max_abs / max(float(np.abs(reference).max()), 1e-12)
-    times = []
-    for _ in range(latency_runs):
-        tick = time.perf_counter()
-        session.run(None, feed)
-        times.append((time.perf_counter() - tick) * 1000)
+    max_abs, rel = compare(session.run(None, feed)[0], reference)
     result = ExportResult(
         path=str(path), format="onnx", spec=spec.name, params=params, latent_size=latent_size,
         opset=opset, fp16=fp16, size_bytes=size, external_data=large, max_abs_err=max_abs,
         rel_err=rel, within_tolerance=fp16 or rel <= FP32_REL_TOLERANCE,
-        latency_ms=statistics.median(times), export_seconds=export_seconds)
+        latency_ms=median_ms(lambda: session.run(None, feed), latency_runs),
+        export_seconds=export_seconds)
     (out / (path.stem + ".json")).write_text(json.dumps(result.to_dict(), indent=2))
     return result

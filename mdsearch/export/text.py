@@ -1,0 +1,170 @@
+"""Export a frozen text encoder as its own ONNX graph, checked against PyTorch in ONNX Runtime.
+
+    encoder = get_text_encoder("minilm", max_length=spec.context_len)
+    result = export_text_encoder(encoder, "out/md")   # out/md/text_encoder.onnx, out/md/tokenizer/
+    result.max_abs_err, result.latency_ms, result.path
+
+The graph maps token ids of a fixed batch of 1 and the encoder's fixed max_length L to `context`
+(1, L, dim): exactly what `TextEncoder.encode` returns as `tokens` and the UNet takes as its
+`context` input, i.e. the last hidden states, float32, with no normalisation and the padding
+positions left as they are (the UNet was trained on them). MiniLM takes (input_ids,
+attention_mask), both int64 (1, L), since it masks padding inside the model; CLIP takes input_ids
+only, as Stable Diffusion runs it (its causal attention never lets real tokens see the padding
+that follows them). The tokenizer is saved beside the graph (OUT/tokenizer/, its
+model_max_length set to L) so an app can pad captions to L with it.
+
+Parity is measured as for the UNet: a real caption (padded, so the mask matters) through
+`TextEncoder.encode`, and random token ids with half the positions masked as padding through the
+same PyTorch model, against ONNX Runtime (CPU). `max_abs_err` is the largest absolute difference
+over both and `rel_err` that difference relative to the largest output magnitude (fp32 passes at
+<= 1e-4). `--fp16` exports a half-precision copy and reports its error against fp32 PyTorch.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..data.text import TextEncoder
+from .onnx import (FP32_REL_TOLERANCE, OPSET, PARITY_ORT, ExportError, compare, median_ms,
+                   onnx_size)
+
+PARITY_CAPTION = "a small red circle above a large blue square"
+
+
+@dataclass
+class TextExportResult:
+    """One exported text encoder (fields as the UNet's `ExportResult`, plus what an app needs
+    to feed it: `inputs`, `max_length`, the tokenizer folder, and the output width `dim`)."""
+
+    path: str
+    format: str
+    encoder: str
+    params: int
+    max_length: int
+    dim: int
+    inputs: list[str]
+    tokenizer: str
+    opset: int | None
+    fp16: bool
+    size_bytes: int
+    external_data: bool
+    max_abs_err: float | None
+    rel_err: float | None
+    within_tolerance: bool | None
+    latency_ms: float | None
+    export_seconds: float
+    parity: str = PARITY_ORT
+    target: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class ContextGraph(torch.nn.Module):
+    """The exported computation: token ids (and mask) -> the encoder's last hidden states,
+    as `TextEncoder.encode` computes its `tokens`."""
+
+    def __init__(self, encoder: TextEncoder):
+        super().__init__()
+        self.model = encoder.model
+        self.uses_mask = encoder.mask_in_model
+
+    def forward(self, input_ids: torch.Tensor,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        mask = attention_mask if self.uses_mask else None
+        return self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
+
+
+def input_names(encoder: TextEncoder) -> list[str]:
+    return ["input_ids", "attention_mask"] if encoder.mask_in_model else ["input_ids"]
+
+
+def parity_inputs(encoder: TextEncoder) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(input_ids, attention_mask) pairs, int64 (1, L): a real caption padded to L, and random
+    ids of which the last half are masked as padding (fixed seed)."""
+    length = encoder.max_length
+    batch = encoder.tokenizer([PARITY_CAPTION], padding="max_length", truncation=True,
+                              max_length=length, return_tensors="pt")
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, int(encoder.model.config.vocab_size), (1, length), generator=g)
+    mask = (torch.arange(length) < max(length // 2, 1)).long().unsqueeze(0)
+    return [(batch["input_ids"].long(), batch["attention_mask"].long()), (ids, mask)]
+
+
+def references(encoder: TextEncoder, graph: ContextGraph,
+               inputs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[np.ndarray]:
+    """PyTorch's output for each input pair: the real caption through `encode` itself (so the
+    check ties the graph to what training used), the random ids through the model."""
+    if encoder.device.type != "cpu":
+        raise ExportError(f"text encoder {encoder.name!r} is on {encoder.device}; export a CPU "
+                          f"copy (get_text_encoder(..., device='cpu'))")
+    first = encoder.encode([PARITY_CAPTION]).tokens.numpy()
+    with torch.inference_mode():
+        rest = [graph(ids, mask).float().numpy() for ids, mask in inputs[1:]]
+    return [first, *rest]
+
+
+def save_tokenizer(encoder: TextEncoder, out_dir: Path) -> Path:
+    """The encoder's tokenizer in OUT_DIR/tokenizer/, padding to the graph's max_length."""
+    tokenizer = copy.deepcopy(encoder.tokenizer)
+    tokenizer.model_max_length = encoder.max_length
+    folder = out_dir / "tokenizer"
+    tokenizer.save_pretrained(str(folder))
+    return folder
+
+
+def export_text_encoder(encoder: TextEncoder, out_dir: str | Path, fp16: bool = False,
+                        opset: int = OPSET, latency_runs: int = 5,
+                        progress=None) -> TextExportResult:
+    """Export `encoder` to OUT_DIR/text_encoder.onnx (text_encoder_fp16.onnx) with its
+    tokenizer, check it in ONNX Runtime."""
+    import onnx
+    import onnxruntime as ort
+
+    if opset < 17:
+        raise ExportError(f"opset {opset}: mobile targets need >= 17")
+    say = progress or (lambda msg: None)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / ("text_encoder_fp16.onnx" if fp16 else "text_encoder.onnx")
+    names = input_names(encoder)
+    graph = ContextGraph(encoder).eval()
+    inputs = parity_inputs(encoder)
+    reference = references(encoder, graph, inputs)
+
+    exported = copy.deepcopy(graph).half() if fp16 else graph  # the caller's model stays fp32
+    params = sum(p.numel() for p in graph.parameters())
+    large = params * (2 if fp16 else 4) > 1.8e9  # protobuf's 2 GB limit, with margin
+    say(f"exporting text encoder {encoder.name} ({params / 1e6:.1f}M params, {len(names)} "
+        f"inputs of 1x{encoder.max_length} tokens) to {path}")
+    started = time.time()
+    program = torch.onnx.export(exported, inputs[0][:len(names)], dynamo=True,
+                                opset_version=opset, input_names=names,
+                                output_names=["context"], verbose=False)
+    program.save(str(path), external_data=large)
+    export_seconds = time.time() - started
+    del exported, program
+    onnx.checker.check_model(str(path) if large else onnx.load(str(path)))
+    tokenizer = save_tokenizer(encoder, out)
+
+    say("checking the text encoder's parity in ONNX Runtime")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feeds = [dict(zip(names, (ids.numpy(), mask.numpy()))) for ids, mask in inputs]
+    errors = [compare(session.run(None, feed)[0], ref) for feed, ref in zip(feeds, reference)]
+    max_abs, rel = max(e[0] for e in errors), max(e[1] for e in errors)
+    result = TextExportResult(
+        path=str(path), format="onnx", encoder=encoder.name, params=params,
+        max_length=encoder.max_length, dim=encoder.dim, inputs=names, tokenizer=str(tokenizer),
+        opset=opset, fp16=fp16, size_bytes=onnx_size(path), external_data=large,
+        max_abs_err=max_abs, rel_err=rel, within_tolerance=fp16 or rel <= FP32_REL_TOLERANCE,
+        latency_ms=median_ms(lambda: session.run(None, feeds[0]), latency_runs),
+        export_seconds=export_seconds)
+    (out / (path.stem + ".json")).write_text(json.dumps(result.to_dict(), indent=2))
+    return result
