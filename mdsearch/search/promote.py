@@ -77,8 +77,7 @@ def choose(sweep_dir: str | Path, budget: str = "md", metric: str | None = None)
     from .runner import load_results
 
     if budget not in BUDGETS:
-        raise PromoteError(f"budget {budget!r}: unknown{did_you_mean(budget, BUDGETS)}; "
-                           f"known: {', '.join(BUDGETS)}")
+        raise PromoteError(f"budget {budget!r}: unknown{did_you_mean(budget, BUDGETS)}")
     limits = BUDGETS[budget]
     sweep = Path(sweep_dir)
     table = load_results(sweep)

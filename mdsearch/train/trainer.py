@@ -316,13 +316,13 @@ class Training:
     def run(self, steps: int | None = None, on_eval=None, on_checkpoint=None) -> TrialResult:
         total = self.plan[-1].end if steps is None else min(steps, self.plan[-1].end)
         if self.lead:
-            if self.tracker is not None:
-                self.tracker.start(self.spec, self.proxy, self.recipe, self.full,
-                                   self.result.proxy_params, self.out)
             (self.out / "recipe.yaml").write_text(yaml.safe_dump(self.recipe.to_dict(),
                                                                  sort_keys=False))
             if not self.ckpt_path.is_file():
                 self.write_specs(self.attention[0])
+            if self.tracker is not None:  # after the specs: it logs spec.yaml as an artifact
+                self.tracker.start(self.spec, self.proxy, self.recipe, self.full,
+                                   self.result.proxy_params, self.out)
         for i, (stage, attn) in enumerate(zip(self.plan, self.attention)):
             if self.step >= min(stage.end, total) or self.result.status != "ok":
                 continue

@@ -1,0 +1,61 @@
+"""Choosing what to promote: the best completed trial under a budget, and clear refusals.
+(The whole promote -> full training -> export path runs from a real sweep in test_sweep.py.)"""
+
+import pandas as pd
+import pytest
+
+from mdsearch.arch import presets
+from mdsearch.arch.cost import cost
+from mdsearch.search.promote import BUDGETS, PromoteError, choose
+
+
+def sweep(tmp_path, rows):
+    """A sweep directory: results.csv plus each trial's spec.yaml, as a sweep writes them."""
+    table = []
+    for i, (status, preset, fid, align) in enumerate(rows):
+        trial = tmp_path / f"trial_{i}"
+        trial.mkdir()
+        spec = presets.get(preset)
+        (trial / "spec.yaml").write_text(spec.to_yaml())
+        c = cost(spec, 512)
+        table.append({"trial_id": f"{i}e{i}", "status": status, "params": c.params,
+                      "gmacs": c.gmacs, "fid_proxy": fid, "align": align,
+                      "align_chance": 0.25, "path": str(trial)})
+    pd.DataFrame(table).to_csv(tmp_path / "results.csv", index=False)
+    return tmp_path
+
+
+def test_md_and_md_lite_fit_their_own_budgets_only():
+    md, lite = cost(presets.get("md"), 512), cost(presets.get("md-lite"), 512)
+    assert not BUDGETS["md"].violations(md.params, md.gmacs)
+    assert BUDGETS["md-lite"].violations(md.params, md.gmacs)
+    assert not BUDGETS["md-lite"].violations(lite.params, lite.gmacs)
+
+
+def test_best_completed_trial_under_the_budget_wins(tmp_path):
+    run = sweep(tmp_path, [("completed", "md", 300.0, 0.4),      # best overall, md-size
+                           ("stopped", "md-lite", 100.0, 0.4),   # never finished: not comparable
+                           ("completed", "md-lite", 350.0, 0.4),
+                           ("completed", "sd15", 50.0, 0.4)])    # over every budget
+    assert choose(run, "md").trial_id == "0e0"  # read as a string, not 0.0
+    lite = choose(run, "md-lite")
+    assert (lite.trial_id, lite.value, lite.candidates) == ("2e2", 350.0, 1)
+    assert lite.spec["name"] == "md-lite" and not lite.text_blind
+
+
+def test_text_blind_winner_is_flagged(tmp_path):
+    chosen = choose(sweep(tmp_path, [("completed", "md", 300.0, 0.26)]), "md")
+    assert chosen.text_blind and "WARNING" in chosen.describe()
+
+
+def test_refusals_name_the_reason(tmp_path):
+    run = sweep(tmp_path, [("completed", "sd15", 50.0, 0.4), ("failed", "md", None, None)])
+    with pytest.raises(PromoteError, match=r"none of the 1 completed trials meets the md budget"
+                                           r".*smallest has 859.5M params"):
+        choose(run, "md")
+    with pytest.raises(PromoteError, match="budget 'mdlite': unknown; did you mean 'md-lite'"):
+        choose(run, "mdlite")
+    with pytest.raises(PromoteError, match="no column 'fid'"):
+        choose(run, "md", metric="fid")
+    with pytest.raises(Exception, match="no results.csv"):
+        choose(tmp_path / "trial_0", "md")
