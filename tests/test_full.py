@@ -65,6 +65,8 @@ def test_stages_switch_resolution_and_attention_and_report_before_and_after(tmp_
     # every stage ends with an evaluation; the relu stage also starts with one, before tuning
     assert stages == [("low", 3, 8, None), ("high", 5, 16, None), ("relu", 5, 8, "switch"),
                       ("relu", 7, 8, None)]
+    assert (tmp_path / "samples_000005_switch.png").is_file()  # beside, not over, step 5's grid
+    assert (tmp_path / "samples_000005.png").is_file()
     table = stage_summary(result.history)
     assert "relu (switched, not yet fine-tuned) | 5" in table and "\nrelu | 7" in table
     # the weights on disk are relu weights, and their spec says so

@@ -297,7 +297,8 @@ class Training:
         """Judge the EMA weights now; the record goes into the history (rank 0 only)."""
         if self.evaluator is None:
             self.evaluator = make_evaluator(self.recipe, self.pipeline(self.plan[-1].resolution))
-        grid = self.out / f"samples_{self.step:06d}.png"
+        event = f"_{extra['event']}" if "event" in extra else ""  # the switch: its own grid
+        grid = self.out / f"samples_{self.step:06d}{event}.png"
         metrics = evaluate(self.ema.model, data, self.schedule, self.recipe, self.evaluator,
                            grid=grid)
         record = {"step": self.step, **extra, **metrics}
