@@ -30,8 +30,7 @@ def _add_run_args(parser: argparse.ArgumentParser, experiment: str) -> None:
                         help="train on an existing Ray cluster (default: one process, or a local "
                              "Ray on 127.0.0.1 when --workers > 1)")
     parser.add_argument("--experiment", default=experiment, help="MLflow experiment name")
-    parser.add_argument("--no-mlflow", action="store_true",
-                        help="do not log to MLflow (data-parallel runs never do, for now)")
+    parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     parser.add_argument("--json", action="store_true", help="last stdout line: the result as JSON")
 
 
@@ -83,12 +82,14 @@ def _print_result(result, as_json: bool) -> None:
           + ", ".join(f"{k} {v:.4g}" for k, v in result.metrics.items()))
 
 
-def _tracker(args, run_name: str):
+def _mlflow(args, run_name: str) -> dict | None:
+    """MLflowTracker's arguments (an absolute tracking URI: Ray workers have another cwd)."""
     if args.no_mlflow:
         return None
-    from .track import MLflowTracker
+    from .track import default_tracking_uri
 
-    return MLflowTracker(experiment=args.experiment, run_name=run_name)
+    return {"experiment": args.experiment, "run_name": run_name,
+            "tracking_uri": default_tracking_uri()}
 
 
 def cmd_train(args) -> None:
@@ -104,12 +105,14 @@ def cmd_train(args) -> None:
         from .train.distributed import train_distributed
 
         result = train_distributed(spec, recipe, args.out, workers=workers, address=args.address,
-                                   steps=args.steps, progress=log)
+                                   steps=args.steps, mlflow=_mlflow(args, spec.name), progress=log)
     else:
+        from .track import MLflowTracker
         from .train.trainer import train_trial
 
+        mlflow = _mlflow(args, spec.name)
         result = train_trial(spec, recipe, args.out, steps=args.steps, progress=log,
-                             tracker=_tracker(args, spec.name))
+                             tracker=MLflowTracker(**mlflow) if mlflow else None)
     _print_result(result, args.json)
     if result.status != "ok":
         raise SystemExit(1)
@@ -122,8 +125,7 @@ def cmd_promote(args) -> None:
     chosen, result = promote(args.run_dir, args.budget, trial=args.trial, out_dir=args.out,
                              metric=args.metric, workers=args.workers, address=args.address,
                              steps=args.steps, train=not args.no_train, progress=log,
-                             tracker=None if args.workers and args.workers > 1
-                             else _tracker(args, f"promoted-{args.budget}"))
+                             mlflow=_mlflow(args, f"promoted-{args.budget}"))
     if result is None:
         print(json.dumps({"promotion": chosen.__dict__}) if args.json else chosen.describe())
         return

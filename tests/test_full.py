@@ -129,7 +129,10 @@ def test_two_ray_train_workers_continue_a_run_as_one_process_would(tmp_path):
     recipe = Recipe.from_dict({**TINY, "resources": {"cpu": 1}}, "tiny")
     whole = train_trial(presets.get("md"), recipe, tmp_path / "one")
     train_trial(presets.get("md"), recipe, tmp_path / "two", steps=3)
-    result = train_distributed(presets.get("md"), recipe, tmp_path / "two", workers=2)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = train_distributed(presets.get("md"), recipe, tmp_path / "two", workers=2,
+                               mlflow={"experiment": "dp", "run_name": "two",
+                                       "tracking_uri": uri})
     assert result.status == "ok" and result.steps == 6
     assert [r["step"] for r in result.history] == [3, 6]
     one, two = whole.history[-1], result.history[-1]
@@ -137,5 +140,11 @@ def test_two_ray_train_workers_continue_a_run_as_one_process_would(tmp_path):
     assert two["fid_proxy"] == pytest.approx(one["fid_proxy"], rel=1e-3)
     w1, w2 = weights(tmp_path / "one"), weights(tmp_path / "two")
     assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-3
+    # rank 0 logged the run to MLflow, once
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("dp").experiment_id])
+    assert len(runs) == 1 and runs[0].data.metrics["fid_proxy"] == pytest.approx(two["fid_proxy"])
     # Ray Train keeps its own copy of the last checkpoint, for restarts
     assert list((tmp_path / "two" / "ray").rglob(CHECKPOINT))

@@ -121,10 +121,11 @@ def choose(sweep_dir: str | Path, budget: str = "md", metric: str | None = None)
 def promote(sweep_dir: str | Path, budget: str = "md", *, trial: str | Path = "full",
             out_dir: str | Path | None = None, metric: str | None = None,
             workers: int | None = None, address: str | None = None, steps: int | None = None,
-            train: bool = True, tracker=None,
+            train: bool = True, mlflow: dict | None = None,
             progress: Callable[[str], None] | None = None):
     """Choose the winner, write OUT/promotion.json and OUT/promoted_spec.yaml, and (unless
-    train=False) train it fully per the `trial` recipe into OUT. Returns (Promotion, result)."""
+    train=False) train it fully per the `trial` recipe into OUT, logging to MLflow when `mlflow`
+    holds MLflowTracker's arguments. Returns (Promotion, result)."""
     from ..train.recipe import load_recipe
 
     say = progress or (lambda msg: None)
@@ -146,9 +147,11 @@ def promote(sweep_dir: str | Path, budget: str = "md", *, trial: str | Path = "f
         from ..train.distributed import train_distributed
 
         result = train_distributed(spec, recipe, out, workers=workers, address=address,
-                                   steps=steps, progress=say)
+                                   steps=steps, mlflow=mlflow, progress=say)
     else:
+        from ..track import MLflowTracker
         from ..train.trainer import train_trial
 
+        tracker = MLflowTracker(**mlflow) if mlflow is not None else None
         result = train_trial(spec, recipe, out, steps=steps, progress=say, tracker=tracker)
     return chosen, result

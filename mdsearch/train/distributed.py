@@ -62,16 +62,24 @@ def _worker(config: dict) -> None:
             shutil.copy2(path, Path(d) / CHECKPOINT)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
+    tracker = None
+    if rank == 0 and config["mlflow"] is not None:
+        from ..track import MLflowTracker
+
+        tracker = MLflowTracker(**config["mlflow"])
     train_trial(spec, recipe, out, steps=config["steps"], progress=print, on_checkpoint=report,
-                device=ray.train.torch.get_device())
+                tracker=tracker, device=ray.train.torch.get_device())
 
 
 def train_distributed(spec: ArchSpec, recipe: Recipe, out_dir: str | Path, *,
                       workers: int | None = None, address: str | None = None,
                       steps: int | None = None, max_failures: int = 0,
+                      mlflow: dict | None = None,
                       progress: Callable[[str], None] | None = None) -> TrialResult:
     """Train on `workers` (default: the recipe's) Ray Train workers; each gets the recipe's
-    `resources` (cpu, gpu). Returns rank 0's result, also saved as out_dir/result.json."""
+    `resources` (cpu, gpu). Rank 0 logs to MLflow when `mlflow` holds MLflowTracker's arguments
+    (experiment, run_name, tracking_uri: give an absolute URI, workers do not share the driver's
+    working directory). Returns rank 0's result, also saved as out_dir/result.json."""
     workers = recipe.workers if workers is None else workers
     if workers != recipe.workers:
         recipe = recipe.override({"workers": workers}, source="--workers")  # checks the batch
@@ -101,7 +109,8 @@ def train_distributed(spec: ArchSpec, recipe: Recipe, out_dir: str | Path, *,
     trainer = TorchTrainer(
         _worker,
         train_loop_config={"spec": spec.to_dict(), "recipe": recipe.to_dict(),
-                           "recipe_source": recipe.name, "out_dir": str(out), "steps": steps},
+                           "recipe_source": recipe.name, "out_dir": str(out), "steps": steps,
+                           "mlflow": mlflow},
         torch_config=TorchConfig(backend="nccl" if gpus else "gloo", timeout_s=3600),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus > 0,
                                      resources_per_worker={"CPU": cpus,
