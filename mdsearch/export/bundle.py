@@ -50,33 +50,37 @@ class Exported:
                 for r in (self.unet, self.text_encoder) if r and r.within_tolerance is False]
 
 
-def trained_resolution(trial: str | Path) -> int | None:
-    """The image resolution a trial (or full training) ended at, from its `recipe.yaml` (the
-    last stage's); None when the trial directory has no recipe."""
+def trial_recipe_file(trial: str | Path) -> Path | None:
+    """The recipe a trial trained with: `recipe.yaml` in the trial directory, else in its parent
+    (a sweep directory); None if there is neither. `trial` is the directory or its checkpoint."""
     folder = Path(trial) if Path(trial).is_dir() else Path(trial).parent
     for candidate in (folder / RECIPE_FILE, folder.parent / RECIPE_FILE):
         if candidate.is_file():
-            from ..train.recipe import load_recipe
-
-            return load_recipe(candidate).final_resolution
+            return candidate
     return None
+
+
+def trained_resolution(trial: str | Path) -> int | None:
+    """The image resolution a trial (or full training) ended at, from its recipe (the last
+    stage's); None when the trial has no recipe."""
+    from ..train.recipe import load_recipe
+
+    found = trial_recipe_file(trial)
+    return load_recipe(found).final_resolution if found is not None else None
 
 
 def trial_text_encoder(trial: str | Path) -> tuple[dict, Path] | None:
-    """The `text_encoder` section of the recipe a trial trained with and the file it came from:
-    `recipe.yaml` in the trial directory, else in its parent (a sweep directory); None if there
-    is neither. `trial` is the trial directory or its checkpoint file."""
-    trial = Path(trial)
-    folder = trial if trial.is_dir() else trial.parent
-    for candidate in (folder / RECIPE_FILE, folder.parent / RECIPE_FILE):
-        if candidate.is_file():
-            recipe = load_yaml(candidate, error=ExportError)
-            section = recipe.get("text_encoder", {}) if isinstance(recipe, dict) else None
-            if not isinstance(section, dict):
-                raise ExportError(f"{candidate}: field text_encoder: expected a mapping (name, "
-                                  f"path, max_length), got {section!r}")
-            return {"name": "minilm", **section}, candidate  # minilm: the recipe default
-    return None
+    """The `text_encoder` section of the recipe a trial trained with (see trial_recipe_file) and
+    the file it came from; None if the trial has no recipe."""
+    found = trial_recipe_file(trial)
+    if found is None:
+        return None
+    recipe = load_yaml(found, error=ExportError)
+    section = recipe.get("text_encoder", {}) if isinstance(recipe, dict) else None
+    if not isinstance(section, dict):
+        raise ExportError(f"{found}: field text_encoder: expected a mapping (name, path, "
+                          f"max_length), got {section!r}")
+    return {"name": "minilm", **section}, found  # minilm: the recipe default
 
 
 def pair_text_encoder(spec: ArchSpec, name: str | None = None, path: str | Path | None = None,

@@ -36,9 +36,8 @@ import torch
 from ..arch.spec import ArchSpec
 from ..data.text import TextEncoder
 from .onnx import (FP32_REL_TOLERANCE, ExportError, ExportResult, check_unet_exportable, compare,
-                   median_ms, unet_inputs)
-from .text import (ContextGraph, TextExportResult, input_names, parity_inputs, references,
-                   save_tokenizer)
+                   median_ms, unet_reference)
+from .text import TextExportResult, prepare, save_tokenizer
 
 INSTALL = "pip install -c constraints.txt -e '.[coreml]'"
 TARGET = "iOS16"  # ML programs with these ops run on iOS 16+ and macOS 13+
@@ -140,11 +139,7 @@ def convert_unet(spec: ArchSpec, model: torch.nn.Module, out_dir: str | Path, la
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / ("unet_fp16.mlpackage" if fp16 else "unet.mlpackage")
-    model = model.eval()
-    x, t, ctx = unet_inputs(spec, latent_size)
-    with torch.no_grad():
-        reference = model(x, t, ctx).numpy()
-    params = sum(p.numel() for p in model.parameters())
+    (x, t, ctx), reference, params = unet_reference(spec, model, latent_size)
     say(f"converting {spec.name} ({params / 1e6:.1f}M params) at latent {latent_size}x"
         f"{latent_size} to Core ML: {path}")
     started = time.time()
@@ -168,11 +163,7 @@ def convert_text_encoder(encoder: TextEncoder, out_dir: str | Path, fp16: bool =
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / ("text_encoder_fp16.mlpackage" if fp16 else "text_encoder.mlpackage")
-    names = input_names(encoder)
-    graph = ContextGraph(encoder).eval()
-    inputs = parity_inputs(encoder)
-    reference = references(encoder, graph, inputs)
-    params = sum(p.numel() for p in graph.parameters())
+    names, graph, inputs, reference, params = prepare(encoder)
     say(f"converting text encoder {encoder.name} ({params / 1e6:.1f}M params) to Core ML: {path}")
     started = time.time()
     args = tuple(tensor.int() for tensor in inputs[0][:len(names)])  # Core ML takes int32

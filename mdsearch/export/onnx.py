@@ -140,6 +140,15 @@ def unet_inputs(spec: ArchSpec, latent_size: int) -> tuple[torch.Tensor, ...]:
     return torch.randn(x.shape, generator=g), t, torch.randn(ctx.shape, generator=g)
 
 
+def unet_reference(spec: ArchSpec, model: torch.nn.Module, latent_size: int):
+    """The parity inputs (latents, timesteps, context), PyTorch's output on them, and the
+    parameter count: what every UNet export checks against."""
+    inputs = unet_inputs(spec, latent_size)
+    with torch.no_grad():
+        reference = model.eval()(*inputs).numpy()
+    return inputs, reference, sum(p.numel() for p in model.parameters())
+
+
 def check_unet_exportable(spec: ArchSpec) -> None:
     if spec.pooled_dim or spec.micro_cond_dim:
         raise ExportError(f"{spec.name}: SD-XL-style extra conditions are not exported yet")
@@ -159,14 +168,10 @@ def export_unet(spec: ArchSpec, model: torch.nn.Module, out_dir: str | Path, lat
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / ("unet_fp16.onnx" if fp16 else "unet.onnx")
-    model = model.eval()
-    x, t, ctx = unet_inputs(spec, latent_size)
-    with torch.no_grad():
-        reference = model(x, t, ctx).numpy()
+    (x, t, ctx), reference, params = unet_reference(spec, model, latent_size)
 
     exported = copy.deepcopy(model).half() if fp16 else model  # the caller's model stays fp32
     inputs = (x.half(), t.half(), ctx.half()) if fp16 else (x, t, ctx)
-    params = sum(p.numel() for p in model.parameters())
     large = params * (2 if fp16 else 4) > 1.8e9  # protobuf's 2 GB limit, with margin
     say(f"exporting {spec.name} ({params / 1e6:.1f}M params) at latent {latent_size}x"
         f"{latent_size} to {path}")

@@ -111,6 +111,15 @@ def references(encoder: TextEncoder, graph: ContextGraph,
     return [first, *rest]
 
 
+def prepare(encoder: TextEncoder):
+    """What every text-encoder export needs: input names, the graph module, the parity inputs,
+    PyTorch's outputs on them, and the parameter count."""
+    graph = ContextGraph(encoder).eval()
+    inputs = parity_inputs(encoder)
+    return (input_names(encoder), graph, inputs, references(encoder, graph, inputs),
+            sum(p.numel() for p in graph.parameters()))
+
+
 def save_tokenizer(encoder: TextEncoder, out_dir: Path) -> Path:
     """The encoder's tokenizer in OUT_DIR/tokenizer/, padding to the graph's max_length."""
     tokenizer = copy.deepcopy(encoder.tokenizer)
@@ -134,13 +143,9 @@ def export_text_encoder(encoder: TextEncoder, out_dir: str | Path, fp16: bool = 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / ("text_encoder_fp16.onnx" if fp16 else "text_encoder.onnx")
-    names = input_names(encoder)
-    graph = ContextGraph(encoder).eval()
-    inputs = parity_inputs(encoder)
-    reference = references(encoder, graph, inputs)
+    names, graph, inputs, reference, params = prepare(encoder)
 
     exported = copy.deepcopy(graph).half() if fp16 else graph  # the caller's model stays fp32
-    params = sum(p.numel() for p in graph.parameters())
     large = params * (2 if fp16 else 4) > 1.8e9  # protobuf's 2 GB limit, with margin
     say(f"exporting text encoder {encoder.name} ({params / 1e6:.1f}M params, {len(names)} "
         f"inputs of 1x{encoder.max_length} tokens) to {path}")

@@ -34,8 +34,8 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
-import yaml
 import torch.nn.functional as F
+import yaml
 
 from ..arch.blocks import set_attn_nonlinearity
 from ..arch.cost import cost
@@ -403,7 +403,7 @@ class Training:
                          f"{rate:.2f} steps/s  eta {(end - done) / max(rate, 1e-9):.0f}s")
                 if self.tracker is not None:
                     self.tracker.log_metrics({"loss": losses[-1]}, done)
-            at_end = done == end or done == stage.end
+            at_end = done == end  # of the stage, or of a run stopped early by `steps`
             record = None
             if self.lead and (done % recipe.eval.every == 0 or at_end):
                 record = self.evaluate(data, {**tag, "loss": sum(losses) / len(losses)})
@@ -420,14 +420,13 @@ class Training:
 def stage_summary(history: list[dict], keys=("fid_proxy", "fid", "align", "clip_score")) -> str:
     """Quality at the end of each stage, and just after an attention switch (before any
     fine-tuning): the before / after table of the relu fine-tune."""
-    rows, last = [], {}
+    rows = []
     for record in history:
         if "stage" not in record:
             continue
         if record.get("event") == "switch":
             rows.append((f"{record['stage']} (switched, not yet fine-tuned)", record))
         else:
-            last[record["stage"]] = record
             rows = [r for r in rows if r[0] != record["stage"]] + [(record["stage"], record)]
     shown = [k for k in keys if any(k in r for _, r in rows)]
     lines = [" | ".join(["stage", "step", "px"] + shown), " | ".join(["---"] * (3 + len(shown)))]
