@@ -148,3 +148,14 @@ def test_two_ray_train_workers_continue_a_run_as_one_process_would(tmp_path):
     assert len(runs) == 1 and runs[0].data.metrics["fid_proxy"] == pytest.approx(two["fid_proxy"])
     # Ray Train keeps its own copy of the last checkpoint, for restarts
     assert list((tmp_path / "two" / "ray").rglob(CHECKPOINT))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only machine's error")
+def test_asking_for_a_gpu_that_is_not_there_is_a_clear_error(tmp_path):
+    from mdsearch.train.distributed import train_distributed
+    from mdsearch.train.trainer import TrainError
+
+    with pytest.raises(TrainError, match="device: 'cuda', but torch sees no CUDA GPU"):
+        train_trial(presets.get("md"), staged(device="cuda"), tmp_path, evaluator=ImageStats())
+    with pytest.raises(TrainError, match="device cuda but resources.gpu is 0"):
+        train_distributed(presets.get("md"), staged(device="cuda"), tmp_path, workers=2)

@@ -120,6 +120,7 @@ def test_grid_sweep_filters_before_training_and_writes_results(tmp_path):
                  "--json"]) == 0
     exported = json.loads((tmp_path / "export" / "unet.json").read_text())
     assert exported["within_tolerance"] and exported["max_abs_err"] is not None
+    assert exported["latent_size"] == 16  # the resolution it was trained at, not 512
     assert (tmp_path / "export" / "text_encoder.onnx").is_file()
 
 
