@@ -124,6 +124,21 @@ def test_fid_proxy_separates_real_from_bad_images(evaluator, real):
     assert scores["shuffled"] < scores["mono"], scores
 
 
+def test_kid_proxy_near_zero_for_one_distribution_and_larger_for_another(evaluator, real):
+    images, captions, labels = real
+    same = evaluator.evaluate(images, captions, labels)
+    noise = evaluator.evaluate(torch.rand(images.shape, generator=torch.Generator().manual_seed(0))
+                               * 2 - 1, captions, labels)
+    print("kid_proxy same", same["kid_proxy"], "+-", same["kid_proxy_std"], "noise",
+          noise["kid_proxy"], "+-", noise["kid_proxy_std"])
+    assert abs(same["kid_proxy"]) < 3 * same["kid_proxy_std"] + 1e-3, same
+    assert noise["kid_proxy"] > same["kid_proxy"] + 3 * noise["kid_proxy_std"], noise
+    state = torch.random.get_rng_state()
+    again = evaluator.evaluate(images, captions, labels)
+    assert again["kid_proxy"] == same["kid_proxy"]  # fixed subsets: the same images, the same KID
+    assert torch.equal(torch.random.get_rng_state(), state)  # and training's RNG is left alone
+
+
 def test_align_real_images_near_ceiling_and_shuffled_near_chance(evaluator, real):
     images, captions, labels = real
     own = evaluator.evaluate(images, captions, labels)

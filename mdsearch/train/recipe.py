@@ -34,6 +34,7 @@ class Optimizer:
     weight_decay: float = 0.01
     warmup_steps: int = 0  # linear warm-up from 0 to lr
     grad_clip: float = 1.0  # max global gradient norm (0 = off)
+    anneal: float = 0.0  # fraction of the run, at its end, over which lr decays linearly to 0
 
 
 @dataclass
@@ -42,6 +43,7 @@ class Evaluation:
     sample_steps: int = 20  # DDIM steps
     guidance: float = 3.0  # classifier-free guidance scale (the paper: ~3)
     prompts: int = 72  # generated images per evaluation (the fixed prompt set, cycled)
+    bank: int = 512  # held-out items of the val_loss / text_gain bank (0: none)
     reference_images: int = 512  # real images for the FID reference statistics
     inception_path: str | None = None  # local FID Inception weights -> `fid` (else `fid_proxy`)
     clip_path: str | None = None  # local CLIP for CLIPScore -> `clip_score`
@@ -135,8 +137,12 @@ class Recipe:
             fail("optimizer.betas", f"expected two values, got {self.optimizer.betas}")
         if self.optimizer.lr <= 0:
             fail("optimizer.lr", f"must be positive, got {self.optimizer.lr}")
+        if not 0 <= self.optimizer.anneal <= 1:
+            fail("optimizer.anneal", f"must be in [0, 1], got {self.optimizer.anneal}")
         if self.eval.every < 1 or self.eval.prompts < 2 or self.eval.sample_steps < 1:
             fail("eval", "every and sample_steps must be >= 1, prompts >= 2")
+        if self.eval.bank != 0 and self.eval.bank < 3:
+            fail("eval.bank", f"0 (no held-out bank) or at least 3 items, got {self.eval.bank}")
         if "kind" not in self.data:
             fail("data.kind", "missing (synthetic, folder or coco)")
         if self.workers < 1:

@@ -48,6 +48,7 @@ from ..data.autoencoder import make_autoencoder
 from ..data.errors import DataError
 from ..data.text import cached_embeddings, get_text_encoder
 from .diffusion import NoiseSchedule, ddim_sample
+from .heldout import EvalBank, heldout_metrics
 from .recipe import PlannedStage, Recipe
 
 CHECKPOINT = "checkpoint.pt"
@@ -91,9 +92,11 @@ class DataPipeline:
         encoder_cfg = dict(recipe.text_encoder)
         self.encoder = get_text_encoder(**encoder_cfg)
         self.prompts, self.prompt_labels = self._eval_prompts()
+        bank = [self.val[i]["caption"] for i in range(min(recipe.eval.bank, len(self.val)))]
         self.embeddings = cached_embeddings(
-            self.encoder, list(self.train.captions()) + self.prompts)
+            self.encoder, list(self.train.captions()) + self.prompts + bank)
         self.null_context = self.embeddings.null.tokens
+        self.bank: EvalBank | None = None  # built on first use (mdsearch.train.heldout)
 
     def _eval_prompts(self):
         n = self.recipe.eval.prompts
@@ -142,8 +145,16 @@ def _step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
-def _lr_lambda(warmup: int):
-    return lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+def lr_factor(step: int, warmup: int, total: int, anneal: float) -> float:
+    """The learning rate of step `step` (0-based) relative to the recipe's: linear warm-up over
+    `warmup` steps, constant, then (anneal > 0) a linear decay to 0 over the last `anneal`
+    fraction of the `total` steps, so the final weights are not a random point of a noisy
+    trajectory (warmup-stable-decay)."""
+    factor = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+    decay = round(anneal * total)
+    if decay > 0 and step >= total - decay:
+        factor = min(factor, (total - step) / decay)
+    return factor
 
 
 def world() -> tuple[int, int]:
@@ -228,8 +239,9 @@ class Training:
         opt = recipe.optimizer
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=opt.lr,
                                            betas=tuple(opt.betas), weight_decay=opt.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
-                                                           _lr_lambda(opt.warmup_steps))
+        total = self.plan[-1].end
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_factor(step, opt.warmup_steps, total, opt.anneal))
         self.schedule = NoiseSchedule(kind=recipe.noise_schedule, prediction=recipe.prediction)
         proxy_params = sum(p.numel() for p in self.model.parameters())
         self.result = TrialResult("ok", None, 0, 0.0, self.full.params, self.full.gmacs,
@@ -299,8 +311,9 @@ class Training:
             self.evaluator = make_evaluator(self.recipe, self.pipeline(self.plan[-1].resolution))
         event = f"_{extra['event']}" if "event" in extra else ""  # the switch: its own grid
         grid = self.out / f"samples_{self.step:06d}{event}.png"
-        metrics = evaluate(self.ema.model, data, self.schedule, self.recipe, self.evaluator,
-                           grid=grid)
+        metrics = {**self.heldout(data),
+                   **evaluate(self.ema.model, data, self.schedule, self.recipe, self.evaluator,
+                              grid=grid)}
         record = {"step": self.step, **extra, **metrics}
         self.result.history.append(record)
         self.result.metrics = metrics
@@ -311,6 +324,15 @@ class Training:
                                       if k != "step" and isinstance(v, (int, float))}, self.step)
             self.tracker.log_artifact(grid)
         return record
+
+    def heldout(self, data: DataPipeline) -> dict[str, float]:
+        """val_loss, its noise bands and text_gain of the EMA weights on the recipe's bank (the
+        same items, timesteps and noise for every trial with this data and resolution)."""
+        if not self.recipe.eval.bank:
+            return {}
+        if data.bank is None:
+            data.bank = EvalBank(data, self.recipe.eval.bank, self.schedule.steps)
+        return heldout_metrics(self.ema.model, data.bank, self.schedule)
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -441,6 +463,7 @@ def _metrics_of(record: dict) -> dict[str, float]:
             if k not in ("step", "loss", "stage", "resolution", "event")}
 
 
+SAMPLE_SEED = 12345  # the sampler's starting noise: the same for every trial and evaluation
 JUDGE_SEED = 0  # every trial, whatever its own seed, is judged by the same attribute classifier
 
 
@@ -454,8 +477,9 @@ def make_evaluator(recipe: Recipe, data: DataPipeline):
 
 @torch.no_grad()
 def evaluate(model, data: DataPipeline, schedule: NoiseSchedule, recipe: Recipe, evaluator,
-             grid: Path | None = None) -> dict[str, float]:
-    """Sample the fixed prompts with DDIM + CFG (fixed noise) and score them."""
+             grid: Path | None = None, sample_seed: int = SAMPLE_SEED) -> dict[str, float]:
+    """Sample the fixed prompts with DDIM + CFG (fixed noise, from `sample_seed`) and score
+    them."""
     from .metrics import save_grid
 
     ev = recipe.eval
@@ -463,7 +487,7 @@ def evaluate(model, data: DataPipeline, schedule: NoiseSchedule, recipe: Recipe,
     latents = ddim_sample(model, schedule, data.context(data.prompts).to(device),
                           data.null_context.to(device), data.latent_shape(len(data.prompts)),
                           steps=ev.sample_steps, guidance=ev.guidance,
-                          generator=torch.Generator().manual_seed(12345),
+                          generator=torch.Generator().manual_seed(sample_seed),
                           clip_x0=1.0 if data.autoencoder.name == "identity" else None)
     images = data.autoencoder.decode(latents.cpu())
     if grid is not None:

@@ -1,0 +1,74 @@
+"""Evaluation noise: the same trained weights judged again under redrawn evaluation randomness.
+
+A run's recorded metrics use one fixed draw: the held-out bank's noise and timesteps (seed 777)
+and the sampler's starting noise (seed 12345). `evaluation_noise(run_dir, redraws)` loads the
+run's checkpoint (EMA weights), evaluates it `redraws` times with other draws of both, and
+returns each metric's values and standard deviation: the part of a metric's spread that is the
+evaluation's, not the weights'. (Comparisons inside a sweep use one shared draw for every trial,
+common random numbers, so the noise of a *difference* between two trials is smaller still.)
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import yaml
+
+from ..arch.spec import ArchSpec
+from ..config import ConfigError
+from .heldout import BANK_SEED, heldout_metrics
+from .recipe import Recipe
+from .trainer import CHECKPOINT, Training, evaluate, make_evaluator
+
+NOISY_KEYS = ("num_generated", "num_reference", "align_chance", "align_ceiling")
+
+
+class RunDirError(ConfigError):
+    """A directory that is not a trained run (no checkpoint, spec or recipe)."""
+
+
+def load_run(run_dir: str | Path) -> Training:
+    """A run directory's training state (model, EMA, data), restored from its checkpoint."""
+    run_dir = Path(run_dir)
+    missing = [f for f in (CHECKPOINT, "spec.yaml", "recipe.yaml") if not (run_dir / f).is_file()]
+    if missing:
+        raise RunDirError(f"{run_dir}: not a trained run directory (missing {', '.join(missing)})")
+    spec = ArchSpec.from_file(run_dir / "spec.yaml")
+    recipe = Recipe.from_dict(yaml.safe_load((run_dir / "recipe.yaml").read_text()),
+                              source=str(run_dir / "recipe.yaml"))
+    return Training(spec, recipe, run_dir)
+
+
+def evaluation_noise(run_dir: str | Path, redraws: int = 3, sampled: bool = True,
+                     progress=None) -> dict[str, dict]:
+    """metric -> {"values": [...], "std": std over the redraws (ddof 1)} for the run's final
+    weights. `sampled=False` redraws only the held-out bank (val_loss, text_gain: fast)."""
+    say = progress or (lambda msg: None)
+    if redraws < 2:
+        raise ValueError(f"evaluation noise needs at least 2 redraws, got {redraws}")
+    run = load_run(run_dir)
+    data = run.pipeline(run.plan[-1].resolution)
+    if run.recipe.eval.bank:
+        run.heldout(data)  # builds the recipe's bank
+    evaluator = make_evaluator(run.recipe, data) if sampled else None
+    values: dict[str, list[float]] = {}
+    for k in range(redraws):
+        seed = BANK_SEED + 1000 * (k + 1)
+        metrics = {}
+        if run.recipe.eval.bank:
+            bank = data.bank.redraw(data, run.schedule.steps, seed)
+            metrics.update(heldout_metrics(run.ema.model, bank, run.schedule))
+        if sampled:
+            metrics.update(evaluate(run.ema.model, data, run.schedule, run.recipe, evaluator,
+                                    sample_seed=seed))
+        for key, value in metrics.items():
+            if key not in NOISY_KEYS and isinstance(value, (int, float)):
+                values.setdefault(key, []).append(float(value))
+        say(f"{run_dir}: redraw {k + 1}/{redraws}")
+    out = {}
+    for key, vals in values.items():
+        t = torch.tensor(vals, dtype=torch.float64)
+        out[key] = {"values": vals, "std": float(t.std()) if len(vals) > 1 else math.nan}
+    return out
