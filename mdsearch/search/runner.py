@@ -30,7 +30,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -79,7 +79,7 @@ def run_trial(config: dict, space: Space, recipe: Recipe) -> None:
 
     os.chdir(os.environ.get("TUNE_ORIG_WORKING_DIR", os.getcwd()))  # recipe paths as on the CLI
     torch.set_num_threads(max(1, int(recipe.resources.get("cpu", 1))))
-    point = {k: v for k, v in config.items() if k != "seed"}
+    point = space.point_of(config)
     seed = config.get("seed", recipe.seed)
     spec = space.spec_for(point)
     work = Path(tune.get_context().get_trial_dir())
@@ -177,9 +177,8 @@ class BudgetedSearch(Searcher):
             config = self.inner.suggest(inner_id)
             if config is None or config == self.FINISHED:
                 return config
-            config = dict(config)
-            config.setdefault("seed", self.space.seeds[0])
-            point = {k: v for k, v in config.items() if k != "seed"}
+            config = {**self.space.point_of(config), "seed": config.get("seed", self.space.seeds[0])}
+            point = self.space.point_of(config)
             key = json.dumps(config, sort_keys=True)
             if key in self.seen:
                 self.duplicates += 1
@@ -266,11 +265,12 @@ class define_by_run:
     def __init__(self, space: Space):
         self.space = space
 
-    def __call__(self, trial) -> None:
+    def __call__(self, trial) -> dict[str, Any]:
         point: dict[str, Any] = {}
         for dim in self.space.dimensions:
             if dim.active(point):
-                point[dim.name] = trial.suggest_categorical(dim.name, dim.values)
+                point[dim.name] = dim.suggest(trial)
+        return point  # Ray's OptunaSearch adds these to the config (values, not `_rank`s)
 
 
 # ---- driver-side callbacks ------------------------------------------------------------------
@@ -418,6 +418,7 @@ class SweepResult:
     filtered: int
     best: pd.DataFrame
     plot: Path | None = None
+    floors: dict = field(default_factory=dict)  # metric -> noise floor (analysis.reliability)
 
     @property
     def results_csv(self) -> Path:
@@ -480,7 +481,8 @@ def run_sweep(space: Space, trial: str | Path | None = None, *, name: str | None
     mode = [o.mode for o in objectives] if len(objectives) > 1 else objectives[0].mode
     quality = space.quality
     total = len(product(space)) if space.algorithm == "grid" else space.num_samples
-    shown = [quality.metric] + [m for m in ("align", "fid_proxy", "fid", "clip_score")
+    shown = [quality.metric] + [m for m in ("text_gain", "val_loss_mid", "align", "kid_proxy",
+                                            "fid_proxy", "fid", "clip_score")
                                 if m != quality.metric]
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, space=space, recipe=recipe),
@@ -517,14 +519,18 @@ def run_sweep(space: Space, trial: str | Path | None = None, *, name: str | None
     table = results_table(grid, space, sweep_dir, recipe.steps)
     _write_csv(table, sweep_dir / RESULTS)
     plot = None
+    from ..analysis.reliability import noise_floors
+
+    floors = noise_floors(table, [d.name for d in space.dimensions], recipe.to_dict(), sweep_dir)
     if "gmacs" in table and space.quality.metric in table:
         from ..analysis.plots import pareto_plot, reference_costs
 
         plot = pareto_plot(table, space.quality.metric, sweep_dir / PLOT, space.quality.mode,
                            space.budget.max_gmacs, title=f"sweep {name} ({space.name}, "
-                           f"recipe {recipe.name})", references=reference_costs()["gmacs"])
+                           f"recipe {recipe.name})", references=reference_costs()["gmacs"],
+                           noise=floors.get(space.quality.metric, {}).get("floor"))
     return SweepResult(sweep_dir, table, int((table["status"] == "filtered").sum()),
-                       best_trials(table, space), plot)
+                       best_trials(table, space), plot, floors)
 
 
 def default_name(space: Space, root: Path, resume: bool) -> str:
@@ -659,6 +665,10 @@ def summary(result: SweepResult, space: Space) -> str:
         best = best.assign(params=(best["params"] / 1e6).round(1).astype(str) + "M")
         lines.append(f"{front} (by {', '.join(o.mode + ' ' + o.metric for o in space.objectives)}):")
         lines.append(best.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+        from ..analysis.report import winner_statement
+
+        lines.append(winner_statement(t, space.quality.metric,
+                                      result.floors.get(space.quality.metric)).replace("**", ""))
     else:
         lines.append("no trial completed its full budget")
     if result.plot:

@@ -22,15 +22,20 @@ class PaperStopRule(FIFOScheduler):
 
     metrics:   metric -> "min" | "max" (e.g. {"fid_proxy": "min", "align": "max"})
     margin:    relative tolerance: for "min", stop when value > best * (1 + margin)
+    tolerance: metric -> absolute tolerance, used instead of `margin` for that metric (e.g. a
+               multiple of its noise floor: a trial is stopped only when it is worse than the
+               best by more than the noise can explain)
     grace:     the first evaluation (1-based) at which a trial may be stopped
     min_peers: how many other trials must have reported at that step before anyone is judged
     state_file: where the per-step values and stop reasons are kept (so --resume keeps them)
     """
 
     def __init__(self, metrics: dict[str, str], margin: float = 0.1, grace: int = 1,
-                 min_peers: int = 1, time_attr: str = "step", state_file: str | Path | None = None):
+                 min_peers: int = 1, time_attr: str = "step", state_file: str | Path | None = None,
+                 tolerance: dict[str, float] | None = None):
         super().__init__()
         self.metrics, self.margin = dict(metrics), float(margin)
+        self.tolerance = {k: float(v) for k, v in (tolerance or {}).items()}
         self.grace, self.min_peers, self.time_attr = grace, min_peers, time_attr
         self.state_file = Path(state_file) if state_file else None
         self.seen: dict[str, dict[str, dict[str, float]]] = {}  # step -> trial -> metric -> value
@@ -66,16 +71,19 @@ class PaperStopRule(FIFOScheduler):
             why = []
             for metric, mode in self.metrics.items():
                 best_trial, best = _best(peers, metric, mode)
-                limit = best + self.margin * abs(best) * (1 if mode == "min" else -1)
+                slack = self.tolerance.get(metric, self.margin * abs(best))
+                limit = best + slack * (1 if mode == "min" else -1)
                 worse = values[metric] > limit if mode == "min" else values[metric] < limit
                 if not worse:
                     break
                 why.append(f"{metric} {values[metric]:.4g} vs best {best:.4g} ({best_trial})")
             else:
                 decision = TrialScheduler.STOP
+                by = (f"more than {self.margin:.0%}" if not self.tolerance else
+                      "more than " + ", ".join(f"{m} {self.tolerance.get(m, self.margin):.3g}"
+                                               for m in self.metrics))
                 self.reasons[trial_id] = (f"paper rule at step {step}: worse than the best other "
-                                          f"candidate by more than {self.margin:.0%} on "
-                                          + "; ".join(why))
+                                          f"candidate by {by} on " + "; ".join(why))
         self._save()
         return decision
 
@@ -107,7 +115,7 @@ def make_scheduler(settings: dict, quality_metric: str, quality_mode: str, max_s
     if kind == "paper":
         return PaperStopRule(settings["metrics"], margin=settings.get("margin", 0.1),
                              grace=settings.get("grace", 1), min_peers=settings.get("min_peers", 1),
-                             state_file=state_file)
+                             state_file=state_file, tolerance=settings.get("tolerance"))
     if kind == "asha":
         metric = settings.get("metric", quality_metric)
         mode = quality_mode if metric == quality_metric else "min"

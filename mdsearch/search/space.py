@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import config
+from ..quality import DIRECTIONS, UnknownMetric, direction
 from ..arch import presets
 from ..arch.cost import cost
 from ..arch.spec import ArchSpec, SpecError
@@ -73,6 +74,28 @@ class Dimension:
 
     def active(self, point: dict[str, Any]) -> bool:
         return all(point.get(dim) in allowed for dim, allowed in self.when.items())
+
+    @property
+    def ordered(self) -> bool:
+        """A numeric dimension (a range, or values that are all numbers): its order means
+        something, so a searcher should see it as a number, not as a category."""
+        return (self.variants is None and len(self.values) > 1 and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in self.values))
+
+    def suggest(self, trial) -> Any:
+        """This dimension's value from an Optuna trial: an int / float distribution (with its
+        step) for an evenly spaced numeric dimension, an int over the sorted values' positions
+        for an unevenly spaced one (its order kept), a categorical for the rest."""
+        if not self.ordered:
+            return trial.suggest_categorical(self.name, self.values)
+        values = sorted(self.values)
+        steps = {round(b - a, 10) for a, b in zip(values, values[1:])}
+        if len(steps) == 1:
+            step = steps.pop()
+            if all(isinstance(v, int) for v in values) and float(step).is_integer():
+                return trial.suggest_int(self.name, values[0], values[-1], step=int(step))
+            return trial.suggest_float(self.name, float(values[0]), float(values[-1]), step=step)
+        return values[trial.suggest_int(self.name + "_rank", 0, len(values) - 1)]
 
 
 @dataclass
@@ -130,6 +153,12 @@ class Space:
     # ---- configurations ------------------------------------------------------------------
     def dimension(self, name: str) -> Dimension:
         return next(d for d in self.dimensions if d.name == name)
+
+    def point_of(self, config: dict[str, Any]) -> dict[str, Any]:
+        """The dimensions' values in a trial's config (without its seed or a searcher's own
+        bookkeeping such as `<dim>_rank`)."""
+        names = {d.name for d in self.dimensions}
+        return {k: v for k, v in config.items() if k in names}
 
     def changes(self, point: dict[str, Any]) -> dict[str, Any]:
         """The field changes a point (dimension name -> value) makes to the base spec."""
@@ -503,12 +532,14 @@ def _parse_objectives(raw: Any, fail) -> list[Objective]:
         fail("objectives", "a non-empty list like [{fid_proxy: min}, {gmacs: min}]")
     objectives = []
     for i, item in enumerate(raw):
+        if isinstance(item, str):
+            item = {item: None}
         if not isinstance(item, dict) or len(item) != 1:
-            fail(f"objectives[{i}]", f"one `metric: min|max` mapping, got {item!r}")
+            fail(f"objectives[{i}]", f"a metric name or one `metric: min|max` mapping, "
+                                     f"got {item!r}")
         (metric, mode), = item.items()
-        if mode not in ("min", "max"):
-            fail(f"objectives[{i}].{metric}", f"mode must be min or max, got {mode!r}")
-        objectives.append(Objective(str(metric), mode))
+        objectives.append(Objective(str(metric), _mode(str(metric), mode,
+                                                       f"objectives[{i}].{metric}", fail)))
     if all(o.is_cost for o in objectives):
         fail("objectives", "needs at least one quality metric measured by training "
                            "(e.g. fid_proxy: min); params and gmacs alone need no sweep")
@@ -517,27 +548,56 @@ def _parse_objectives(raw: Any, fail) -> list[Objective]:
     return objectives
 
 
+def _mode(metric: str, mode: Any, where: str, fail) -> str:
+    """The direction of `metric`: the registry's (mdsearch.quality); a given `mode` must agree
+    with it, and a metric the registry does not know needs one."""
+    try:
+        known = direction(metric)
+    except UnknownMetric:
+        known = None
+    if mode is None and known is None:
+        fail(where, f"unknown metric: give its direction (`{metric}: min` or `{metric}: max`); "
+                    f"known metrics: {', '.join(DIRECTIONS)}")
+    if mode is not None and mode not in ("min", "max"):
+        fail(where, f"mode must be min or max, got {mode!r}")
+    if mode is not None and known is not None and mode != known:
+        fail(where, f"{metric} is better when {'lower' if known == 'min' else 'higher'}: "
+                    f"its direction is {known}, not {mode}")
+    return mode or known
+
+
 def _parse_scheduler(raw: Any, objectives: list[Objective], fail) -> dict:
     raw = dict(_mapping(raw, "scheduler", fail))
     kind = raw.get("kind", "none")
     if kind not in SCHEDULERS:
         fail("scheduler.kind", f"{kind!r} is not one of {', '.join(SCHEDULERS)}")
-    known = {"paper": ("kind", "metrics", "margin", "grace", "min_peers"),
+    known = {"paper": ("kind", "metrics", "margin", "tolerance", "grace", "min_peers"),
              "asha": ("kind", "metric", "reduction_factor", "grace"),
              "none": ("kind",)}[kind]
     for key in raw:
         if key not in known:
             fail(f"scheduler.{key}", f"unknown for kind {kind}" + config.did_you_mean(key, known))
-    quality = next(o for o in objectives if not o.is_cost)
+    main = next(o for o in objectives if not o.is_cost)
     if kind == "paper":
-        metrics = raw.get("metrics", {quality.metric: quality.mode})
-        if not isinstance(metrics, dict) or not metrics or any(
-                m not in ("min", "max") for m in metrics.values()):
-            fail("scheduler.metrics", f"a mapping metric -> min|max, got {metrics!r}")
-        raw["metrics"] = metrics
+        metrics = raw.get("metrics", {main.metric: main.mode})
+        if isinstance(metrics, list):
+            metrics = {m: None for m in metrics}
+        if not isinstance(metrics, dict) or not metrics:
+            fail("scheduler.metrics", f"a list of metrics or a mapping metric -> min|max, "
+                                      f"got {metrics!r}")
+        raw["metrics"] = {str(m): _mode(str(m), mode, f"scheduler.metrics.{m}", fail)
+                          for m, mode in metrics.items()}
         margin = raw.setdefault("margin", 0.1)
         if not isinstance(margin, (int, float)) or margin < 0:
             fail("scheduler.margin", f"a non-negative fraction, got {margin!r}")
+        tolerance = _mapping(raw.get("tolerance") or {}, "scheduler.tolerance", fail)
+        for m, v in tolerance.items():
+            if m not in raw["metrics"]:
+                fail(f"scheduler.tolerance.{m}", "not one of scheduler.metrics"
+                     + config.did_you_mean(str(m), list(raw["metrics"])))
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
+                fail(f"scheduler.tolerance.{m}", f"a non-negative number, got {v!r}")
+        raw["tolerance"] = tolerance
     for key in ("grace", "min_peers", "reduction_factor"):
         if key in raw and (not isinstance(raw[key], int) or raw[key] < 1):
             fail(f"scheduler.{key}", f"a positive integer, got {raw[key]!r}")
