@@ -173,6 +173,15 @@ def cmd_fidelity(args) -> None:
           + (f"; plot: {result['plot']}" if result.get("plot") else ""))
 
 
+def cmd_reliability(args) -> None:
+    from .analysis.reliability import measure, show
+
+    result = measure(args.path, redraws=args.redraws, trials=args.trials,
+                     sampled=not args.bank_only,
+                     progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+    print(json.dumps(result, default=float) if args.json else show(result))
+
+
 def cmd_export(args) -> None:
     from .arch.cost import latent_size
     from .export.bundle import export_models, pair_text_encoder, trained_resolution
@@ -322,6 +331,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="write fidelity.csv and fidelity.png here")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_fidelity)
+
+    p = sub.add_parser("reliability", help="noise floors of a run's or a sweep's metrics: "
+                                           "evaluation redraws and training seeds")
+    p.add_argument("path", help="a trained run directory, or a sweep directory (then "
+                                "SWEEP/reliability.json is written for `mdsearch report`)")
+    p.add_argument("--redraws", type=int, default=3,
+                   help="evaluations of the same weights under redrawn noise (default 3)")
+    p.add_argument("--trials", type=int, default=3,
+                   help="a sweep's trials to redraw: best, median, worst (default 3)")
+    p.add_argument("--bank-only", action="store_true",
+                   help="redraw only the held-out bank (val_loss, text_gain): no sampling")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_reliability)
 
     p = sub.add_parser("export", help="export a UNet and its text encoder to ONNX (or Core ML), "
                                       "checked against PyTorch")

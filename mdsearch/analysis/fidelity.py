@@ -15,23 +15,7 @@ import numpy as np
 import pandas as pd
 
 from ..search.runner import RESULTS, SweepError
-
-
-def kendall_tau_b(x, y) -> float:
-    """Kendall's tau-b (ties in either ranking handled); nan with fewer than 2 pairs."""
-    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    n = len(x)
-    if n < 2:
-        return math.nan
-    concordant = discordant = ties_x = ties_y = 0
-    for i in range(n):
-        dx, dy = np.sign(x[i + 1:] - x[i]), np.sign(y[i + 1:] - y[i])
-        concordant += int(np.sum(dx * dy > 0))
-        discordant += int(np.sum(dx * dy < 0))
-        ties_x += int(np.sum((dx == 0) & (dy != 0)))
-        ties_y += int(np.sum((dy == 0) & (dx != 0)))
-    denom = math.sqrt((concordant + discordant + ties_x) * (concordant + discordant + ties_y))
-    return (concordant - discordant) / denom if denom else math.nan
+from .reliability import kendall_tau_b
 
 
 def _completed(run_dir: str | Path, metric: str) -> pd.DataFrame:

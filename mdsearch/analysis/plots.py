@@ -18,11 +18,14 @@ X_AXES = {"gmacs": ("full-size GMACs at 512x512 (multiply-accumulates)", "{:g} G
 
 def pareto_plot(table: pd.DataFrame, metric: str, out: str | Path, mode: str = "min",
                 budget: float | None = None, title: str = "",
-                references: dict[str, float] | None = None, x: str = "gmacs") -> Path:
+                references: dict[str, float] | None = None, x: str = "gmacs",
+                noise: float | None = None) -> Path:
     """Every trained trial at (full-size cost `x`, `metric`), the front of the completed ones
     drawn and labelled, stopped-early trials hollow, failed ones as crosses on the top edge, the
     budget and the reference models' costs as vertical lines (all in `x`'s units: GMACs, or
-    parameters, plotted in millions). Writes `out` (.png) and .svg."""
+    parameters, plotted in millions). `noise` (the metric's noise floor, one std) draws error
+    bars on the completed trials and shades the band within which a trial cannot be told from
+    the best (1.96 * sqrt 2 * noise). Writes `out` (.png) and .svg."""
     xlabel, budget_label, scale = X_AXES[x]
     table = table.assign(gmacs=table[x] * scale)  # the plotted x, whatever the cost
     budget = budget * scale if budget is not None else None
@@ -41,6 +44,13 @@ def pareto_plot(table: pd.DataFrame, metric: str, out: str | Path, mode: str = "
     if len(done):
         ax.scatter(done["gmacs"], done[metric], s=40, color="tab:blue", label="completed",
                    zorder=3)
+        if noise is not None and np.isfinite(noise):
+            ax.errorbar(done["gmacs"], done[metric], yerr=noise, fmt="none", ecolor="tab:blue",
+                        alpha=0.5, capsize=2, label=f"noise floor ±{noise:.2g} (1 std)")
+            best = done[metric].min() if mode == "min" else done[metric].max()
+            band = 1.96 * np.sqrt(2) * noise
+            ax.axhspan(best, best + band if mode == "min" else best - band, color="tab:green",
+                       alpha=0.12, label="indistinguishable from the best (95%)")
     if len(stopped):
         ax.scatter(stopped["gmacs"], stopped[metric], s=40, facecolors="none",
                    edgecolors="tab:orange", label="stopped early (metric at its last evaluation)",

@@ -20,8 +20,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..quality import direction
 from ..search.runner import RECIPE_COPY, RESULTS, SPACE_COPY, SweepError
 from .pareto import pareto_mask
+from .reliability import noise_floors, resolvable
+
+ABLATION_METRICS = ("val_loss_mid", "text_gain", "align", "kid_proxy")
+"""Metrics an ablation table shows beside the sweep's own quality metric, where measured."""
 
 
 @dataclass
@@ -153,16 +158,18 @@ def build_report(run_dir: str | Path | None = None, out: str | Path | None = Non
     name = mlflow_experiment or Path(run_dir).name
     budget = space.budget if space else None
 
+    floors = noise_floors(table, dims, recipe, run_dir)
+    noise = floors.get(metric, {}).get("floor")
     if metric in table:
         refs = reference_costs()
         report.files["pareto"] = pareto_plot(
             table, metric, report.out / "pareto.png", mode,
             budget.max_gmacs if budget else None, title=f"{name}: {metric} vs GMACs",
-            references=refs["gmacs"])
+            references=refs["gmacs"], noise=noise)
         report.files["pareto_params"] = pareto_plot(
             table, metric, report.out / "pareto_params.png", mode,
             budget.max_params if budget else None, title=f"{name}: {metric} vs parameters",
-            references=refs["params"], x="params")
+            references=refs["params"], x="params", noise=noise)
         if "align" in table:
             report.files["quality_vs_align"] = scatter(
                 table, "align", metric, report.out / "quality_vs_align.png",
@@ -176,20 +183,22 @@ def build_report(run_dir: str | Path | None = None, out: str | Path | None = Non
 
     ablation = None
     if "variant" in table and "baseline" in set(table["variant"].dropna()):
-        ab = ablation_table(table, quality=metric)
-        ablation = ablation_display(ab, quality=metric)
+        extra = tuple(m for m in ABLATION_METRICS if m in table and m != metric)
+        ab = ablation_table(table, quality=metric, floors=floors, extra=extra)
+        ablation = ablation_display(ab, quality=metric, extra=extra)
         paths = write_table(ablation, report.out / "ablation", raw=ab,
-                            caption=f"Ablations against md ({name}); mean ± std over seeds")
+                            caption=f"Ablations against md ({name}); mean ± std over seeds, "
+                                    "95% interval of the paired change and its verdict")
         report.files.update({f"ablation_{k}": v for k, v in paths.items()})
 
-    summary = _summary(table, space, recipe, name, metric, mode, report, ablation)
+    summary = _summary(table, space, recipe, name, metric, mode, report, ablation, floors)
     (report.out / "summary.md").write_text(summary)
     report.files["summary"] = report.out / "summary.md"
     report.files["html"] = _html(summary, report)
     return report
 
 
-def _summary(table, space, recipe, name, metric, mode, report, ablation) -> str:
+def _summary(table, space, recipe, name, metric, mode, report, ablation, floors) -> str:
     counts = table["status"].value_counts()
     trained = table[table["status"] != "filtered"]
     lines = [f"# Sweep report: {name}", ""]
@@ -214,7 +223,9 @@ def _summary(table, space, recipe, name, metric, mode, report, ablation) -> str:
         if "params" in best:
             best = best.assign(params=(best["params"] / 1e6).round(1).astype(str) + "M")
         lines += [f"## Best completed trials (by {mode} {metric})", "",
-                  best.to_markdown(index=False, floatfmt=".4g") if len(best) else "none", ""]
+                  best.to_markdown(index=False, floatfmt=".4g") if len(best) else "none", "",
+                  winner_statement(table, metric, floors.get(metric)), ""]
+    lines += _noise_section(floors, table)
     reasons = trained[trained["status"].isin(["stopped", "failed"])]
     if len(reasons):
         lines += ["## Stopped and failed trials", "",
@@ -231,6 +242,51 @@ def _summary(table, space, recipe, name, metric, mode, report, ablation) -> str:
             "", "The front's rows: [pareto.csv](pareto.csv)", ""]
     lines += _paper_section(metric)
     return "\n".join(lines) + "\n"
+
+
+def winner_statement(table: pd.DataFrame, metric: str, floor: dict | None) -> str:
+    """Whether the best completed trial can be called the winner: only when it is ahead of
+    the runner-up by more than the noise of a difference (1.96 * sqrt(2) * floor)."""
+    done = table[(table["status"] == "completed") & table[metric].notna()] if metric in table \
+        else table.iloc[:0]
+    if len(done) < 2:
+        return "Fewer than two completed trials: nothing to rank."
+    if not floor or not math.isfinite(floor.get("floor", math.nan)):
+        return (f"**Noise floor of {metric} unknown** for this recipe: the order above may be "
+                "noise. Measure it with `mdsearch reliability` (or train with `seeds: [0, 1]`).")
+    ok, gap = resolvable(done[metric], metric, floor["floor"])
+    band = 1.96 * math.sqrt(2) * floor["floor"]
+    ordered = done.sort_values(metric, ascending=direction(metric) == "min")
+    best = ordered.iloc[0][metric]
+    tied = ordered[(ordered[metric] - best).abs() <= band]
+    if ok:
+        return (f"Winner: {ordered.iloc[0]['trial_id']}, ahead of the runner-up by {gap:.3g}, "
+                f"more than the noise of a difference ({band:.3g}; {metric} noise floor "
+                f"{floor['floor']:.3g}, from {floor['source']}).")
+    return (f"**No winner at this budget**: {len(tied)} trials ({', '.join(map(str, tied['trial_id']))}) "
+            f"are within {band:.3g} of the best {metric} (1.96 x sqrt 2 x its noise floor "
+            f"{floor['floor']:.3g}, from {floor['source']}); their order is noise.")
+
+
+def _noise_section(floors: dict, table: pd.DataFrame) -> list[str]:
+    shown = {m: f for m, f in floors.items() if m in table}
+    if not shown:
+        return ["## Noise floors", "", "No noise floor is known for this recipe's metrics: "
+                "every difference above may be noise (`mdsearch reliability RUN_DIR`).", ""]
+    lines = ["## Noise floors", "",
+             "The std of one trial's value around its configuration's true value: training seed "
+             "and evaluation draw. Two trials differ detectably when they differ by more than "
+             "1.96 x sqrt 2 x floor.", "",
+             "| metric | direction | seed std | evaluation std | floor | source |",
+             "|---|---|---:|---:|---:|---|"]
+    for m, f in shown.items():
+        lines.append(f"| {m} | {direction(m)} | {_g(f.get('seed_std'))} | "
+                     f"{_g(f.get('eval_std'))} | {_g(f.get('floor'))} | {f.get('source', '')} |")
+    return lines + [""]
+
+
+def _g(value) -> str:
+    return "-" if value is None or not math.isfinite(value) else f"{value:.3g}"
 
 
 def _paper_section(metric: str) -> list[str]:

@@ -29,13 +29,20 @@ def _cell(mean: float, std: float, digits: int = 3, signed: bool = False) -> str
 
 
 def ablation_table(table: pd.DataFrame, variant: str = "variant", baseline: str = "baseline",
-                   quality: str = "fid_proxy", alignment: str = "align") -> pd.DataFrame:
+                   quality: str = "fid_proxy", alignment: str = "align",
+                   floors: dict[str, dict] | None = None,
+                   extra: tuple[str, ...] = ()) -> pd.DataFrame:
     """One row per variant: its metrics and their change against `baseline`, mean and standard
-    deviation over the seeds that completed (n), and the full-size cost change.
+    deviation over the seeds that completed (n), the 95% interval of the change and its verdict
+    (better / worse / no detectable difference / not enough seeds to tell; see
+    `reliability.paired_delta`), and the full-size cost change.
 
     A delta is computed per seed (variant seed s minus baseline seed s) where both completed,
-    so the spread is that of paired differences; without pairs it falls back to the difference
-    of means (std left empty)."""
+    so the spread is that of paired differences; with one pair, the metric's known training-seed
+    noise (`floors`, from `reliability.noise_floors`) gives the interval; without pairs it falls
+    back to the difference of means (no interval, no verdict)."""
+    from .reliability import paired_delta
+
     done = table[table["status"].isin(MEASURED)]
     if variant not in done or baseline not in set(done[variant]):
         raise ValueError(f"no completed '{baseline}' trial in column '{variant}': an ablation "
@@ -49,7 +56,7 @@ def ablation_table(table: pd.DataFrame, variant: str = "variant", baseline: str 
         all_runs = table[table[variant] == name]
         row = {"variant": name, "n": len(runs),
                "not_completed": int((all_runs["status"] != "completed").sum())}
-        for metric in (quality, alignment):
+        for metric in dict.fromkeys((quality, alignment, *extra)):
             if metric not in done:
                 continue
             m, s, _ = _mean_std(runs[metric])
@@ -57,10 +64,15 @@ def ablation_table(table: pd.DataFrame, variant: str = "variant", baseline: str 
             paired = runs.merge(base, on="seed", suffixes=("", "_base"))[
                 [metric, f"{metric}_base"]].dropna()
             if len(paired):
-                d_mean, d_std, _ = _mean_std(paired[metric] - paired[f"{metric}_base"])
+                floor = (floors or {}).get(metric, {}).get("seed_std")
+                d = paired_delta(paired[metric], paired[f"{metric}_base"], metric, floor=floor)
+                row[f"d_{metric}"], row[f"d_{metric}_std"] = d["delta"], d["delta_std"]
+                row[f"d_{metric}_low"], row[f"d_{metric}_high"] = d["low"], d["high"]
+                row[f"verdict_{metric}"] = d["verdict"] if name != baseline else ""
             else:
-                d_mean, d_std = m - _mean_std(base[metric])[0], math.nan
-            row[f"d_{metric}"], row[f"d_{metric}_std"] = d_mean, d_std
+                row[f"d_{metric}"] = m - _mean_std(base[metric])[0]
+                row[f"d_{metric}_std"] = math.nan
+                row[f"verdict_{metric}"] = "not enough seeds to tell"
         cost = all_runs[["params", "gmacs"]].dropna()
         if len(cost):
             row["params_m"] = cost["params"].iloc[0] / 1e6
@@ -72,14 +84,21 @@ def ablation_table(table: pd.DataFrame, variant: str = "variant", baseline: str 
 
 
 def ablation_display(ab: pd.DataFrame, quality: str = "fid_proxy",
-                     alignment: str = "align") -> pd.DataFrame:
-    """The ablation table with mean ± std cells, for Markdown and LaTeX."""
+                     alignment: str = "align", extra: tuple[str, ...] = ()) -> pd.DataFrame:
+    """The ablation table with mean ± std cells, intervals and verdicts, for Markdown and
+    LaTeX."""
     out = pd.DataFrame({"variant": ab["variant"], "seeds": ab["n"]})
-    for metric in (quality, alignment):
+    for metric in dict.fromkeys((quality, alignment, *extra)):
         if metric in ab:
             out[metric] = [_cell(m, s) for m, s in zip(ab[metric], ab[f"{metric}_std"])]
             out[f"Δ {metric}"] = [_cell(m, s, signed=True)
                                   for m, s in zip(ab[f"d_{metric}"], ab[f"d_{metric}_std"])]
+            if f"d_{metric}_low" in ab:
+                out[f"Δ {metric} 95% CI"] = [
+                    "-" if math.isnan(lo) else f"[{lo:+.3g}, {hi:+.3g}]"
+                    for lo, hi in zip(ab[f"d_{metric}_low"], ab[f"d_{metric}_high"])]
+            if f"verdict_{metric}" in ab:
+                out[f"{metric} verdict"] = ab[f"verdict_{metric}"].fillna("")
     if "params_m" in ab:
         out["params"] = [f"{p:.1f}M" for p in ab["params_m"]]
         out["Δ params"] = [f"{d:+.1f}%" for d in ab["d_params_pct"]]

@@ -12,7 +12,8 @@ sweeps):
 
 The best trial is the best *completed* trial (stopped trials never reached the last step, so
 their quality is not comparable) by the sweep's quality objective, among those under the budget.
-Its full-size spec is the `spec.yaml` its trial wrote. A winner whose text alignment is at chance
+Its full-size spec is the `spec.yaml` its trial wrote. When the metric's noise floor is known
+(analysis.reliability.noise_floors), the candidates it cannot be told from are named beside it. A winner whose text alignment is at chance
 is promoted with a warning: a text-blind generator can win an image-only FID (see the ablations).
 """
 
@@ -20,12 +21,15 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import yaml
+
 from ..arch.spec import ArchSpec
 from ..config import ConfigError, did_you_mean
+from ..quality import UnknownMetric, direction
 from .space import Budget, load_space
 
 BUDGETS = {
@@ -54,6 +58,8 @@ class Promotion:
     gmacs: float
     candidates: int  # completed trials under the budget
     spec: dict
+    noise_floor: float | None = None  # the metric's noise floor (analysis.reliability)
+    within_noise: list[str] = field(default_factory=list)  # others it cannot be told from
 
     @property
     def text_blind(self) -> bool:
@@ -66,6 +72,14 @@ class Promotion:
                    if self.align is not None and self.align_chance is not None else "")
                 + f"; {self.params / 1e6:.1f}M params, {self.gmacs:.1f} GMACs; best of "
                   f"{self.candidates} completed trial(s) under {self.budget} ({self.budget_text})")
+        if self.noise_floor is None:
+            text += (f"\nNOTE: the noise floor of {self.metric} is unknown for this sweep's "
+                     "recipe; the choice may be noise (mdsearch reliability SWEEP).")
+        elif self.within_noise:
+            text += (f"\nNOTE: {len(self.within_noise)} other candidate(s) are within the noise "
+                     f"of this one ({self.metric} floor {self.noise_floor:.3g}): "
+                     f"{', '.join(self.within_noise)}. The choice among them is not resolved by "
+                     "this sweep; prefer the cheapest, or rerun them with more seeds.")
         if self.text_blind:
             text += ("\nWARNING: its text alignment is at chance: it ignores the prompt. Check the "
                      "sweep's align column before spending a full training on it.")
@@ -84,8 +98,10 @@ def choose(sweep_dir: str | Path, budget: str = "md", metric: str | None = None)
     space = load_space(sweep / "space.yaml") if (sweep / "space.yaml").is_file() else None
     quality = space.quality if space is not None else None
     metric = metric or (quality.metric if quality is not None else "fid_proxy")
-    mode = quality.mode if quality is not None and quality.metric == metric else (
-        "max" if metric in ("align", "clip_score") else "min")
+    try:
+        mode = direction(metric)
+    except UnknownMetric:
+        mode = quality.mode if quality is not None and quality.metric == metric else "min"
     if metric not in table:
         raise PromoteError(f"{sweep}/results.csv has no column {metric!r}"
                            f"{did_you_mean(metric, table.columns)}")
@@ -111,11 +127,22 @@ def choose(sweep_dir: str | Path, budget: str = "md", metric: str | None = None)
         value = best.get(key)
         return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
 
+    from ..analysis.reliability import noise_floors
+
+    dims = [d.name for d in space.dimensions] if space is not None else []
+    recipe = yaml.safe_load((sweep / "recipe.yaml").read_text()) \
+        if (sweep / "recipe.yaml").is_file() else None
+    floor = noise_floors(table, dims, recipe, sweep).get(metric, {}).get("floor")
+    floor = floor if floor is not None and math.isfinite(floor) else None
+    band = 1.96 * math.sqrt(2) * floor if floor is not None else 0.0
+    close = fits[(fits[metric] - best[metric]).abs() <= band]
     return Promotion(sweep=str(sweep.resolve()), budget=budget, budget_text=limits.describe(),
                      trial_id=str(best["trial_id"]), metric=metric, mode=mode,
                      value=float(best[metric]), align=number("align"),
                      align_chance=number("align_chance"), params=int(best["params"]),
-                     gmacs=float(best["gmacs"]), candidates=len(fits), spec=spec.to_dict())
+                     gmacs=float(best["gmacs"]), candidates=len(fits), spec=spec.to_dict(),
+                     noise_floor=floor, within_noise=[str(t) for t in close["trial_id"]
+                                                      if str(t) != str(best["trial_id"])])
 
 
 def promote(sweep_dir: str | Path, budget: str = "md", *, trial: str | Path = "full",

@@ -1,0 +1,140 @@
+"""The quality signal a sweep ranks by: deterministic held-out metrics, KID, metric directions,
+ordered search dimensions, the annealed learning rate, and the paired verdicts of reports."""
+
+import math
+
+import optuna
+import pandas as pd
+import pytest
+import torch
+
+from mdsearch.analysis.reliability import noise_table, paired_delta, resolvable, verdict_text
+from mdsearch.arch import presets
+from mdsearch.quality import direction
+from mdsearch.search.space import SpaceError, parse_space
+from mdsearch.train.heldout import EvalBank, heldout_metrics
+from mdsearch.train.trainer import Training, lr_factor
+
+from test_train import tiny_recipe
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("MDSEARCH_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+NO_CROSS_ATTENTION = {"levels.1.down.layers": 0, "levels.1.down.cross_attn": False,  # ablations.yaml
+                      "levels.1.up.layers": 0, "levels.1.up.cross_attn": False,
+                      "levels.2.down.cross_attn": False, "levels.2.up.cross_attn": False}
+
+
+def _run(tmp_path, name, spec=None, **recipe):
+    return Training(spec or presets.get("md"), tiny_recipe(**recipe), tmp_path / name)
+
+
+@pytest.mark.minilm
+def test_val_loss_is_bit_identical_for_the_same_weights_and_across_trials(tmp_path):
+    a = _run(tmp_path, "a")
+    data_a = a.pipeline(16)
+    first, second = a.heldout(data_a), a.heldout(data_a)
+    assert first == second  # the same weights, evaluated twice
+    assert set(first) == {"val_loss", "val_loss_low", "val_loss_mid", "val_loss_high",
+                          "text_gain"}
+    b = _run(tmp_path, "b")  # another trial, same seed: identical initial weights
+    assert b.heldout(b.pipeline(16)) == first  # its own bank, built the same: the same items
+    c = _run(tmp_path, "c", **{"seed": 1})
+    assert c.heldout(c.pipeline(16))["val_loss"] != first["val_loss"]
+
+
+@pytest.mark.minilm
+def test_bank_is_stratified_and_its_redraw_differs(tmp_path):
+    run = _run(tmp_path, "a")
+    data = run.pipeline(16)
+    bank = EvalBank(data, 30, run.schedule.steps)
+    assert bank.t.tolist() == sorted(bank.t.tolist()) and bank.t[0] < 34 and bank.t[-1] > 966
+    assert [int((bank.band == i).sum()) for i in range(3)] == [10, 10, 10]
+    other = bank.redraw(data, run.schedule.steps, seed=1)
+    assert torch.equal(other.latents, bank.latents) and not torch.equal(other.noise, bank.noise)
+    m1 = heldout_metrics(run.ema.model, bank, run.schedule)
+    m2 = heldout_metrics(run.ema.model, other, run.schedule)
+    assert m1["val_loss"] != m2["val_loss"]
+
+
+@pytest.mark.minilm
+def test_text_gain_is_exactly_zero_without_cross_attention(tmp_path):
+    blind = presets.get("md", NO_CROSS_ATTENTION)
+    run = _run(tmp_path, "blind", spec=blind)
+    assert run.heldout(run.pipeline(16))["text_gain"] == 0.0
+    seeing = _run(tmp_path, "seeing")
+    assert seeing.heldout(seeing.pipeline(16))["text_gain"] != 0.0
+
+
+def _space(**dims):
+    return parse_space({"name": "t", "base": "md", "dimensions": dims,
+                        "objectives": ["val_loss_mid"],
+                        "search": {"algorithm": "tpe", "num_samples": 4}}, "t.yaml")
+
+
+def test_numeric_dimensions_reach_optuna_as_numbers():
+    space = _space(layers={"fields": ["levels.2.down.layers", "levels.2.up.layers"],
+                           "range": [1, 4]},
+                   channels={"field": "levels.2.channels", "values": [1024, 512, 768]},
+                   ffn={"field": "ffn_expansion", "values": [2, 3, 5]},
+                   kv={"field": "kv_share", "bool": True})
+    from mdsearch.search.runner import define_by_run
+
+    study = optuna.create_study()
+    trial = study.ask()
+    point = define_by_run(space)(trial)
+    dists = trial.distributions
+    assert isinstance(dists["layers"], optuna.distributions.IntDistribution)
+    assert (dists["layers"].low, dists["layers"].high, dists["layers"].step) == (1, 4, 1)
+    assert isinstance(dists["channels"], optuna.distributions.IntDistribution)
+    assert dists["channels"].step == 256 and point["channels"] in (512, 768, 1024)
+    assert isinstance(dists["ffn_rank"], optuna.distributions.IntDistribution)  # uneven: ranks
+    assert point["ffn"] in (2, 3, 5) and "ffn_rank" not in space.point_of({**point, "ffn_rank": 0})
+    assert isinstance(dists["kv"], optuna.distributions.CategoricalDistribution)
+
+
+def test_objective_directions_come_from_the_metric_registry():
+    assert _space(kv={"field": "kv_share", "bool": True}).quality.mode == "min"
+    with pytest.raises(SpaceError, match="text_gain is better when higher"):
+        parse_space({"name": "t", "base": "md", "objectives": [{"text_gain": "min"}],
+                     "dimensions": {"kv": {"field": "kv_share", "bool": True}}}, "t.yaml")
+    with pytest.raises(SpaceError, match="unknown metric: give its direction"):
+        parse_space({"name": "t", "base": "md", "objectives": ["my_score"],
+                     "dimensions": {"kv": {"field": "kv_share", "bool": True}}}, "t.yaml")
+    assert direction("align_shape") == "max" and direction("kid_proxy") == "min"
+
+
+def test_learning_rate_anneals_linearly_to_zero_over_the_end_of_the_run():
+    factors = [lr_factor(s, warmup=2, total=10, anneal=0.5) for s in range(10)]
+    assert factors[:5] == [0.5, 1, 1, 1, 1]
+    assert factors[5:] == pytest.approx([1.0, 0.8, 0.6, 0.4, 0.2])
+    assert [lr_factor(s, 0, 10, 0.0) for s in range(10)] == [1.0] * 10
+
+
+def test_paired_delta_verdicts_respect_direction_and_seeds():
+    base = pd.Series([0.100, 0.102, 0.101], index=[0, 1, 2])
+    worse = paired_delta(base + 0.01, base, "val_loss")
+    assert worse["verdict"] == "worse" and worse["low"] > 0
+    assert paired_delta(base + 0.01, base, "text_gain")["verdict"] == "better"
+    noisy = paired_delta(base + pd.Series([0.002, -0.003, 0.001], index=[0, 1, 2]), base,
+                         "val_loss")
+    assert noisy["verdict"] == "no detectable difference"
+    assert verdict_text(noisy).startswith("no detectable difference (|Δ| < ")
+    one = paired_delta(base[:1] + 0.001, base[:1], "val_loss")
+    assert one["verdict"] == "not enough seeds to tell"
+    assert paired_delta(base[:1] + 0.01, base[:1], "val_loss", floor=0.001)["verdict"] == "worse"
+
+
+def test_noise_table_and_resolvable_winner():
+    runs = pd.DataFrame({"config": list("aabbcc"), "seed": [0, 1] * 3,
+                         "val_loss": [1.0, 1.02, 2.0, 2.02, 3.0, 3.02]})
+    row = noise_table(runs, ["val_loss"]).iloc[0]
+    assert row["seed_std"] == pytest.approx(math.sqrt(0.0002))
+    assert row["config_std"] == pytest.approx(1.0)
+    assert row["seed_tau"] == 1.0
+    assert resolvable(pd.Series([1.0, 1.5]), "val_loss", floor=0.1)[0]
+    assert not resolvable(pd.Series([1.0, 1.1]), "val_loss", floor=0.1)[0]
+    assert not resolvable(pd.Series([1.0, 1.5]), "val_loss", floor=math.nan)[0]
