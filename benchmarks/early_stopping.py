@@ -6,12 +6,15 @@ Both sweeps use the space's recipe and budget and a random sampler with the same
 propose the same configurations in the same order; one runs the space's stopping rule (the
 paper's, for quickstart), the other runs every trial to the end. Reported: trained trial-steps,
 wall time, and the winner of each (best completed trial by the quality objective). Goal: the same
-winner for at most a third of the trial-steps.
+winner, or one within the metric's noise floor of it, for at most a third of the trial-steps
+(half at most). Ends with one JSON line.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import sys
 import tempfile
 import time
@@ -53,7 +56,8 @@ def run(space_name: str, num_samples: int, stopping: bool, storage: Path) -> dic
             "trial_steps": int(trained["steps"].sum()), "wall_s": wall,
             "winner": None if best is None else {d: _plain(best[d]) for d in dims},
             "winner_metric": None if best is None else float(best[space.quality.metric]),
-            "metric": space.quality.metric, "results": str(result.results_csv)}
+            "metric": space.quality.metric, "results": str(result.results_csv),
+            "floor": result.floors.get(space.quality.metric, {}).get("floor")}
 
 
 def _plain(value):
@@ -85,6 +89,18 @@ def main() -> None:
               f"{full['ranking'][0][1]:.4g})")
     print("full-budget ranking: " + "; ".join(f"{c} {v:.4g}" for c, v in full["ranking"]))
     print(f"results: {full['results']}, {stop['results']}")
+    floor = full["floor"]
+    within = None
+    if stop["winner"] in configs and floor is not None and math.isfinite(floor):
+        gap = abs(full["ranking"][configs.index(stop["winner"])][1] - full["ranking"][0][1])
+        within = gap <= 1.96 * math.sqrt(2) * floor
+        print(f"the early-stopping winner is {gap:.3g} from the full-budget best: "
+              f"{'within' if within else 'outside'} the noise of a difference "
+              f"({1.96 * math.sqrt(2) * floor:.3g}; {full['metric']} noise floor {floor:.3g})")
+    print(json.dumps({"benchmark": "early_stopping", "space": args.space,
+                      "metric": full["metric"], "trial_steps_ratio": round(ratio, 3),
+                      "same_winner": same, "winner_within_noise": within, "noise_floor": floor,
+                      "stopped": stop["stopped"], "trials": stop["trials"]}))
 
 
 if __name__ == "__main__":

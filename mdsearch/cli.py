@@ -327,7 +327,9 @@ def main(argv: list[str] | None = None) -> int:
                         "--short-step it defaults to SHORT itself")
     p.add_argument("--short-step", type=int, default=None,
                    help="take the short budget from SHORT's trial histories at this step")
-    p.add_argument("--metric", default="fid_proxy")
+    p.add_argument("--metric", default=None,
+                   help="the quality metric (default: the sweep's objective, else "
+                        "mdsearch.quality.DEFAULT_QUALITY)")
     p.add_argument("--out", default=None, help="write fidelity.csv and fidelity.png here")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_fidelity)

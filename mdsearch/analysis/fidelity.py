@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..quality import DEFAULT_QUALITY
 from ..search.runner import RESULTS, SweepError
 from .reliability import kendall_tau_b
 
@@ -26,7 +27,7 @@ def _completed(run_dir: str | Path, metric: str) -> pd.DataFrame:
     return t[(t["status"] == "completed") & t[metric].notna()]
 
 
-def at_step(run_dir: str | Path, step: int, metric: str = "fid_proxy") -> pd.DataFrame:
+def at_step(run_dir: str | Path, step: int, metric: str = DEFAULT_QUALITY) -> pd.DataFrame:
     """A sweep's completed trials as they were at evaluation `step`, from each trial's reported
     history (Tune's result.json). With a constant learning rate after warm-up, this is what a
     sweep with `step` training steps would have measured."""
@@ -46,10 +47,17 @@ def at_step(run_dir: str | Path, step: int, metric: str = "fid_proxy") -> pd.Dat
     return pd.DataFrame(rows)
 
 
-def fidelity(short_dir: str | Path, long_dir: str | Path, metric: str = "fid_proxy",
+def fidelity(short_dir: str | Path, long_dir: str | Path, metric: str | None = None,
              out: str | Path | None = None, short_step: int | None = None) -> dict:
     """Rank agreement between a short and a long budget. With `short_step`, the short budget is
-    the long sweep's own trials at that evaluation step (short_dir may equal long_dir)."""
+    the long sweep's own trials at that evaluation step (short_dir may equal long_dir). The
+    metric defaults to the long sweep's quality objective, else DEFAULT_QUALITY."""
+    if metric is None:
+        from ..search.space import load_space
+
+        space_file = Path(long_dir) / "space.yaml"
+        metric = load_space(space_file).quality.metric if space_file.is_file() \
+            else DEFAULT_QUALITY
     long = _completed(long_dir, metric)
     short = (at_step(short_dir, short_step, metric) if short_step is not None
              else _completed(short_dir, metric))

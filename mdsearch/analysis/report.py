@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..quality import direction
+from ..quality import DEFAULT_QUALITY, direction
 from ..search.runner import RECIPE_COPY, RESULTS, SPACE_COPY, SweepError
 from .pareto import pareto_mask
 from .reliability import noise_floors, resolvable
@@ -152,8 +152,8 @@ def build_report(run_dir: str | Path | None = None, out: str | Path | None = Non
         table, space, recipe = _load(run_dir)
         report = Report(Path(out) if out else run_dir / "report")
     report.out.mkdir(parents=True, exist_ok=True)
-    metric = space.quality.metric if space else "fid_proxy"
-    mode = space.quality.mode if space else "min"
+    metric = space.quality.metric if space else DEFAULT_QUALITY
+    mode = space.quality.mode if space else direction(metric)
     dims = [d.name for d in space.dimensions] if space else []
     name = mlflow_experiment or Path(run_dir).name
     budget = space.budget if space else None
@@ -174,7 +174,8 @@ def build_report(run_dir: str | Path | None = None, out: str | Path | None = Non
             report.files["quality_vs_align"] = scatter(
                 table, "align", metric, report.out / "quality_vs_align.png",
                 f"{name}: {metric} vs alignment (the paper's FID-vs-CLIP view)",
-                "align (attribute accuracy; higher is better)", f"{metric} (lower is better)")
+                "align (attribute accuracy; higher is better)",
+                f"{metric} ({'lower' if mode == 'min' else 'higher'} is better)")
         front = front_table(table, metric, mode)
         keep = ["trial_id", *dims, "seed", "params", "gmacs", metric, "align", "steps"]
         front = front.reindex(columns=[c for c in keep if c in front.columns])

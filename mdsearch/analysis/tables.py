@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..quality import DEFAULT_QUALITY
+
 MEASURED = ("completed",)  # trials whose metrics are at the full proxy budget
 
 
@@ -29,7 +31,7 @@ def _cell(mean: float, std: float, digits: int = 3, signed: bool = False) -> str
 
 
 def ablation_table(table: pd.DataFrame, variant: str = "variant", baseline: str = "baseline",
-                   quality: str = "fid_proxy", alignment: str = "align",
+                   quality: str = DEFAULT_QUALITY, alignment: str = "align",
                    floors: dict[str, dict] | None = None,
                    extra: tuple[str, ...] = ()) -> pd.DataFrame:
     """One row per variant: its metrics and their change against `baseline`, mean and standard
@@ -83,7 +85,7 @@ def ablation_table(table: pd.DataFrame, variant: str = "variant", baseline: str 
     return pd.DataFrame(rows)
 
 
-def ablation_display(ab: pd.DataFrame, quality: str = "fid_proxy",
+def ablation_display(ab: pd.DataFrame, quality: str = DEFAULT_QUALITY,
                      alignment: str = "align", extra: tuple[str, ...] = ()) -> pd.DataFrame:
     """The ablation table with mean ± std cells, intervals and verdicts, for Markdown and
     LaTeX."""

@@ -477,12 +477,13 @@ class Evaluator:
                         self._fid.update((small + 1) / 2, real=True)
 
     def _kid(self, images: torch.Tensor) -> tuple[float, float]:
-        """KID of `images` against the reference: subsets of min(generated, reference) images,
-        drawn from a fixed seed (torchmetrics draws them from the global RNG: forked here, so
+        """KID of `images` against the reference: 100 subsets of half of min(generated,
+        reference) images each (so that they differ and their std means something), drawn from a
+        fixed seed (torchmetrics draws them from the global RNG: forked here, so
         the same images always give the same value and training's RNG is left alone)."""
         self._kid_proxy.reset()  # keeps the reference features
         self._kid_proxy.update(images, real=False)
-        self._kid_proxy.subset_size = min(len(images), self.num_reference)
+        self._kid_proxy.subset_size = max(2, min(len(images), self.num_reference) // 2)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(KID_SEED)
             mean, std = self._kid_proxy.compute()
@@ -543,8 +544,9 @@ def save_grid(images: torch.Tensor, captions: Sequence[str], path: str | Path,
               ncols: int = 8) -> Path:
     """Save images ((N, 3, H, W) float in [-1, 1]) as a PNG grid, each under its wrapped caption.
 
-    Uses matplotlib's Agg canvas directly (no pyplot, no global backend change); images are
-    upscaled with nearest-neighbour interpolation. Returns the path written.
+    One mosaic image (nearest-neighbour upscaled, white gutters for the captions) drawn in one
+    matplotlib axes on the Agg canvas (no pyplot, no global backend change): a few tenths of a
+    second for 32 images, where one axes per image took most of a second. Returns the path.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -558,22 +560,27 @@ def save_grid(images: torch.Tensor, captions: Sequence[str], path: str | Path,
     nrows = math.ceil(n / ncols)
     wrapped = [_wrap(c) for c in captions]
     lines = max(c.count("\n") + 1 for c in wrapped)
-    cell, pad, line = 1.5, 0.04, 6.5 * 1.15 / 72  # inches: image side, margin, text line
+    cell, pad, line, dpi = 1.5, 0.04, 6.5 * 1.15 / 72, 120  # inches: image side, margin, text
     text_h = lines * line + 2 * pad
     width, height = ncols * cell, nrows * (cell + text_h)
-    fig = Figure(figsize=(width, height), dpi=120)
-    FigureCanvasAgg(fig)
-    pixels = ((images + 1) / 2).permute(0, 2, 3, 1).numpy()
+    px = int(round((cell - 2 * pad) * dpi))  # one image's side in the mosaic, pixels
+    gap, top = int(round(2 * pad * dpi)), int(round(text_h * dpi))
+    pixels = (images + 1) / 2
+    pixels = F.interpolate(pixels, size=(px, px), mode="nearest").permute(0, 2, 3, 1).numpy()
+    mosaic = torch.ones(nrows * (top + px + gap), ncols * (px + gap), 3).numpy()
     for i in range(n):
         r, c = divmod(i, ncols)
-        top = height - r * (cell + text_h)  # inches from the bottom
-        ax = fig.add_axes([(c * cell + pad) / width, (top - text_h - cell + pad) / height,
-                           (cell - 2 * pad) / width, (cell - 2 * pad) / height])
-        ax.imshow(pixels[i], interpolation="nearest", vmin=0, vmax=1)
-        ax.set_xticks([])
-        ax.set_yticks([])
-        fig.text((c + 0.5) * cell / width, (top - pad) / height, wrapped[i], ha="center",
-                 va="top", fontsize=6.5, linespacing=1.15)
+        y, x = r * (top + px + gap) + top, c * (px + gap) + gap // 2
+        mosaic[y:y + px, x:x + px] = pixels[i]
+    fig = Figure(figsize=(width, height), dpi=dpi)
+    FigureCanvasAgg(fig)
+    ax = fig.add_axes([0, 0, 1, 1])
+    ax.imshow(mosaic, interpolation="nearest", vmin=0, vmax=1, aspect="auto")
+    ax.set_axis_off()
+    for i in range(n):
+        r, c = divmod(i, ncols)
+        fig.text((c + 0.5) * cell / width, 1 - (r * (cell + text_h) + pad) / height, wrapped[i],
+                 ha="center", va="top", fontsize=6.5, linespacing=1.15)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, facecolor="white")

@@ -44,6 +44,8 @@ class Evaluation:
     guidance: float = 3.0  # classifier-free guidance scale (the paper: ~3)
     prompts: int = 72  # generated images per evaluation (the fixed prompt set, cycled)
     bank: int = 512  # held-out items of the val_loss / text_gain bank (0: none)
+    sample_every: int = 1  # sampled metrics (fid_proxy, kid_proxy, align, grids) at every k-th
+    #                        evaluation and at the last; the held-out bank at every evaluation
     reference_images: int = 512  # real images for the FID reference statistics
     inception_path: str | None = None  # local FID Inception weights -> `fid` (else `fid_proxy`)
     clip_path: str | None = None  # local CLIP for CLIPScore -> `clip_score`
@@ -139,8 +141,9 @@ class Recipe:
             fail("optimizer.lr", f"must be positive, got {self.optimizer.lr}")
         if not 0 <= self.optimizer.anneal <= 1:
             fail("optimizer.anneal", f"must be in [0, 1], got {self.optimizer.anneal}")
-        if self.eval.every < 1 or self.eval.prompts < 2 or self.eval.sample_steps < 1:
-            fail("eval", "every and sample_steps must be >= 1, prompts >= 2")
+        if (self.eval.every < 1 or self.eval.prompts < 2 or self.eval.sample_steps < 1
+                or self.eval.sample_every < 1):
+            fail("eval", "every, sample_every and sample_steps must be >= 1, prompts >= 2")
         if self.eval.bank != 0 and self.eval.bank < 3:
             fail("eval.bank", f"0 (no held-out bank) or at least 3 items, got {self.eval.bank}")
         if "kind" not in self.data:

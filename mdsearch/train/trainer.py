@@ -305,15 +305,18 @@ class Training:
 
     # -- evaluation ----------------------------------------------------------------------------
 
-    def evaluate(self, data: DataPipeline, extra: dict) -> dict:
-        """Judge the EMA weights now; the record goes into the history (rank 0 only)."""
-        if self.evaluator is None:
-            self.evaluator = make_evaluator(self.recipe, self.pipeline(self.plan[-1].resolution))
-        event = f"_{extra['event']}" if "event" in extra else ""  # the switch: its own grid
-        grid = self.out / f"samples_{self.step:06d}{event}.png"
-        metrics = {**self.heldout(data),
-                   **evaluate(self.ema.model, data, self.schedule, self.recipe, self.evaluator,
-                              grid=grid)}
+    def evaluate(self, data: DataPipeline, extra: dict, sampled: bool = True) -> dict:
+        """Judge the EMA weights now: the held-out bank always, the sampled metrics (and a
+        sample grid) when `sampled`; the record goes into the history (rank 0 only)."""
+        metrics, grid = self.heldout(data), None
+        if sampled or not metrics:
+            if self.evaluator is None:
+                self.evaluator = make_evaluator(self.recipe,
+                                                self.pipeline(self.plan[-1].resolution))
+            event = f"_{extra['event']}" if "event" in extra else ""  # the switch: its own grid
+            grid = self.out / f"samples_{self.step:06d}{event}.png"
+            metrics.update(evaluate(self.ema.model, data, self.schedule, self.recipe,
+                                    self.evaluator, grid=grid))
         record = {"step": self.step, **extra, **metrics}
         self.result.history.append(record)
         self.result.metrics = metrics
@@ -322,7 +325,8 @@ class Training:
         if self.tracker is not None:
             self.tracker.log_metrics({k: v for k, v in record.items()
                                       if k != "step" and isinstance(v, (int, float))}, self.step)
-            self.tracker.log_artifact(grid)
+            if grid is not None:
+                self.tracker.log_artifact(grid)
         return record
 
     def heldout(self, data: DataPipeline) -> dict[str, float]:
@@ -428,7 +432,9 @@ class Training:
             at_end = done == end  # of the stage, or of a run stopped early by `steps`
             record = None
             if self.lead and (done % recipe.eval.every == 0 or at_end):
-                record = self.evaluate(data, {**tag, "loss": sum(losses) / len(losses)})
+                sampled = at_end or done % (recipe.eval.every * recipe.eval.sample_every) == 0
+                record = self.evaluate(data, {**tag, "loss": sum(losses) / len(losses)},
+                                       sampled=sampled)
                 losses.clear()
             if done % recipe.checkpoint_every == 0 or at_end:
                 if self.lead:
