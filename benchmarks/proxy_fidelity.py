@@ -16,7 +16,9 @@ the longest run when budgets share runs (the evaluation noise of a metric barely
 the budget), else of the shortest budget's runs.
 
 Printed per metric: Kendall tau-b of the ranking (mean over seeds) at each shorter budget
-against the longest budget's; the training-seed std over the std across configurations
+against the longest budget's; the same between one seed's shortest-budget ranking and the other
+seed's longest-budget ranking (xseed: what a one-seed sweep can predict, without the luck a run
+shares with its own continuation); the training-seed std over the std across configurations
 (seed_ratio) and the seed-vs-seed tau, at the shortest budget; the evaluation std over the std
 across configurations (eval_ratio); and which configuration each metric picks at each budget.
 Goals (the proxy-fidelity issue): tau >= 0.6, seed_ratio <= 1/3, eval_ratio <= 1/10.
@@ -114,6 +116,17 @@ def analyse(rows: list[dict], noise: list[dict], budgets: list[int]) -> dict:
         entry["tau"] = {str(b): kendall_tau_b(means.loc[b][m].reindex(long_means.index),
                                               long_means)
                         for b in budgets[:-1]}
+        # the quickstart's question: does one seed's short ranking predict another seed's long
+        # ranking? (the same seed's long run shares its luck, which inflates `tau`)
+        seeds = sorted(runs["seed"].unique())
+        cross = []
+        for a in seeds:
+            for b in seeds:
+                if a != b:
+                    x = runs[(runs["budget"] == short) & (runs["seed"] == a)].set_index("config")[m]
+                    y = runs[(runs["budget"] == longest) & (runs["seed"] == b)].set_index("config")[m]
+                    cross.append(kendall_tau_b(x, y.reindex(x.index)))
+        entry["cross_seed_tau"] = sum(cross) / len(cross) if cross else None
         pick = {}
         for b in budgets:
             s = means.loc[b][m].dropna()
@@ -130,9 +143,38 @@ def analyse(rows: list[dict], noise: list[dict], budgets: list[int]) -> dict:
     return out
 
 
+def noise_floors(rows: list[dict], noise: list[dict], budgets: list[int], recipe,
+                 args) -> list[dict]:
+    """Entries for analysis/noise_floors.yaml: per budget, the recipe it holds for and each
+    metric's training-seed std and evaluation std (the latter measured once, see above)."""
+    import pandas as pd
+
+    from mdsearch.analysis.reliability import RECIPE_KEYS, seed_std
+
+    runs = pd.DataFrame([r for r in rows if r["status"] == "ok"])
+    out = []
+    for b in budgets:
+        at = runs[runs["budget"] == b]
+        r = recipe.override({"steps": b}, source=f"budget {b}").to_dict()
+        metrics = {}
+        for m in METRICS:
+            if m not in at:
+                continue
+            s, dof = seed_std(at, m)
+            stds = [n["noise"][m]["std"] for n in noise if m in n["noise"]]
+            metrics[m] = {"seed_std": float(f"{s:.4g}"), "seed_dof": dof,
+                          "eval_std": float(f"{(sum(x * x for x in stds) / len(stds)) ** 0.5:.4g}")
+                          if stds else None}
+        out.append({"source": f"benchmarks/proxy_fidelity.py --multiples {args.multiples} "
+                              f"--seeds {args.seeds} ({len(set(at['config']))} configurations)",
+                    "recipe": {k: r[k] for k in RECIPE_KEYS}, "metrics": metrics})
+    return out
+
+
 def show(result: dict) -> str:
     b = result["budgets"]
     head = (f"{'metric':<14} {'dir':<4} " + " ".join(f"tau@{x:<5}" for x in b[:-1])
+            + f" {'xseed':>7}"
             + f" {'seed/cfg':>8} {'seedtau':>7} {'eval/cfg':>8} {'seed/cfg@' + str(b[-1]):>13}"
             + "  picks (" + " -> ".join(map(str, b)) + ")")
     lines = [head, "-" * len(head)]
@@ -140,6 +182,7 @@ def show(result: dict) -> str:
         f = lambda v: "   -   " if v is None else f"{v:7.2f}"  # noqa: E731
         lines.append(f"{m:<14} {e['direction']:<4} "
                      + " ".join(f"{f(e['tau'][str(x)]):>9}" for x in b[:-1])
+                     + f" {f(e['cross_seed_tau']):>7}"
                      + f" {f(e['seed_ratio']):>8} {f(e.get('seed_tau')):>7}"
                      f" {f(e.get('eval_ratio')):>8} {f(result['longest'][m]['seed_ratio']):>13}"
                      f"  {' -> '.join(e['pick'][str(x)] for x in b)}"
@@ -230,6 +273,8 @@ def main() -> None:
         f.writelines(json.dumps({k: v for k, v in r.items() if k != "history"}) + "\n"
                      for r in rows)
     result = analyse(rows, noise, budgets)
+    floors = noise_floors(rows, noise, budgets, recipe, args)
+    (args.out / "noise_floors.yaml").write_text(yaml.safe_dump(floors, sort_keys=False))
     text = show(result)
     (args.out / "fidelity.txt").write_text(text + "\n")
     print(text)

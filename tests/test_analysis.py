@@ -14,6 +14,8 @@ from mdsearch.analysis.pareto import pareto_mask
 from mdsearch.analysis.report import build_report
 from mdsearch.analysis.tables import ablation_table, comparison_table, write_table
 from mdsearch.paths import ANALYSIS, SEARCH_SPACES
+from mdsearch.search.runner import sweep_recipe
+from mdsearch.search.space import load_space
 
 
 def brute_front(v: np.ndarray) -> np.ndarray:
@@ -75,14 +77,18 @@ def test_ablation_table_pairs_seeds_and_reports_spread():
          "params": 429e6, "gmacs": 190.0},
         {"trial_id": "e", "variant": "gelu", "seed": 0, "status": "stopped", "fid_proxy": 500.0},
     ])
-    ab = ablation_table(t).set_index("variant")
+    ab = ablation_table(t, quality="fid_proxy").set_index("variant")
     assert ab.loc["baseline", "n"] == 2 and ab.loc["baseline", "d_fid_proxy"] == 0
     assert ab.loc["ffn_4", "d_fid_proxy"] == pytest.approx(-8.0)  # mean of -10 and -6
     assert ab.loc["ffn_4", "d_fid_proxy_std"] == pytest.approx(np.std([-10, -6], ddof=1))
     assert ab.loc["ffn_4", "d_params_pct"] == pytest.approx(10.0)
     assert ab.loc["gelu", "n"] == 0 and ab.loc["gelu", "not_completed"] == 1
+    # two seeds that disagree by 4 leave -8 inside its 95% interval: no verdict either way
+    assert ab.loc["ffn_4", "verdict_fid_proxy"] == "no detectable difference"
+    assert ab.loc["ffn_4", "d_fid_proxy_low"] < 0 < ab.loc["ffn_4", "d_fid_proxy_high"]
+    assert ab.loc["gelu", "verdict_fid_proxy"] == "not enough seeds to tell"
     with pytest.raises(ValueError, match="needs the baseline measured"):
-        ablation_table(t[t["variant"] != "baseline"])
+        ablation_table(t[t["variant"] != "baseline"], quality="fid_proxy")
 
 
 def test_table5_shape_renders_the_papers_table(tmp_path):
@@ -110,24 +116,33 @@ def sweep_dir(tmp_path, table, space="quickstart"):
 
 def test_report_from_a_sweep_directory(tmp_path):
     rows = []
-    for i, (c, layers, fid, gm) in enumerate([(512, 1, 700, 95), (768, 2, 540, 120),
-                                              (768, 4, 560, 133), (1024, 2, 530, 148),
-                                              (512, 4, 640, 105)]):
+    for i, (c, layers, gain, gm) in enumerate([(512, 1, 0.030, 95), (768, 2, 0.046, 120),
+                                               (768, 4, 0.044, 133), (1024, 2, 0.047, 148),
+                                               (512, 4, 0.036, 105)]):
         rows.append({"trial_id": f"t{i}", "inner_channels": c, "inner_layers": layers,
-                     "ffn_expansion": 3, "transformer_32": "on", "seed": 0, "fid_proxy": fid,
+                     "ffn_expansion": 3, "transformer_32": "on", "seed": 0, "text_gain": gain,
                      "align": 0.3, "gmacs": gm, "params": gm * 2e6})
     rows.append({"trial_id": "s", "status": "stopped", "inner_channels": 512, "inner_layers": 2,
-                 "ffn_expansion": 2, "transformer_32": "off", "seed": 0, "fid_proxy": 1200,
+                 "ffn_expansion": 2, "transformer_32": "off", "seed": 0, "text_gain": -0.02,
                  "steps": 60, "gmacs": 100, "params": 2e8, "stop_reason": "paper rule"})
     rows.append({"trial_id": "filtered_0001", "status": "filtered", "steps": 0,
                  "inner_channels": 1280, "gmacs": 200, "params": 5e8})
     d = sweep_dir(tmp_path, results(rows))
+    recipe = sweep_recipe(load_space("quickstart")).to_dict()  # as the sweep wrote it
+    (d / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     report = build_report(d, tmp_path / "out")
     for key in ("pareto", "pareto_params", "quality_vs_align", "pareto_csv", "summary", "html"):
         assert report.files[key].is_file() and report.files[key].stat().st_size > 0
     front = pd.read_csv(report.files["pareto_csv"], dtype={"trial_id": str})
     assert sorted(front["trial_id"]) == ["t0", "t1", "t3", "t4"]  # t2 is dominated by t1
-    assert {"inner_channels", "inner_layers", "gmacs", "fid_proxy"} <= set(front.columns)
+    assert {"inner_channels", "inner_layers", "gmacs", "text_gain"} <= set(front.columns)
+    summary = report.files["summary"].read_text()
+    # the study's noise floor for this exact recipe: t3 (0.047) cannot be told from t1 (0.046)
+    assert "No winner at this budget**: 3 trials (t3, t1, t2)" in summary
+    assert "| text_gain | max |" in summary and "proxy_fidelity.py" in summary
+    (d / "recipe.yaml").write_text(yaml.safe_dump({**recipe, "steps": 123}))
+    unknown = build_report(d, tmp_path / "out2").files["summary"].read_text()
+    assert "Noise floor of text_gain unknown" in unknown
     summary = report.files["summary"].read_text()
     assert "filtered before training (over budget or invalid): 1" in summary
     assert "never with the paper's FID" in summary
@@ -136,14 +151,17 @@ def test_report_from_a_sweep_directory(tmp_path):
 
 
 def test_report_of_an_ablation_sweep_has_the_table(tmp_path):
-    rows = [{"trial_id": f"{v}{s}", "variant": v, "seed": s, "fid_proxy": f + s, "align": 0.4}
-            for v, f in (("baseline", 200), ("no_kv_share", 190), ("gelu", 230))
+    rows = [{"trial_id": f"{v}{s}", "variant": v, "seed": s, "text_gain": g + s / 1000,
+             "align": 0.4} for v, g in (("baseline", 0.05), ("no_kv_share", 0.04), ("gelu", 0.05))
             for s in (0, 1)]
     d = sweep_dir(tmp_path, results(rows), space="ablations")
     report = build_report(d)
     assert report.out == d / "report"
     table = report.files["ablation_md"].read_text()
-    assert "no_kv_share" in table and "-10" in table
+    assert "no_kv_share" in table and "-0.01" in table
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines()[2:]}
+    assert "| worse" in rows["no_kv_share"]  # text_gain 0.01 lower on both seeds
+    assert "no detectable difference" in rows["gelu"]
     assert "Ablations" in report.files["summary"].read_text()
 
 
@@ -157,7 +175,7 @@ def test_fidelity_matches_configurations_across_budgets(tmp_path):
     a.mkdir(), b.mkdir()
     short.to_csv(a / "results.csv", index=False)
     long.to_csv(b / "results.csv", index=False)
-    out = fidelity(a, b, out=tmp_path / "f")
+    out = fidelity(a, b, "fid_proxy", out=tmp_path / "f")
     assert out["pairs"] == 6 and out["kendall_tau_b"] == pytest.approx(kendall_tau_b(
         range(6), [0, 1, 2, 3, 4, -1]))
     assert (tmp_path / "f" / "fidelity.png").is_file()
@@ -177,6 +195,6 @@ def test_fidelity_against_the_same_sweep_at_an_earlier_step(tmp_path):
     d = tmp_path / "sweep"
     d.mkdir()
     results(rows).to_csv(d / "results.csv", index=False)
-    out = fidelity(d, d, short_step=60)
+    out = fidelity(d, d, "fid_proxy", short_step=60)
     assert out["pairs"] == 3 and out["steps_short"] == 60 and out["steps_long"] == 120
     assert out["kendall_tau_b"] == pytest.approx(kendall_tau_b([3, 1, 2], [10, 11, 12]))

@@ -138,3 +138,35 @@ def test_noise_table_and_resolvable_winner():
     assert resolvable(pd.Series([1.0, 1.5]), "val_loss", floor=0.1)[0]
     assert not resolvable(pd.Series([1.0, 1.1]), "val_loss", floor=0.1)[0]
     assert not resolvable(pd.Series([1.0, 1.5]), "val_loss", floor=math.nan)[0]
+
+
+def test_stop_rule_tolerance_is_absolute_and_per_metric():
+    from mdsearch.search.schedulers import PaperStopRule
+
+    rule = PaperStopRule({"text_gain": "max", "val_loss_mid": "min"}, margin=0.5,
+                         tolerance={"text_gain": 0.005, "val_loss_mid": 0.005})
+    rule.judge("best", {"step": 60, "text_gain": 0.050, "val_loss_mid": 0.060})
+    # worse on both, but by less than the tolerance on text_gain: continue
+    assert rule.judge("a", {"step": 60, "text_gain": 0.046, "val_loss_mid": 0.070}) == "CONTINUE"
+    assert rule.judge("b", {"step": 60, "text_gain": 0.040, "val_loss_mid": 0.070}) == "STOP"
+    assert "text_gain 0.005" in rule.reasons["b"]
+
+
+@pytest.mark.minilm
+def test_reliability_command_measures_evaluation_noise_of_a_run(tmp_path, capsys):
+    import json
+
+    from mdsearch.cli import main
+    from mdsearch.train.trainer import train_trial
+
+    from test_train import ImageStats
+
+    train_trial(presets.get("md"), tiny_recipe(), tmp_path / "run", evaluator=ImageStats())
+    assert main(["reliability", str(tmp_path / "run"), "--redraws", "2", "--bank-only",
+                 "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    entry = result["metrics"]["val_loss"]
+    assert len(entry["values"]) == 2 and entry["eval_std"] > 0
+    assert main(["reliability", str(tmp_path / "nothing")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a trained run directory" in err[0]
