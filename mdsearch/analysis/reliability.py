@@ -92,11 +92,14 @@ def _t95(dof: int) -> float:
 
 
 def paired_delta(variant: pd.Series, baseline: pd.Series, metric: str,
-                 floor: float | None = None) -> dict:
+                 floor: float | None = None, pooled: tuple[float, int] | None = None) -> dict:
     """`variant - baseline` paired by index (the seed): mean, std, n, the 95% t-interval and a
-    verdict in the metric's direction. With one pair, `floor` (the metric's training-seed std,
-    e.g. from `noise_table`) stands in for the unknown spread of a difference (sqrt(2) * floor)
-    when it is known; otherwise the verdict is "not enough seeds to tell"."""
+    verdict in the metric's direction. `pooled` = (std of one paired difference, its degrees of
+    freedom) pooled over several comparisons (see `pooled_std`) replaces this pair's own spread:
+    with 2 seeds a difference's own std has 1 degree of freedom (t = 12.7), pooled over an
+    ablation's variants it has one per variant. With one pair and nothing pooled, `floor` (the
+    metric's training-seed std) stands in (sqrt(2) * floor, normal quantile); otherwise the
+    verdict is "not enough seeds to tell"."""
     pairs = pd.concat([variant.rename("v"), baseline.rename("b")], axis=1).dropna()
     d = (pairs["v"] - pairs["b"]).astype(float)
     n = len(d)
@@ -104,6 +107,9 @@ def paired_delta(variant: pd.Series, baseline: pd.Series, metric: str,
            "low": math.nan, "high": math.nan, "verdict": VERDICTS[3]}
     if n >= 2:
         out["delta_std"] = float(d.std(ddof=1))
+    if n >= 1 and pooled is not None and pooled[1] >= 1 and math.isfinite(pooled[0]):
+        half = _t95(pooled[1]) * pooled[0] / math.sqrt(n)
+    elif n >= 2:
         half = _t95(n - 1) * out["delta_std"] / math.sqrt(n)
     elif n == 1 and floor is not None and math.isfinite(floor) and floor > 0:
         half = 1.96 * math.sqrt(2) * floor
@@ -117,6 +123,19 @@ def paired_delta(variant: pd.Series, baseline: pd.Series, metric: str,
     else:
         out["verdict"] = VERDICTS[2]
     return out
+
+
+def pooled_std(deltas: list[pd.Series]) -> tuple[float, int]:
+    """The std of one paired difference pooled over several comparisons' per-seed differences
+    (each contributes len - 1 degrees of freedom), assuming they share one noise level; (nan, 0)
+    when none has two seeds."""
+    ss, dof = 0.0, 0
+    for d in deltas:
+        d = d.dropna().astype(float)
+        if len(d) > 1:
+            ss += float(((d - d.mean()) ** 2).sum())
+            dof += len(d) - 1
+    return (math.sqrt(ss / dof), dof) if dof else (math.nan, 0)
 
 
 def verdict_text(delta: dict, digits: int = 3) -> str:

@@ -233,8 +233,13 @@ def _summary(table, space, recipe, name, metric, mode, report, ablation, floors)
                   reasons[["trial_id", "status", "steps", "stop_reason"]].to_markdown(
                       index=False), ""]
     if ablation is not None:
+        tests = max(0, len(ablation) - 1)
         lines += ["## Ablations (against md; mean ± std over seeds, Δ paired by seed)", "",
                   ablation.to_markdown(index=False), "",
+                  f"Intervals: 95% t-intervals of the paired Δ, its spread pooled over the "
+                  f"variants. {tests} comparisons per metric: when nothing differs, about "
+                  f"{0.05 * tests:.1f} of them per metric still read better or worse by chance.",
+                  "",
                   "Files: [ablation.md](ablation.md), [ablation.tex](ablation.tex), "
                   "[ablation.csv](ablation.csv)", ""]
     figures = [k for k in ("pareto", "pareto_params", "quality_vs_align") if k in report.files]

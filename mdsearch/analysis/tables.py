@@ -40,10 +40,12 @@ def ablation_table(table: pd.DataFrame, variant: str = "variant", baseline: str 
     `reliability.paired_delta`), and the full-size cost change.
 
     A delta is computed per seed (variant seed s minus baseline seed s) where both completed,
-    so the spread is that of paired differences; with one pair, the metric's known training-seed
-    noise (`floors`, from `reliability.noise_floors`) gives the interval; without pairs it falls
-    back to the difference of means (no interval, no verdict)."""
-    from .reliability import paired_delta
+    so the spread is that of paired differences. The interval uses that spread pooled over all
+    variants (`reliability.pooled_std`: one degree of freedom per variant and extra seed, where
+    a 2-seed difference alone has one); with single seeds everywhere, the metric's known
+    training-seed noise (`floors`, from `reliability.noise_floors`); without pairs the delta
+    falls back to the difference of means (no interval, no verdict)."""
+    from .reliability import paired_delta, pooled_std
 
     done = table[table["status"].isin(MEASURED)]
     if variant not in done or baseline not in set(done[variant]):
@@ -53,24 +55,36 @@ def ablation_table(table: pd.DataFrame, variant: str = "variant", baseline: str 
     base_cost = base[["params", "gmacs"]].iloc[0]
     rows = []
     order = [baseline] + [v for v in dict.fromkeys(table[variant]) if v != baseline]
+    metrics = [m for m in dict.fromkeys((quality, alignment, *extra)) if m in done]
+
+    def paired(runs: pd.DataFrame, metric: str) -> pd.DataFrame:
+        return runs.merge(base, on="seed", suffixes=("", "_base"))[
+            [metric, f"{metric}_base"]].dropna()
+
+    pools = {}
+    for metric in metrics:
+        diffs = []
+        for name in order[1:]:
+            p = paired(done[done[variant] == name], metric)
+            diffs.append(p[metric] - p[f"{metric}_base"])
+        pools[metric] = pooled_std(diffs)
     for name in order:
         runs = done[done[variant] == name]
         all_runs = table[table[variant] == name]
         row = {"variant": name, "n": len(runs),
                "not_completed": int((all_runs["status"] != "completed").sum())}
-        for metric in dict.fromkeys((quality, alignment, *extra)):
-            if metric not in done:
-                continue
+        for metric in metrics:
             m, s, _ = _mean_std(runs[metric])
             row[metric], row[f"{metric}_std"] = m, s
-            paired = runs.merge(base, on="seed", suffixes=("", "_base"))[
-                [metric, f"{metric}_base"]].dropna()
-            if len(paired):
+            pairs = paired(runs, metric)
+            if len(pairs):
                 floor = (floors or {}).get(metric, {}).get("seed_std")
-                d = paired_delta(paired[metric], paired[f"{metric}_base"], metric, floor=floor)
+                d = paired_delta(pairs[metric], pairs[f"{metric}_base"], metric, floor=floor,
+                                 pooled=pools[metric])
                 row[f"d_{metric}"], row[f"d_{metric}_std"] = d["delta"], d["delta_std"]
-                row[f"d_{metric}_low"], row[f"d_{metric}_high"] = d["low"], d["high"]
-                row[f"verdict_{metric}"] = d["verdict"] if name != baseline else ""
+                if name != baseline:
+                    row[f"d_{metric}_low"], row[f"d_{metric}_high"] = d["low"], d["high"]
+                    row[f"verdict_{metric}"] = d["verdict"]
             else:
                 row[f"d_{metric}"] = m - _mean_std(base[metric])[0]
                 row[f"d_{metric}_std"] = math.nan
@@ -93,12 +107,11 @@ def ablation_display(ab: pd.DataFrame, quality: str = DEFAULT_QUALITY,
     for metric in dict.fromkeys((quality, alignment, *extra)):
         if metric in ab:
             out[metric] = [_cell(m, s) for m, s in zip(ab[metric], ab[f"{metric}_std"])]
-            out[f"Δ {metric}"] = [_cell(m, s, signed=True)
-                                  for m, s in zip(ab[f"d_{metric}"], ab[f"d_{metric}_std"])]
-            if f"d_{metric}_low" in ab:
-                out[f"Δ {metric} 95% CI"] = [
-                    "-" if math.isnan(lo) else f"[{lo:+.3g}, {hi:+.3g}]"
-                    for lo, hi in zip(ab[f"d_{metric}_low"], ab[f"d_{metric}_high"])]
+            low = ab.get(f"d_{metric}_low", pd.Series(math.nan, index=ab.index))
+            high = ab.get(f"d_{metric}_high", pd.Series(math.nan, index=ab.index))
+            out[f"Δ {metric} [95% CI]"] = [
+                f"{d:+.3g}" + ("" if math.isnan(lo) else f" [{lo:+.2g}, {hi:+.2g}]")
+                for d, lo, hi in zip(ab[f"d_{metric}"], low, high)]
             if f"verdict_{metric}" in ab:
                 out[f"{metric} verdict"] = ab[f"verdict_{metric}"].fillna("")
     if "params_m" in ab:
