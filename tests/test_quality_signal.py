@@ -170,3 +170,28 @@ def test_reliability_command_measures_evaluation_noise_of_a_run(tmp_path, capsys
     assert main(["reliability", str(tmp_path / "nothing")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not a trained run directory" in err[0]
+
+
+def test_noise_floors_take_each_part_from_the_best_source(tmp_path):
+    import json
+
+    from mdsearch.analysis.reliability import noise_floors
+    from mdsearch.search.runner import sweep_recipe
+    from mdsearch.search.space import load_space
+
+    recipe = sweep_recipe(load_space("quickstart")).to_dict()
+    table = pd.DataFrame({"status": ["completed"] * 2, "c": [1, 2], "seed": [0, 0],
+                          "text_gain": [0.05, 0.06]})
+    (tmp_path / "reliability.json").write_text(json.dumps(
+        {"metrics": {"text_gain": {"eval_std": 0.001, "seed_std": None}}}))
+    floor = noise_floors(table, ["c"], recipe, tmp_path)["text_gain"]
+    assert floor["eval_std"] == 0.001  # measured on this sweep
+    assert floor["seed_std"] == pytest.approx(0.00187, abs=1e-5)  # the study, same recipe
+    assert floor["floor"] == pytest.approx(math.hypot(floor["seed_std"], 0.001))
+    assert "seed: benchmarks/proxy_fidelity.py" in floor["source"]
+    two_seeds = pd.DataFrame({"status": ["completed"] * 4, "c": [1, 1, 2, 2], "seed": [0, 1] * 2,
+                              "text_gain": [0.050, 0.052, 0.060, 0.062]})
+    own = noise_floors(two_seeds, ["c"], {**recipe, "steps": 7})["text_gain"]
+    assert own["seed_std"] == pytest.approx(math.sqrt(0.000002)) and own["eval_std"] is None
+    assert "seed noise unknown" not in own["source"]
+    assert noise_floors(table, ["c"], {**recipe, "steps": 7}) == {}  # nothing known

@@ -176,11 +176,13 @@ def noise_floors(table: pd.DataFrame, config_cols: list[str], recipe: dict | Non
                  run_dir=None) -> dict[str, dict]:
     """metric -> {"seed_std", "eval_std", "floor", "source"} for a sweep's quality metrics.
 
-    The training-seed std comes, by preference, from the sweep itself (configurations trained
-    with several seeds), then from `mdsearch reliability`'s file in the sweep directory, then
-    from the floors the proxy-fidelity study measured for this exact recipe
-    (analysis/noise_floors.yaml). `floor` = sqrt(seed_std^2 + eval_std^2): the std of one
-    trial's value around its configuration's mean. Metrics with no known floor are left out."""
+    Each part is taken from the best source that has it. Training-seed std: the sweep itself
+    (configurations trained with several seeds), else `mdsearch reliability`'s file in the sweep
+    directory, else the floors the proxy-fidelity study measured for this exact recipe
+    (analysis/noise_floors.yaml). Evaluation std: the reliability file, else the study. `floor`
+    = sqrt(seed_std^2 + eval_std^2), the std of one trial's value around its configuration's
+    mean (evaluation noise alone when the seed noise is unknown: the source says so). Metrics
+    with no known part are left out."""
     import json
     from pathlib import Path
 
@@ -188,32 +190,43 @@ def noise_floors(table: pd.DataFrame, config_cols: list[str], recipe: dict | Non
 
     from ..paths import ANALYSIS
 
-    floors: dict[str, dict] = {}
+    sources: list[tuple[str, dict]] = []  # (name, metric -> {seed_std, eval_std}), best first
+    done = table[table["status"] == "completed"] if "status" in table else table
+    if "seed" in done and config_cols and done["seed"].nunique() > 1:
+        runs = done.assign(config=done[config_cols].astype(str).agg("|".join, axis=1))
+        own = {}
+        for metric in [c for c in done.columns if _is_quality(c)]:
+            std, dof = seed_std(runs, metric)
+            if dof:
+                own[metric] = {"seed_std": std}
+        sources.append(("this sweep's seeds", own))
     measured = Path(run_dir) / RELIABILITY_FILE if run_dir is not None else None
     if measured is not None and measured.is_file():
-        for metric, entry in json.loads(measured.read_text()).get("metrics", {}).items():
-            floors[metric] = {"seed_std": entry.get("seed_std"),
-                              "eval_std": entry.get("eval_std"), "source": RELIABILITY_FILE}
+        sources.append((RELIABILITY_FILE, json.loads(measured.read_text()).get("metrics", {})))
     study = ANALYSIS / NOISE_FLOORS
     if recipe and study.is_file():
         for entry in yaml.safe_load(study.read_text()) or []:
             if _recipe_matches(recipe, entry.get("recipe", {})):
-                for metric, values in entry["metrics"].items():
-                    floors.setdefault(metric, {**values, "source": entry.get("source", study.name)})
-    done = table[table["status"] == "completed"] if "status" in table else table
-    if "seed" in done and config_cols and done["seed"].nunique() > 1:
-        runs = done.assign(config=done[config_cols].astype(str).agg("|".join, axis=1))
-        for metric in [c for c in done.columns if _is_quality(c)]:
-            s, dof = seed_std(runs, metric)
-            if dof:
-                prior = floors.get(metric, {})
-                floors[metric] = {"seed_std": s, "eval_std": prior.get("eval_std"),
-                                  "source": f"this sweep's seeds ({dof} degrees of freedom)"}
+                sources.append((entry.get("source", study.name), entry["metrics"]))
+                break
+
+    floors: dict[str, dict] = {}
+    for name, metrics in sources:
+        for metric, values in metrics.items():
+            entry = floors.setdefault(metric, {"seed_std": None, "eval_std": None, "source": {}})
+            for part in ("seed_std", "eval_std"):
+                value = values.get(part)
+                if entry[part] is None and value is not None and math.isfinite(value):
+                    entry[part] = value
+                    entry["source"].setdefault(name, []).append(part.split("_")[0])
     for entry in floors.values():
-        parts = [v for v in (entry.get("seed_std"), entry.get("eval_std")) if v is not None
-                 and math.isfinite(v)]
+        parts = [v for v in (entry["seed_std"], entry["eval_std"]) if v is not None]
         entry["floor"] = math.sqrt(sum(v * v for v in parts)) if parts else math.nan
-    return floors
+        text = [f"{' and '.join(kinds)}: {name}" for name, kinds in entry["source"].items()]
+        if entry["seed_std"] is None:
+            text.append("seed noise unknown, the floor is evaluation noise only")
+        entry["source"] = "; ".join(text)
+    return {m: e for m, e in floors.items() if math.isfinite(e["floor"])}
 
 
 def _is_quality(column: str) -> bool:
