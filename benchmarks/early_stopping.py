@@ -22,6 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from mdsearch.analysis.reliability import difference_band  # noqa: E402
 from mdsearch.search import keep_ray_on_loopback  # noqa: E402
 
 keep_ray_on_loopback()
@@ -93,10 +94,11 @@ def main() -> None:
     within = None
     if stop["winner"] in configs and floor is not None and math.isfinite(floor):
         gap = abs(full["ranking"][configs.index(stop["winner"])][1] - full["ranking"][0][1])
-        within = gap <= 1.96 * math.sqrt(2) * floor
+        band = difference_band(floor)
+        within = gap <= band
         print(f"the early-stopping winner is {gap:.3g} from the full-budget best: "
               f"{'within' if within else 'outside'} the noise of a difference "
-              f"({1.96 * math.sqrt(2) * floor:.3g}; {full['metric']} noise floor {floor:.3g})")
+              f"({band:.3g}; {full['metric']} noise floor {floor:.3g})")
     print(json.dumps({"benchmark": "early_stopping", "space": args.space,
                       "metric": full["metric"], "trial_steps_ratio": round(ratio, 3),
                       "same_winner": same, "winner_within_noise": within, "noise_floor": floor,

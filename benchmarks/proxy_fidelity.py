@@ -30,7 +30,9 @@ retrained; rerun the same command after an interrupt. Ends with one JSON line.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import math
 import os
 import sys
 import time
@@ -94,7 +96,7 @@ def redraw_one(name: str, run_dir: str, redraws: int) -> dict:
 def analyse(rows: list[dict], noise: list[dict], budgets: list[int]) -> dict:
     import pandas as pd
 
-    from mdsearch.analysis.reliability import kendall_tau_b, noise_table
+    from mdsearch.analysis.reliability import kendall_tau_b, noise_table, rms
     from mdsearch.quality import direction
 
     runs = pd.DataFrame([r for r in rows if r["status"] == "ok"])
@@ -102,11 +104,8 @@ def analyse(rows: list[dict], noise: list[dict], budgets: list[int]) -> dict:
     metrics = [m for m in METRICS if m in runs]
     out: dict = {"budgets": budgets, "metrics": {}}
     # evaluation noise: the redraw std within each config, pooled over the configurations
-    eval_std = {}
-    for m in metrics:
-        stds = [n["noise"][m]["std"] for n in noise if m in n["noise"]]
-        if stds:
-            eval_std[m] = float(sum(s * s for s in stds) / len(stds)) ** 0.5
+    eval_std = {m: rms(n["noise"][m]["std"] for n in noise if m in n["noise"])
+                for m in metrics if any(m in n["noise"] for n in noise)}
     table = noise_table(runs[runs["budget"] == short], metrics, eval_std)
     means = runs.groupby(["budget", "config"])[metrics].mean()
     for _, row in table.iterrows():
@@ -149,7 +148,7 @@ def noise_floors(rows: list[dict], noise: list[dict], budgets: list[int], recipe
     metric's training-seed std and evaluation std (the latter measured once, see above)."""
     import pandas as pd
 
-    from mdsearch.analysis.reliability import RECIPE_KEYS, seed_std
+    from mdsearch.analysis.reliability import RECIPE_KEYS, rms, seed_std
 
     runs = pd.DataFrame([r for r in rows if r["status"] == "ok"])
     out = []
@@ -163,8 +162,7 @@ def noise_floors(rows: list[dict], noise: list[dict], budgets: list[int], recipe
             s, dof = seed_std(at, m)
             stds = [n["noise"][m]["std"] for n in noise if m in n["noise"]]
             metrics[m] = {"seed_std": float(f"{s:.4g}"), "seed_dof": dof,
-                          "eval_std": float(f"{(sum(x * x for x in stds) / len(stds)) ** 0.5:.4g}")
-                          if stds else None}
+                          "eval_std": float(f"{rms(stds):.4g}") if stds else None}
         out.append({"source": f"benchmarks/proxy_fidelity.py --multiples {args.multiples} "
                               f"--seeds {args.seeds} ({len(set(at['config']))} configurations)",
                     "recipe": {k: r[k] for k in RECIPE_KEYS}, "metrics": metrics})
@@ -227,10 +225,7 @@ def main() -> None:
     # seed): one run per (configuration, seed), evaluated at every budget. With annealing, each
     # budget is its own run.
     shared = recipe.optimizer.anneal == 0
-    gcd = budgets[0]
-    for b in budgets:
-        while b % gcd:
-            b, gcd = gcd, b % gcd
+    gcd = functools.reduce(math.gcd, budgets)
     jobs = []
     for budget in ([budgets[-1]] if shared else budgets):
         every = gcd if shared else budget
@@ -252,12 +247,11 @@ def main() -> None:
                     rows.append({**record, "config": run["config"], "seed": run["seed"],
                                  "status": run["status"], "budget": record["step"],
                                  "run_dir": run_dir})
-            m = run
-            print(f"[{time.time() - started:6.0f}s] {i}/{len(jobs)} {m['config']} seed "
-                  f"{m['seed']} {m['steps']} steps: {m['status']}  val_loss_mid "
-                  f"{m.get('val_loss_mid', float('nan')):.5f}  text_gain "
-                  f"{m.get('text_gain', float('nan')):.5f}  fid_proxy "
-                  f"{m.get('fid_proxy', float('nan')):.1f}  ({m['seconds']:.0f}s)", flush=True)
+            print(f"[{time.time() - started:6.0f}s] {i}/{len(jobs)} {run['config']} seed "
+                  f"{run['seed']} {run['steps']} steps: {run['status']}  val_loss_mid "
+                  f"{run.get('val_loss_mid', float('nan')):.5f}  text_gain "
+                  f"{run.get('text_gain', float('nan')):.5f}  fid_proxy "
+                  f"{run.get('fid_proxy', float('nan')):.1f}  ({run['seconds']:.0f}s)", flush=True)
         noise_file = args.out / "evaluation_noise.json"
         noise = json.loads(noise_file.read_text()) if noise_file.is_file() else []
         if len(noise) < len(configs) and args.redraws >= 2:

@@ -59,3 +59,27 @@ def test_refusals_name_the_reason(tmp_path):
         choose(run, "md", metric="fid")
     with pytest.raises(Exception, match="no results.csv"):
         choose(tmp_path / "trial_0", "md")
+
+
+def test_candidates_within_the_noise_floor_are_named(tmp_path):
+    import shutil
+
+    import yaml
+
+    from mdsearch.paths import SEARCH_SPACES
+    from mdsearch.search.runner import sweep_recipe
+    from mdsearch.search.space import load_space
+
+    run = sweep(tmp_path, [("completed", "md", 300.0, 0.4), ("completed", "md-lite", 301.0, 0.4),
+                           ("completed", "md-lite", 330.0, 0.4)])
+    unknown = choose(run, "md", metric="fid_proxy")
+    assert unknown.noise_floor is None and "noise floor of fid_proxy is unknown" in \
+        unknown.describe()
+    # the quickstart's recipe: its fid_proxy floor (37.5) is known from the fidelity study
+    shutil.copy(SEARCH_SPACES / "quickstart.yaml", run / "space.yaml")
+    (run / "recipe.yaml").write_text(yaml.safe_dump(
+        sweep_recipe(load_space("quickstart")).to_dict()))
+    chosen = choose(run, "md", metric="fid_proxy")
+    assert chosen.trial_id == "0e0" and chosen.noise_floor == pytest.approx(37.5, abs=0.1)
+    assert chosen.within_noise == ["1e1", "2e2"]  # 1 and 30 away: inside 1.96 x sqrt 2 x 37.5
+    assert "2 other candidate(s) are within the noise" in chosen.describe()

@@ -195,3 +195,27 @@ def test_noise_floors_take_each_part_from_the_best_source(tmp_path):
     assert own["seed_std"] == pytest.approx(math.sqrt(0.000002)) and own["eval_std"] is None
     assert "seed noise unknown" not in own["source"]
     assert noise_floors(table, ["c"], {**recipe, "steps": 7}) == {}  # nothing known
+
+
+@pytest.mark.minilm
+def test_sampled_metrics_only_every_kth_evaluation_and_at_the_end(tmp_path):
+    from mdsearch.train.trainer import train_trial
+
+    from test_train import ImageStats
+
+    result = train_trial(presets.get("md"), tiny_recipe(**{"steps": 9, "eval.sample_every": 2}),
+                         tmp_path / "run", evaluator=ImageStats())
+    sampled = [r["step"] for r in result.history if "sample_mean" in r]
+    assert [r["step"] for r in result.history] == [3, 6, 9]
+    assert sampled == [6, 9]  # every 2nd evaluation, and always the last
+    assert all("val_loss_mid" in r and "text_gain" in r for r in result.history)
+    assert not (tmp_path / "run" / "samples_000003.png").exists()
+
+
+def test_recipe_rejects_a_bank_too_small_to_have_three_bands():
+    from mdsearch.train.recipe import RecipeError
+
+    with pytest.raises(RecipeError, match="eval.bank: 0 .no held-out bank. or at least 3"):
+        tiny_recipe(**{"eval.bank": 2})
+    with pytest.raises(RecipeError, match="optimizer.anneal: must be in .0, 1."):
+        tiny_recipe(**{"optimizer.anneal": 1.5})

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 
 from .pareto import pareto_mask
+from .reliability import difference_band
 
 REFERENCES = ("md", "md-lite", "sd15")  # costed presets, drawn as vertical lines
 
@@ -48,7 +49,7 @@ def pareto_plot(table: pd.DataFrame, metric: str, out: str | Path, mode: str = "
             ax.errorbar(done["gmacs"], done[metric], yerr=noise, fmt="none", ecolor="tab:blue",
                         alpha=0.5, capsize=2, label=f"noise floor ±{noise:.2g} (1 std)")
             best = done[metric].min() if mode == "min" else done[metric].max()
-            band = 1.96 * np.sqrt(2) * noise
+            band = difference_band(noise)
             ax.axhspan(best, best + band if mode == "min" else best - band, color="tab:green",
                        alpha=0.12, label="indistinguishable from the best (95%)")
     if len(stopped):

@@ -26,7 +26,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from ..quality import direction
+from ..quality import UnknownMetric, direction
 
 VERDICTS = ("better", "worse", "no detectable difference", "not enough seeds to tell")
 
@@ -51,13 +51,24 @@ def kendall_tau_b(x, y) -> float:
 def seed_std(runs: pd.DataFrame, metric: str) -> tuple[float, int]:
     """Pooled within-configuration std over seeds (ddof 1 per configuration) and its degrees of
     freedom; nan with no configuration trained with two seeds."""
-    ss, dof = 0.0, 0
-    for _, group in runs.groupby("config", sort=False):
-        values = group[metric].dropna().astype(float)
-        if len(values) > 1:
-            ss += float(((values - values.mean()) ** 2).sum())
-            dof += len(values) - 1
-    return (math.sqrt(ss / dof), dof) if dof else (math.nan, 0)
+    return pooled_std([group[metric] for _, group in runs.groupby("config", sort=False)])
+
+
+def by_config(table: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    """`table` with a `config` column: its values of `columns` (the varied fields) joined."""
+    return table.assign(config=table[columns].astype(str).agg("|".join, axis=1))
+
+
+def rms(stds) -> float:
+    """Standard deviations pooled as the root mean square (equal sample sizes)."""
+    stds = list(stds)
+    return math.sqrt(sum(s * s for s in stds) / len(stds)) if stds else math.nan
+
+
+def difference_band(floor: float) -> float:
+    """The 95% band of a difference between two values that each carry noise of std `floor`:
+    1.96 * sqrt(2) * floor. Two trials closer than this cannot be told apart."""
+    return 1.96 * math.sqrt(2) * floor
 
 
 def noise_table(runs: pd.DataFrame, metrics: list[str],
@@ -112,7 +123,7 @@ def paired_delta(variant: pd.Series, baseline: pd.Series, metric: str,
     elif n >= 2:
         half = _t95(n - 1) * out["delta_std"] / math.sqrt(n)
     elif n == 1 and floor is not None and math.isfinite(floor) and floor > 0:
-        half = 1.96 * math.sqrt(2) * floor
+        half = difference_band(floor)
     else:
         return out
     out["low"], out["high"] = out["delta"] - half, out["delta"] + half
@@ -156,7 +167,7 @@ def resolvable(values: pd.Series, metric: str, floor: float) -> tuple[bool, floa
     if len(ordered) < 2 or floor is None or not math.isfinite(floor):
         return False, math.nan
     gap = abs(float(ordered.iloc[1] - ordered.iloc[0]))
-    return gap > 1.96 * math.sqrt(2) * floor, gap
+    return gap > difference_band(floor), gap
 
 
 # --- a sweep's noise floors ---------------------------------------------------------------------
@@ -193,7 +204,7 @@ def noise_floors(table: pd.DataFrame, config_cols: list[str], recipe: dict | Non
     sources: list[tuple[str, dict]] = []  # (name, metric -> {seed_std, eval_std}), best first
     done = table[table["status"] == "completed"] if "status" in table else table
     if "seed" in done and config_cols and done["seed"].nunique() > 1:
-        runs = done.assign(config=done[config_cols].astype(str).agg("|".join, axis=1))
+        runs = by_config(done, config_cols)
         own = {}
         for metric in [c for c in done.columns if _is_quality(c)]:
             std, dof = seed_std(runs, metric)
@@ -230,8 +241,6 @@ def noise_floors(table: pd.DataFrame, config_cols: list[str], recipe: dict | Non
 
 
 def _is_quality(column: str) -> bool:
-    from ..quality import UnknownMetric
-
     try:
         direction(column)
     except UnknownMetric:
@@ -272,11 +281,8 @@ def measure(path, redraws: int = 3, trials: int = 3, sampled: bool = True,
     for i in picks:
         row = done.iloc[i]
         evals.append(evaluation_noise(row["path"], redraws, sampled=sampled, progress=progress))
-    eval_std = {}
-    for m in (evals[0] if evals else {}):
-        stds = [e[m]["std"] for e in evals if m in e]
-        eval_std[m] = math.sqrt(sum(s * s for s in stds) / len(stds))
-    runs = done.assign(config=done[dims].astype(str).agg("|".join, axis=1))
+    eval_std = {m: rms(e[m]["std"] for e in evals if m in e) for m in (evals[0] if evals else {})}
+    runs = by_config(done, dims)
     metrics = [c for c in done.columns if _is_quality(c) and done[c].notna().any()]
     table_ = noise_table(runs, metrics, eval_std)
     result = {"sweep": str(path), "redraws": redraws, "trials_redrawn": len(evals),

@@ -23,7 +23,7 @@ import pandas as pd
 from ..quality import DEFAULT_QUALITY, direction
 from ..search.runner import RECIPE_COPY, RESULTS, SPACE_COPY, SweepError
 from .pareto import pareto_mask
-from .reliability import noise_floors, resolvable
+from .reliability import difference_band, noise_floors, resolvable
 
 ABLATION_METRICS = ("val_loss_mid", "text_gain", "align", "kid_proxy")
 """Metrics an ablation table shows beside the sweep's own quality metric, where measured."""
@@ -261,7 +261,7 @@ def winner_statement(table: pd.DataFrame, metric: str, floor: dict | None) -> st
         return (f"**Noise floor of {metric} unknown** for this recipe: the order above may be "
                 "noise. Measure it with `mdsearch reliability` (or train with `seeds: [0, 1]`).")
     ok, gap = resolvable(done[metric], metric, floor["floor"])
-    band = 1.96 * math.sqrt(2) * floor["floor"]
+    band = difference_band(floor["floor"])
     ordered = done.sort_values(metric, ascending=direction(metric) == "min")
     best = ordered.iloc[0][metric]
     tied = ordered[(ordered[metric] - best).abs() <= band]
@@ -269,7 +269,8 @@ def winner_statement(table: pd.DataFrame, metric: str, floor: dict | None) -> st
         return (f"Winner: {ordered.iloc[0]['trial_id']}, ahead of the runner-up by {gap:.3g}, "
                 f"more than the noise of a difference ({band:.3g}; {metric} noise floor "
                 f"{floor['floor']:.3g}, from {floor['source']}).")
-    return (f"**No winner at this budget**: {len(tied)} trials ({', '.join(map(str, tied['trial_id']))}) "
+    return (f"**No winner at this budget**: {len(tied)} trials "
+            f"({', '.join(map(str, tied['trial_id']))}) "
             f"are within {band:.3g} of the best {metric} (1.96 x sqrt 2 x its noise floor "
             f"{floor['floor']:.3g}, from {floor['source']}); their order is noise.")
 

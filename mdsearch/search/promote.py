@@ -13,7 +13,8 @@ sweeps):
 The best trial is the best *completed* trial (stopped trials never reached the last step, so
 their quality is not comparable) by the sweep's quality objective, among those under the budget.
 Its full-size spec is the `spec.yaml` its trial wrote. When the metric's noise floor is known
-(analysis.reliability.noise_floors), the candidates it cannot be told from are named beside it. A winner whose text alignment is at chance
+(analysis.reliability.noise_floors), the candidates it cannot be told from are named beside it.
+A winner whose text alignment is at chance
 is promoted with a warning: a text-blind generator can win an image-only FID (see the ablations).
 """
 
@@ -127,14 +128,15 @@ def choose(sweep_dir: str | Path, budget: str = "md", metric: str | None = None)
         value = best.get(key)
         return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
 
-    from ..analysis.reliability import noise_floors
+    from ..analysis.reliability import difference_band, noise_floors
+    from .runner import RECIPE_COPY
 
     dims = [d.name for d in space.dimensions] if space is not None else []
-    recipe = yaml.safe_load((sweep / "recipe.yaml").read_text()) \
-        if (sweep / "recipe.yaml").is_file() else None
+    recipe = yaml.safe_load((sweep / RECIPE_COPY).read_text()) \
+        if (sweep / RECIPE_COPY).is_file() else None
     floor = noise_floors(table, dims, recipe, sweep).get(metric, {}).get("floor")
     floor = floor if floor is not None and math.isfinite(floor) else None
-    band = 1.96 * math.sqrt(2) * floor if floor is not None else 0.0
+    band = difference_band(floor) if floor is not None else 0.0
     close = fits[(fits[metric] - best[metric]).abs() <= band]
     return Promotion(sweep=str(sweep.resolve()), budget=budget, budget_text=limits.describe(),
                      trial_id=str(best["trial_id"]), metric=metric, mode=mode,

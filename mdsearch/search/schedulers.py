@@ -79,9 +79,10 @@ class PaperStopRule(FIFOScheduler):
                 why.append(f"{metric} {values[metric]:.4g} vs best {best:.4g} ({best_trial})")
             else:
                 decision = TrialScheduler.STOP
-                by = (f"more than {self.margin:.0%}" if not self.tolerance else
-                      "more than " + ", ".join(f"{m} {self.tolerance.get(m, self.margin):.3g}"
-                                               for m in self.metrics))
+                by = "more than " + ", ".join(
+                    f"{m} {self.tolerance[m]:.3g}" if m in self.tolerance
+                    else (f"{self.margin:.0%}" if len(self.metrics) == 1 else
+                          f"{m} {self.margin:.0%}") for m in self.metrics)
                 self.reasons[trial_id] = (f"paper rule at step {step}: worse than the best other "
                                           f"candidate by {by} on " + "; ".join(why))
         self._save()
