@@ -39,6 +39,8 @@ ROWS: list[dict] = []
 START = time.time()
 DEVICE = torch.device("cuda")
 OUT: Path | None = None
+SECTIONS: list[str] = []
+MATCH = ""
 
 
 def sync():
@@ -67,6 +69,8 @@ def row(section: str, what: str, **fields) -> dict:
 
 
 def guarded(section: str, what: str, budget: float, fn) -> None:
+    if section not in SECTIONS or MATCH not in what:
+        return
     if time.time() - START > budget:
         row(section, what, status="skipped (time budget)")
         return
@@ -187,9 +191,12 @@ def main():
     parser.add_argument("--steps", type=int, default=10, help="timed steps per step benchmark")
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
                         help="cpu: a dry run of the script itself (tiny, no timings to keep)")
+    parser.add_argument("--sections", nargs="+", default=["trainer", "step", "export", "compile"],
+                        help="run only these sections (default: all)")
+    parser.add_argument("--match", default="", help="run only rows whose label contains this")
     args = parser.parse_args()
-    global DEVICE, OUT
-    DEVICE, OUT = torch.device(args.device), args.out
+    global DEVICE, OUT, SECTIONS, MATCH
+    DEVICE, OUT, SECTIONS, MATCH = torch.device(args.device), args.out, args.sections, args.match
     if OUT:
         OUT.mkdir(parents=True, exist_ok=True)
     # torch's symbolic-shape reasoning logs thousands of harmless warnings while compiling
