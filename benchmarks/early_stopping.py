@@ -22,8 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mdsearch.analysis.reliability import difference_band  # noqa: E402
-from mdsearch.search import keep_ray_on_loopback  # noqa: E402
+from mdsearch.quality import difference_band  # noqa: E402
+from mdsearch.raylocal import keep_ray_on_loopback  # noqa: E402
 
 keep_ray_on_loopback()
 
@@ -31,7 +31,7 @@ keep_ray_on_loopback()
 def run(space_name: str, num_samples: int, stopping: bool, storage: Path) -> dict:
     import ray
 
-    from mdsearch.search.runner import run_sweep
+    from mdsearch.search.sweep import run_sweep
     from mdsearch.search.space import load_space
 
     space = load_space(space_name)

@@ -149,7 +149,6 @@ def step_bench(section: str, name: str, make, latent: int, channels: int, batch:
     if macs_per_sample:  # forward + backward ~ 3x the forward's MACs, 2 FLOPs per MAC
         fields["tflops"] = round(6 * macs_per_sample * batch / med / 1e12, 3)
     row(section, f"{name}, {precision}, {'compiled' if compiled else 'eager'}", **fields)
-    del model, forward, opt
 
 
 def export_check(spec):

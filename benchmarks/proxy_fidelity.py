@@ -96,7 +96,8 @@ def redraw_one(name: str, run_dir: str, redraws: int) -> dict:
 def analyse(rows: list[dict], noise: list[dict], budgets: list[int]) -> dict:
     import pandas as pd
 
-    from mdsearch.analysis.reliability import kendall_tau_b, noise_table, rms
+    from mdsearch.analysis.reliability import kendall_tau_b, noise_table
+    from mdsearch.quality import rms
     from mdsearch.quality import direction
 
     runs = pd.DataFrame([r for r in rows if r["status"] == "ok"])
@@ -148,7 +149,7 @@ def noise_floors(rows: list[dict], noise: list[dict], budgets: list[int], recipe
     metric's training-seed std and evaluation std (the latter measured once, see above)."""
     import pandas as pd
 
-    from mdsearch.analysis.reliability import RECIPE_KEYS, rms, seed_std
+    from mdsearch.quality import RECIPE_KEYS, rms, seed_std
 
     runs = pd.DataFrame([r for r in rows if r["status"] == "ok"])
     out = []
@@ -204,7 +205,7 @@ def main() -> None:
 
     import yaml
 
-    from mdsearch.search.runner import sweep_recipe
+    from mdsearch.search.space import sweep_recipe
     from mdsearch.search.space import load_space
 
     space = load_space(args.space)

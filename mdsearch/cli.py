@@ -8,9 +8,11 @@ import sys
 
 from .arch import presets
 from .arch.cost import cost
-from .arch.spec import ArchSpec, SpecError, parse_set
+from .arch.spec import ArchSpec, parse_set
 from .config import ConfigError
 from .data.errors import DataError
+from .errors import MdsearchError
+from .progress import prefixed, say
 
 
 def _add_spec_args(parser: argparse.ArgumentParser) -> None:
@@ -69,8 +71,26 @@ def cmd_table1(args) -> None:
         print(table1_markdown(rows, args.resolution), end="")
 
 
+def stage_summary(history: list[dict], keys=("fid_proxy", "fid", "align", "clip_score")) -> str:
+    """Quality at the end of each stage, and just after an attention switch (before any
+    fine-tuning): the before / after table of the relu fine-tune."""
+    rows = []
+    for record in history:
+        if "stage" not in record:
+            continue
+        if record.get("event") == "switch":
+            rows.append((f"{record['stage']} (switched, not yet fine-tuned)", record))
+        else:
+            rows = [r for r in rows if r[0] != record["stage"]] + [(record["stage"], record)]
+    shown = [k for k in keys if any(k in r for _, r in rows)]
+    lines = [" | ".join(["stage", "step", "px"] + shown), " | ".join(["---"] * (3 + len(shown)))]
+    for name, r in rows:
+        lines.append(" | ".join([name, str(r["step"]), str(r.get("resolution", ""))]
+                                + [f"{r[k]:.4g}" if k in r else "" for k in shown]))
+    return "\n".join(lines)
+
+
 def _print_result(result, as_json: bool) -> None:
-    from .train.trainer import stage_summary
 
     if as_json:
         print(json.dumps(result.to_dict()))
@@ -99,7 +119,7 @@ def cmd_train(args) -> None:
     if args.seed is not None:
         recipe = recipe.override({"seed": args.seed}, source="--seed")
     spec = _load_spec(args)
-    log = (lambda msg: print(f"[{spec.name}] {msg}", file=sys.stderr, flush=True))
+    log = prefixed(spec.name)
     workers = args.workers or recipe.workers
     if workers > 1 or args.address:
         from .train.distributed import train_distributed
@@ -121,7 +141,7 @@ def cmd_train(args) -> None:
 def cmd_promote(args) -> None:
     from .search.promote import promote
 
-    log = (lambda msg: print(f"[promote] {msg}", file=sys.stderr, flush=True))
+    log = prefixed("promote")
     chosen, result = promote(args.run_dir, args.budget, trial=args.trial, out_dir=args.out,
                              metric=args.metric, workers=args.workers, address=args.address,
                              steps=args.steps, train=not args.no_train, progress=log,
@@ -135,26 +155,29 @@ def cmd_promote(args) -> None:
 
 
 def cmd_sweep(args) -> None:
-    from .search import keep_ray_on_loopback
+    from .raylocal import keep_ray_on_loopback
 
     if args.address is None:
         keep_ray_on_loopback()  # before Ray is imported: a laptop sweep opens no network port
-    from .search.runner import run_sweep, summary
+    from .analysis.plots import sweep_plot
+    from .search.results import summary
     from .search.space import load_space
+    from .search.sweep import run_sweep
 
     space = load_space(args.space)
     result = run_sweep(space, args.trial, name=args.name, storage=args.storage,
                        address=args.address, resume=args.resume, num_samples=args.num_samples,
                        mlflow=not args.no_mlflow)
+    sweep_plot(result, space)
     print(summary(result, space))
 
 
 def cmd_report(args) -> None:
     from .analysis.report import build_report
-    from .search.runner import SweepError
+    from .rundir import RunDirError
 
     if (args.run_dir is None) == (args.mlflow is None):
-        raise SweepError("give a sweep directory or --mlflow EXPERIMENT (one of them)")
+        raise RunDirError("give a sweep directory or --mlflow EXPERIMENT (one of them)")
     report = build_report(args.run_dir, args.out, mlflow_experiment=args.mlflow,
                           tracking_uri=args.tracking_uri)
     for key, path in report.files.items():
@@ -178,19 +201,19 @@ def cmd_reliability(args) -> None:
 
     result = measure(args.path, redraws=args.redraws, trials=args.trials,
                      sampled=not args.bank_only,
-                     progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+                     progress=say)
     print(json.dumps(result, default=float) if args.json else show(result))
 
 
 def cmd_export(args) -> None:
     from .arch.cost import latent_size
     from .export.bundle import export_models, pair_text_encoder, trained_resolution
-    from .export.onnx import (check_unet_exportable, checkpoint_files, load_checkpoint,
-                              random_model)
+    from .export.onnx import check_unet_exportable, load_checkpoint, random_model
+    from .train.checkpoint import checkpoint_path
 
     if args.checkpoint:
         spec, model = load_checkpoint(args.checkpoint)
-        source = str(checkpoint_files(args.checkpoint)[1])
+        source = str(checkpoint_path(args.checkpoint))
     else:
         spec = _load_spec(args)
         model = random_model(spec)
@@ -214,7 +237,7 @@ def cmd_export(args) -> None:
             raise type(err)(f"{err} (--text-encoder minilm|clip and --text-encoder-path DIR "
                             f"choose the text encoder; --no-text-encoder exports the UNet "
                             f"alone)") from None
-    log = (lambda msg: print(f"[export] {msg}", file=sys.stderr, flush=True))
+    log = prefixed("export")
     result = export_models(spec, model, args.out, latent, encoder, format=args.format,
                            fp16=args.fp16, progress=log)
     if args.json:
@@ -239,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="mdsearch",
         description="Architecture search and ablations for MobileDiffusion-family UNets.")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error instead of its one-line message")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("spec", help="print an architecture spec (YAML, or JSON with --json)")
@@ -382,8 +407,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         args.func(args)
-    except (SpecError, ConfigError, DataError) as err:
-        print(f"mdsearch {args.command}: error: {err}", file=sys.stderr)
+    except MdsearchError as err:  # the user's input: one line, exit 2 (--debug: the traceback)
+        if args.debug:
+            raise
+        print(f"mdsearch {args.command}: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     return 0
 

@@ -8,7 +8,6 @@ the key path and the reason, as one `ConfigError`.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import types
 import typing
 from pathlib import Path
@@ -16,20 +15,11 @@ from typing import Any
 
 import yaml
 
+from .errors import MdsearchError, did_you_mean
 
-class ConfigError(ValueError):
+
+class ConfigError(MdsearchError):
     """A malformed configuration file or dict: names the source, the field and the reason."""
-
-
-def closest(word: str, options) -> str | None:
-    """The option closest to a mistyped `word`, or None when none is close."""
-    match = difflib.get_close_matches(str(word), list(options), n=1)
-    return match[0] if match else None
-
-
-def did_you_mean(word: str, options) -> str:
-    match = closest(word, options)
-    return f"; did you mean {match!r}?" if match else f"; known: {', '.join(map(str, options))}"
 
 
 def load_yaml(path: str | Path, error=ConfigError) -> Any:

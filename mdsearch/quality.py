@@ -5,10 +5,23 @@ direction from here; a search space may name a metric without one (`objectives: 
 and a space that gives a direction contrary to this table is an error. Cost metrics (params,
 gmacs) are minimised.
 
-This module imports nothing else of mdsearch.
+It also holds what makes a number comparable: its noise floor (the std of one trial's value
+around its configuration's mean, from training seeds and evaluation redraws), the band inside
+which two values cannot be told apart, and the statement a sweep may make about its winner.
+`mdsearch.analysis.reliability` measures the floors; sweeps, promote and reports read them here.
+
+A bottom-layer module: it imports only the run directory's names and the package paths.
 """
 
 from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from .rundir import COMPLETED, RELIABILITY
 
 DIRECTIONS: dict[str, str] = {
     # deterministic held-out metrics (mdsearch.train.heldout): one fixed bank per data+resolution
@@ -56,3 +69,154 @@ def better(metric: str, a: float, b: float) -> bool:
 def signed(metric: str, value: float) -> float:
     """The value turned so that smaller is better (for fronts and sorting)."""
     return value if direction(metric) == "min" else -value
+
+
+# --- noise floors --------------------------------------------------------------------------------
+
+def seed_std(runs: pd.DataFrame, metric: str) -> tuple[float, int]:
+    """Pooled within-configuration std over seeds (ddof 1 per configuration) and its degrees of
+    freedom; nan with no configuration trained with two seeds."""
+    return pooled_std([group[metric] for _, group in runs.groupby("config", sort=False)])
+
+
+def by_config(table: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    """`table` with a `config` column: its values of `columns` (the varied fields) joined."""
+    return table.assign(config=table[columns].astype(str).agg("|".join, axis=1))
+
+
+def rms(stds) -> float:
+    """Standard deviations pooled as the root mean square (equal sample sizes)."""
+    stds = list(stds)
+    return math.sqrt(sum(s * s for s in stds) / len(stds)) if stds else math.nan
+
+
+def difference_band(floor: float) -> float:
+    """The 95% band of a difference between two values that each carry noise of std `floor`:
+    1.96 * sqrt(2) * floor. Two trials closer than this cannot be told apart."""
+    return 1.96 * math.sqrt(2) * floor
+
+
+
+def pooled_std(deltas: list[pd.Series]) -> tuple[float, int]:
+    """The std of one paired difference pooled over several comparisons' per-seed differences
+    (each contributes len - 1 degrees of freedom), assuming they share one noise level; (nan, 0)
+    when none has two seeds."""
+    ss, dof = 0.0, 0
+    for d in deltas:
+        d = d.dropna().astype(float)
+        if len(d) > 1:
+            ss += float(((d - d.mean()) ** 2).sum())
+            dof += len(d) - 1
+    return (math.sqrt(ss / dof), dof) if dof else (math.nan, 0)
+
+
+
+def resolvable(values: pd.Series, metric: str, floor: float) -> tuple[bool, float]:
+    """Whether the best value is ahead of the runner-up by more than the 95% band of a
+    difference of two values that each carry noise of std `floor` (1.96 * sqrt(2) * floor).
+    Returns (resolvable, the gap). An unknown (nan) floor is never resolvable."""
+    ordered = values.dropna().astype(float).sort_values(ascending=direction(metric) == "min")
+    if len(ordered) < 2 or floor is None or not math.isfinite(floor):
+        return False, math.nan
+    gap = abs(float(ordered.iloc[1] - ordered.iloc[0]))
+    return gap > difference_band(floor), gap
+
+
+# --- a sweep's noise floors ---------------------------------------------------------------------
+
+NOISE_FLOORS = "noise_floors.yaml"  # analysis/: floors measured by the proxy-fidelity study
+RECIPE_KEYS = ("name", "data", "resolution", "width", "batch_size", "steps", "optimizer",
+               "ema_decay", "prediction", "noise_schedule", "caption_dropout")
+"""The recipe fields a measured noise floor holds for (not evaluation cadence or resources)."""
+
+
+def _recipe_matches(recipe: dict, measured: dict) -> bool:
+    return all(recipe.get(k) == measured.get(k) for k in RECIPE_KEYS if k in measured)
+
+
+def noise_floors(table: pd.DataFrame, config_cols: list[str], recipe: dict | None = None,
+                 run_dir=None) -> dict[str, dict]:
+    """metric -> {"seed_std", "eval_std", "floor", "source"} for a sweep's quality metrics.
+
+    Each part is taken from the best source that has it. Training-seed std: the sweep itself
+    (configurations trained with several seeds), else `mdsearch reliability`'s file in the sweep
+    directory, else the floors the proxy-fidelity study measured for this exact recipe
+    (analysis/noise_floors.yaml). Evaluation std: the reliability file, else the study. `floor`
+    = sqrt(seed_std^2 + eval_std^2), the std of one trial's value around its configuration's
+    mean (evaluation noise alone when the seed noise is unknown: the source says so). Metrics
+    with no known part are left out."""
+    import yaml
+
+    from .paths import ANALYSIS
+
+    sources: list[tuple[str, dict]] = []  # (name, metric -> {seed_std, eval_std}), best first
+    done = table[table["status"] == COMPLETED] if "status" in table else table
+    if "seed" in done and config_cols and done["seed"].nunique() > 1:
+        runs = by_config(done, config_cols)
+        own = {}
+        for metric in [c for c in done.columns if is_quality(c)]:
+            std, dof = seed_std(runs, metric)
+            if dof:
+                own[metric] = {"seed_std": std}
+        sources.append(("this sweep's seeds", own))
+    measured = Path(run_dir) / RELIABILITY if run_dir is not None else None
+    if measured is not None and measured.is_file():
+        sources.append((RELIABILITY, json.loads(measured.read_text()).get("metrics", {})))
+    study = ANALYSIS / NOISE_FLOORS
+    if recipe and study.is_file():
+        for entry in yaml.safe_load(study.read_text()) or []:
+            if _recipe_matches(recipe, entry.get("recipe", {})):
+                sources.append((entry.get("source", study.name), entry["metrics"]))
+                break
+
+    floors: dict[str, dict] = {}
+    for name, metrics in sources:
+        for metric, values in metrics.items():
+            entry = floors.setdefault(metric, {"seed_std": None, "eval_std": None, "source": {}})
+            for part in ("seed_std", "eval_std"):
+                value = values.get(part)
+                if entry[part] is None and value is not None and math.isfinite(value):
+                    entry[part] = value
+                    entry["source"].setdefault(name, []).append(part.split("_")[0])
+    for entry in floors.values():
+        parts = [v for v in (entry["seed_std"], entry["eval_std"]) if v is not None]
+        entry["floor"] = math.sqrt(sum(v * v for v in parts)) if parts else math.nan
+        text = [f"{' and '.join(kinds)}: {name}" for name, kinds in entry["source"].items()]
+        if entry["seed_std"] is None:
+            text.append("seed noise unknown, the floor is evaluation noise only")
+        entry["source"] = "; ".join(text)
+    return {m: e for m, e in floors.items() if math.isfinite(e["floor"])}
+
+
+def is_quality(column: str) -> bool:
+    try:
+        direction(column)
+    except UnknownMetric:
+        return False
+    return column not in ("params", "gmacs", "loss")
+
+
+
+def winner_statement(table: pd.DataFrame, metric: str, floor: dict | None) -> str:
+    """Whether the best completed trial can be called the winner: only when it is ahead of
+    the runner-up by more than the noise of a difference (1.96 * sqrt(2) * floor)."""
+    done = table[(table["status"] == COMPLETED) & table[metric].notna()] if metric in table \
+        else table.iloc[:0]
+    if len(done) < 2:
+        return "Fewer than two completed trials: nothing to rank."
+    if not floor or not math.isfinite(floor.get("floor", math.nan)):
+        return (f"**Noise floor of {metric} unknown** for this recipe: the order above may be "
+                "noise. Measure it with `mdsearch reliability` (or train with `seeds: [0, 1]`).")
+    ok, gap = resolvable(done[metric], metric, floor["floor"])
+    band = difference_band(floor["floor"])
+    ordered = done.sort_values(metric, ascending=direction(metric) == "min")
+    best = ordered.iloc[0][metric]
+    tied = ordered[(ordered[metric] - best).abs() <= band]
+    if ok:
+        return (f"Winner: {ordered.iloc[0]['trial_id']}, ahead of the runner-up by {gap:.3g}, "
+                f"more than the noise of a difference ({band:.3g}; {metric} noise floor "
+                f"{floor['floor']:.3g}, from {floor['source']}).")
+    return (f"**No winner at this budget**: {len(tied)} trials "
+            f"({', '.join(map(str, tied['trial_id']))}) "
+            f"are within {band:.3g} of the best {metric} (1.96 x sqrt 2 x its noise floor "
+            f"{floor['floor']:.3g}, from {floor['source']}); their order is noise.")

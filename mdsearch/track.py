@@ -9,10 +9,13 @@ and the spec YAML and sample grids as artifacts. A resumed trial continues its M
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from pathlib import Path
 from typing import Any
+
+from .rundir import SPEC
 
 RUN_ID_FILE = "mlflow_run_id"
 MAX_BATCH = 100  # MLflow's limit on params per log_batch call
@@ -40,11 +43,13 @@ def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-class MLflowTracker:
-    """Logs one trial to one MLflow run in `experiment`."""
+class MLflowWriter:
+    """One MLflow experiment and its runs: the one place mdsearch writes to MLflow (a trial's
+    tracker and the sweep driver's callback both go through it). Only finite numbers are logged
+    as metrics; params are batched under MLflow's limit."""
 
-    def __init__(self, experiment: str = "mdsearch", run_name: str | None = None,
-                 tracking_uri: str | None = None, root: str | Path = "mlruns"):
+    def __init__(self, experiment: str = "mdsearch", tracking_uri: str | None = None,
+                 root: str | Path = "mlruns"):
         from mlflow.tracking import MlflowClient
 
         self.uri = tracking_uri or default_tracking_uri(root)
@@ -58,46 +63,82 @@ class MLflowTracker:
                 artifacts = (Path(self.uri[len("sqlite:///"):]).parent / "artifacts").as_uri()
             self.experiment_id = self.client.create_experiment(experiment,
                                                                artifact_location=artifacts)
-        self.run_name, self.run_id = run_name, None
 
-    def start(self, spec, proxy, recipe, full_cost, proxy_params: int, out_dir: Path) -> None:
+    def tag_experiment(self, tags: dict[str, str]) -> None:
+        for key, value in tags.items():
+            self.client.set_experiment_tag(self.experiment_id, key, str(value)[:5000])
+
+    def find_run(self, tag: str, value: str) -> str | None:
+        runs = self.client.search_runs([self.experiment_id],
+                                       filter_string=f"tags.{tag} = '{value}'")
+        return runs[0].info.run_id if runs else None
+
+    def create_run(self, name: str, tags: dict[str, str] | None = None,
+                   params: dict[str, Any] | None = None) -> str:
         from mlflow.entities import Param
 
-        id_file = Path(out_dir) / RUN_ID_FILE
-        if id_file.is_file():  # a resumed trial continues its run
-            self.run_id = id_file.read_text().strip()
-            self.client.update_run(self.run_id, status="RUNNING")
-            return
-        run = self.client.create_run(self.experiment_id, run_name=self.run_name or spec.name)
-        self.run_id = run.info.run_id
-        id_file.write_text(self.run_id)
-        params = {**flatten(spec.to_dict(), "spec"), **flatten(proxy.to_dict(), "proxy"),
-                  **flatten(recipe.to_dict(), "recipe")}
-        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        run_id = self.client.create_run(self.experiment_id, run_name=name,
+                                        tags=tags or {}).info.run_id
+        items = [Param(k, str(v)[:6000]) for k, v in (params or {}).items()]
         for i in range(0, len(items), MAX_BATCH):
-            self.client.log_batch(self.run_id, params=items[i:i + MAX_BATCH])
-        self.log_metrics({"params": full_cost.params, "gmacs": full_cost.gmacs,
-                          "proxy_params": proxy_params}, 0)
-        spec_file = Path(out_dir) / "spec.yaml"
-        if spec_file.is_file():
-            self.client.log_artifact(self.run_id, str(spec_file))
+            self.client.log_batch(run_id, params=items[i:i + MAX_BATCH])
+        return run_id
 
-    def log_metrics(self, metrics: dict[str, Any], step: int) -> None:
+    def resume_run(self, run_id: str) -> str:
+        self.client.update_run(run_id, status="RUNNING")
+        return run_id
+
+    def log_metrics(self, run_id: str, metrics: dict[str, Any], step: int) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items()
-                 if isinstance(v, (int, float)) and not isinstance(v, bool)]
+                 if isinstance(v, (int, float)) and not isinstance(v, bool)
+                 and math.isfinite(v)]
         if batch:
-            self.client.log_batch(self.run_id, metrics=batch)
+            self.client.log_batch(run_id, metrics=batch)
+
+    def log_artifact(self, run_id: str, path: str | Path) -> None:
+        if Path(path).is_file():
+            self.client.log_artifact(run_id, str(path))
+
+    def finish(self, run_id: str, ok: bool, reason: str | None = None,
+               status: str | None = None) -> None:
+        self.client.set_tag(run_id, "status", status or ("finished" if ok else "failed"))
+        if reason:
+            self.client.set_tag(run_id, "reason", reason[:5000])
+        self.client.set_terminated(run_id, "FINISHED" if ok else "FAILED")
+
+
+class MLflowTracker:
+    """Logs one trial to one MLflow run in `experiment`."""
+
+    def __init__(self, experiment: str = "mdsearch", run_name: str | None = None,
+                 tracking_uri: str | None = None, root: str | Path = "mlruns"):
+        self.writer = MLflowWriter(experiment, tracking_uri, root)
+        self.uri, self.client = self.writer.uri, self.writer.client
+        self.experiment_id = self.writer.experiment_id
+        self.run_name, self.run_id = run_name, None
+
+    def start(self, spec, proxy, recipe, full_cost, proxy_params: int, out_dir: Path) -> None:
+        id_file = Path(out_dir) / RUN_ID_FILE
+        if id_file.is_file():  # a resumed trial continues its run
+            self.run_id = self.writer.resume_run(id_file.read_text().strip())
+            return
+        params = {**flatten(spec.to_dict(), "spec"), **flatten(proxy.to_dict(), "proxy"),
+                  **flatten(recipe.to_dict(), "recipe")}
+        self.run_id = self.writer.create_run(self.run_name or spec.name, params=params)
+        id_file.write_text(self.run_id)
+        self.log_metrics({"params": full_cost.params, "gmacs": full_cost.gmacs,
+                          "proxy_params": proxy_params}, 0)
+        self.log_artifact(Path(out_dir) / SPEC)
+
+    def log_metrics(self, metrics: dict[str, Any], step: int) -> None:
+        self.writer.log_metrics(self.run_id, metrics, step)
 
     def log_artifact(self, path: str | Path) -> None:
-        if Path(path).is_file():
-            self.client.log_artifact(self.run_id, str(path))
+        self.writer.log_artifact(self.run_id, path)
 
     def finish(self, result) -> None:
-        self.client.set_tag(self.run_id, "status", result.status)
-        if result.reason:
-            self.client.set_tag(self.run_id, "reason", result.reason)
         self.log_metrics({"steps": result.steps, "seconds": result.seconds}, result.steps)
-        self.client.set_terminated(self.run_id, "FINISHED" if result.status == "ok" else "FAILED")
+        self.writer.finish(self.run_id, result.status == "ok", result.reason, result.status)

@@ -29,3 +29,27 @@ def tiny(name: str, **overrides):
 @pytest.fixture
 def tiny_spec():
     return tiny
+
+
+@pytest.fixture
+def lock_holder():
+    """Start another process that holds DIRECTORY's run lock (mdsearch.rundir.locked); returns
+    it once the lock is held. It is killed at the end of the test."""
+    import subprocess
+    import sys
+
+    started = []
+
+    def hold(directory, what):
+        code = ("import time\nfrom mdsearch.rundir import locked\n"
+                f"with locked({str(directory)!r}, {what!r}):\n    print('in', flush=True)\n"
+                "    time.sleep(60)")
+        process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        started.append(process)
+        assert process.stdout.readline().strip() == "in"
+        return process
+
+    yield hold
+    for process in started:
+        process.kill()
+        process.wait()

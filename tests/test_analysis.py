@@ -10,11 +10,11 @@ import pytest
 import yaml
 
 from mdsearch.analysis.fidelity import fidelity, kendall_tau_b
-from mdsearch.analysis.pareto import pareto_mask
+from mdsearch.rundir import pareto_mask
 from mdsearch.analysis.report import build_report
 from mdsearch.analysis.tables import ablation_table, comparison_table, write_table
 from mdsearch.paths import ANALYSIS, SEARCH_SPACES
-from mdsearch.search.runner import sweep_recipe
+from mdsearch.search.space import sweep_recipe
 from mdsearch.search.space import load_space
 
 

@@ -85,11 +85,14 @@ def test_cli_exports_a_trained_checkpoint_with_json(tmp_path, capsys, monkeypatc
 
 def test_bad_checkpoint_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ExportError, match="proxy_spec.yaml: the spec the checkpoint"):
+    with pytest.raises(ExportError, match="checkpoint.pt: not a readable mdsearch checkpoint"):
         load_checkpoint(tmp_path)
-    (tmp_path / "proxy_spec.yaml").write_text("levels: [{channels: 32}]\nnorm_groups: 8\n")
     assert main(["export", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "not a readable mdsearch checkpoint" in capsys.readouterr().err
+    # an old-style checkpoint (no spec inside) with no proxy_spec.yaml beside it
+    torch.save({"ema": {}}, tmp_path / "checkpoint.pt")
+    with pytest.raises(ExportError, match="proxy_spec.yaml: the spec the checkpoint"):
+        load_checkpoint(tmp_path)
 
 
 # --- The text encoder's own graph ---------------------------------------------------------------

@@ -8,7 +8,9 @@ from mdsearch.arch import presets
 from mdsearch.arch.blocks import Attention
 from mdsearch.arch.spec import ArchSpec
 from mdsearch.train.recipe import Recipe, RecipeError, load_recipe
-from mdsearch.train.trainer import CHECKPOINT, Training, stage_summary, train_trial
+from mdsearch.cli import stage_summary
+from mdsearch.rundir import CHECKPOINT
+from mdsearch.train.trainer import Training, train_trial
 
 from test_train import TINY, ImageStats, weights
 

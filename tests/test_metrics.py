@@ -1,4 +1,5 @@
-"""Tests of mdsearch.train.metrics: the attribute classifier, fid_proxy, align, paths, grids.
+"""Tests of the attribute classifier (data.classifier), the metrics (train.metrics: fid_proxy,
+align, paths) and sample grids (train.grid).
 
 The classifier is trained once per test session, short (TRAIN_SIZE x EPOCHS at 16 px), into a
 temporary cache; the platform's default training is longer and more accurate.
@@ -13,9 +14,11 @@ import pytest
 import torch
 
 from mdsearch.data.synthetic import CHANCE, SyntheticShapes, render
+from mdsearch.data import classifier
+from mdsearch.data.classifier import ClassifierFeatures, MetricsError, load_attribute_classifier
 from mdsearch.train import metrics
-from mdsearch.train.metrics import (ClassifierFeatures, Evaluator, MetricsError,
-                                    load_attribute_classifier, save_grid)
+from mdsearch.train.grid import save_grid
+from mdsearch.train.metrics import Evaluator
 
 RES = 16
 TRAIN_SIZE = 4096
@@ -77,7 +80,7 @@ def test_classifier_loaded_from_cache_without_retraining(evaluator, cache_dir, m
     def no_training(*args, **kwargs):
         raise AssertionError("the classifier was retrained instead of loaded from the cache")
 
-    monkeypatch.setattr(metrics, "train_attribute_classifier", no_training)
+    monkeypatch.setattr(classifier, "train_attribute_classifier", no_training)
     model, report = load_attribute_classifier(RES, cache_dir=cache_dir, seed=0,
                                               train_size=TRAIN_SIZE, epochs=EPOCHS)
     assert report["cached"] is True
@@ -85,7 +88,7 @@ def test_classifier_loaded_from_cache_without_retraining(evaluator, cache_dir, m
     for key, value in evaluator.classifier.state_dict().items():
         assert torch.equal(model.state_dict()[key], value), key
     meta = json.loads(next(cache_dir.glob(f"*r{RES}-s0-n{TRAIN_SIZE}x{EPOCHS}.json")).read_text())
-    assert meta["version"] == metrics.CLASSIFIER_VERSION and meta["resolution"] == RES
+    assert meta["version"] == classifier.CLASSIFIER_VERSION and meta["resolution"] == RES
 
 
 def test_feature_extractor_for_torchmetrics(evaluator):
@@ -94,10 +97,10 @@ def test_feature_extractor_for_torchmetrics(evaluator):
     features = ClassifierFeatures(evaluator.classifier)
     dummy = torch.randint(0, 255, (1, 3, 299, 299), dtype=torch.uint8)  # torchmetrics' probe
     out = features(dummy)
-    assert out.shape == (1, metrics.FEATURE_DIM) and out.dtype == torch.float64
+    assert out.shape == (1, classifier.FEATURE_DIM) and out.dtype == torch.float64
     del features.num_features  # make torchmetrics probe the output size itself
     fid = FrechetInceptionDistance(feature=features, input_img_size=(3, 299, 299))
-    assert fid.real_features_sum.shape == (metrics.FEATURE_DIM,)
+    assert fid.real_features_sum.shape == (classifier.FEATURE_DIM,)
     images, _, _ = _rendered("val", size=8)
     assert torch.allclose(features(images), features(((images + 1) * 127.5).round().byte()),
                           atol=0.05)  # uint8 input means the same image

@@ -67,7 +67,7 @@ def test_candidates_within_the_noise_floor_are_named(tmp_path):
     import yaml
 
     from mdsearch.paths import SEARCH_SPACES
-    from mdsearch.search.runner import sweep_recipe
+    from mdsearch.search.space import sweep_recipe
     from mdsearch.search.space import load_space
 
     run = sweep(tmp_path, [("completed", "md", 300.0, 0.4), ("completed", "md-lite", 301.0, 0.4),

@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 import torch
 
-from mdsearch.analysis.reliability import noise_table, paired_delta, resolvable, verdict_text
+from mdsearch.analysis.reliability import noise_table, paired_delta, verdict_text
+from mdsearch.quality import resolvable
 from mdsearch.arch import presets
 from mdsearch.quality import direction
 from mdsearch.search.space import SpaceError, parse_space
@@ -81,7 +82,7 @@ def test_numeric_dimensions_reach_optuna_as_numbers():
                    channels={"field": "levels.2.channels", "values": [1024, 512, 768]},
                    ffn={"field": "ffn_expansion", "values": [2, 3, 5]},
                    kv={"field": "kv_share", "bool": True})
-    from mdsearch.search.runner import define_by_run
+    from mdsearch.search.searchers import define_by_run
 
     study = optuna.create_study()
     trial = study.ask()
@@ -175,8 +176,8 @@ def test_reliability_command_measures_evaluation_noise_of_a_run(tmp_path, capsys
 def test_noise_floors_take_each_part_from_the_best_source(tmp_path):
     import json
 
-    from mdsearch.analysis.reliability import noise_floors
-    from mdsearch.search.runner import sweep_recipe
+    from mdsearch.quality import noise_floors
+    from mdsearch.search.space import sweep_recipe
     from mdsearch.search.space import load_space
 
     recipe = sweep_recipe(load_space("quickstart")).to_dict()

@@ -1,6 +1,7 @@
 """Sweeps through a real Ray (local, and a two-node cluster on 127.0.0.1), with real Optuna,
 a real MLflow store, and a real SIGKILL of the driver followed by --resume."""
 
+import json
 import re
 import signal
 import subprocess
@@ -12,7 +13,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from mdsearch.search.runner import run_sweep
+from mdsearch.rundir import RESULT, TUNE_HISTORY
+from mdsearch.search.sweep import run_sweep
 from mdsearch.search.space import load_space
 
 RECIPE = {
@@ -78,6 +80,16 @@ def test_grid_sweep_filters_before_training_and_writes_results(tmp_path):
     for column in ("trial_id", "stop_reason", "gmacs", "fid_proxy", "align", "seconds", "seed"):
         assert column in table.columns
     assert done["fid_proxy"].notna().all() and (done["seconds"] > 0).all()
+    # the trainer's result and Tune's line-per-report history live side by side, both readable
+    for trial in done["path"]:
+        assert json.loads((Path(trial) / RESULT).read_text())["status"] == "ok"
+        reports = [json.loads(line) for line in (Path(trial) / TUNE_HISTORY).read_text().splitlines()]
+        assert [r["step"] for r in reports] == [3, 6]
+    from mdsearch.analysis.fidelity import fidelity
+
+    agreement = fidelity(tmp_path / "sweeps" / "grid", tmp_path / "sweeps" / "grid", "fid_proxy",
+                         short_step=3)  # documented: --short-step N on a sweep
+    assert agreement["pairs"] == 2 and agreement["steps_short"] == 3
 
     from mlflow.tracking import MlflowClient
 
@@ -98,8 +110,6 @@ def test_grid_sweep_filters_before_training_and_writes_results(tmp_path):
 
     # promote the winner under the md-lite budget, train it through staged full training (a low
     # resolution, a higher one, the relu fine-tune), and export it for phones
-    import json
-
     from mdsearch.cli import main
 
     full = write(tmp_path / "full.yaml", {**RECIPE, "steps": 5, "eval": {
@@ -112,7 +122,7 @@ def test_grid_sweep_filters_before_training_and_writes_results(tmp_path):
     promotion = json.loads((out / "promotion.json").read_text())
     best = done.sort_values("fid_proxy").iloc[0]
     assert promotion["trial_id"] == best["trial_id"] and promotion["budget"] == "md-lite"
-    result = json.loads((out / "result.json").read_text())
+    result = json.loads((out / RESULT).read_text())
     assert result["status"] == "ok" and result["steps"] == 5
     assert [(r["stage"], r.get("event")) for r in result["history"]] == [
         ("low", None), ("high", None), ("relu", "switch"), ("relu", None)]
@@ -136,7 +146,7 @@ def test_optuna_sweep_records_a_failed_trial_and_goes_on(tmp_path):
 
 
 def test_existing_sweep_needs_resume_and_resume_needs_a_sweep(tmp_path):
-    from mdsearch.search.runner import SweepError
+    from mdsearch.search.sweep import SweepError
 
     space, recipe = files(tmp_path)
     with pytest.raises(SweepError, match="no sweep to resume"):
@@ -192,12 +202,20 @@ def test_sigkill_then_resume_completes_every_trial_exactly_once(tmp_path):
         assert driver.poll() is None, log.read_text()[-3000:]
         assert time.time() < deadline, "no trial finished in time"
         time.sleep(0.5)
+    # a second sweep on the same directory fails at once, naming the first
+    second = subprocess.run(_sweep_cmd(space_file, recipe_file, tmp_path, "--resume"),
+                            capture_output=True, text=True, timeout=120)
+    assert second.returncode == 2 and f"in use by pid {driver.pid}" in second.stderr
+    assert "Traceback" not in second.stderr
     time.sleep(5)  # the experiment state is snapshotted every 2 s
     assert driver.poll() is None, "the sweep ended before it could be killed"
     driver.send_signal(signal.SIGKILL)
     driver.wait()
     first = log.read_text()
     finished_before = {line.split()[2] for line in first.splitlines() if line.endswith("finished")}
+    # results.csv is written as each trial ends: the killed sweep already has its finished rows
+    partial = pd.read_csv(tmp_path / "killed" / "results.csv", dtype={"trial_id": str})
+    assert finished_before <= set(partial[partial["status"] == "completed"]["trial_id"])
 
     resumed = subprocess.run(_sweep_cmd(space_file, recipe_file, tmp_path, "--resume"),
                              capture_output=True, text=True, timeout=600)
@@ -211,6 +229,19 @@ def test_sigkill_then_resume_completes_every_trial_exactly_once(tmp_path):
     assert finished_before and not finished_before & started_again
     assert "results:" in resumed.stdout
 
+    # a damaged searcher state stops a resume with one clear line, and touches nothing
+    sweep = tmp_path / "killed"
+    before = {p.name: p.read_bytes() for p in sweep.iterdir() if p.is_file()}
+    state = sorted(sweep.glob("searcher-state-*.pkl"))[-1]
+    state.write_bytes(state.read_bytes()[:40])
+    before[state.name] = state.read_bytes()
+    again = subprocess.run(_sweep_cmd(space_file, recipe_file, tmp_path, "--resume"),
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and "Traceback" not in again.stderr
+    assert f"{state}: the sweep's searcher state is damaged" in again.stderr
+    after = {p.name: p.read_bytes() for p in sweep.iterdir() if p.is_file() and p.name != ".lock"}
+    assert after == {k: v for k, v in before.items() if k != ".lock"}
+
 
 def test_cli_reports_a_bad_space_in_one_line(tmp_path, capsys):
     from mdsearch.cli import main
@@ -223,7 +254,7 @@ def test_cli_reports_a_bad_space_in_one_line(tmp_path, capsys):
 
 
 def test_unnamed_sweeps_are_timestamped_and_resume_takes_the_latest(tmp_path):
-    from mdsearch.search.runner import SweepError, default_name
+    from mdsearch.search.sweep import SweepError, default_name
 
     space, _ = files(tmp_path)
     assert re.fullmatch(r"tiny_space-\d{8}-\d{6}", default_name(space, tmp_path, resume=False))

@@ -8,7 +8,8 @@ import torch
 from mdsearch.arch import presets
 from mdsearch.cli import main
 from mdsearch.train.recipe import Recipe
-from mdsearch.train.trainer import CHECKPOINT, train_trial
+from mdsearch.rundir import CHECKPOINT
+from mdsearch.train.trainer import train_trial
 
 TINY = {
     "name": "test", "data": {"kind": "synthetic", "size": 64, "eval_size": 32, "seed": 0},
@@ -104,3 +105,69 @@ def test_trials_with_different_seeds_share_one_judge(monkeypatch):
     for seed in (0, 1, 7):
         trainer.make_evaluator(tiny_recipe(seed=seed), data)
     assert seen == [trainer.JUDGE_SEED] * 3
+
+
+def test_checkpoint_describes_itself_and_old_runs_still_load(tmp_path):
+    from mdsearch.rundir import PROXY_SPEC, RECIPE, SPEC
+    from mdsearch.train.checkpoint import described, read_checkpoint
+    from mdsearch.train.noise import load_run
+
+    train_trial(presets.get("md"), tiny_recipe(), tmp_path, steps=3, evaluator=ImageStats())
+    state = read_checkpoint(tmp_path)
+    about = described(tmp_path / CHECKPOINT, state)
+    assert {"spec", "proxy_spec", "recipe"} <= set(state)
+    assert about["spec"] == presets.get("md") and about["recipe"]["name"] == "test"
+    assert about["proxy_spec"].channels[0] < presets.get("md").channels[0]
+    # the checkpoint alone is enough: the YAML copies may go ...
+    for name in (SPEC, PROXY_SPEC, RECIPE):
+        (tmp_path / name).unlink()
+    assert load_run(tmp_path).step == 3
+    # ... and a checkpoint from before it carried them loads from the YAML files beside it
+    old = {k: v for k, v in state.items() if k not in ("spec", "proxy_spec", "recipe")}
+    torch.save(old, tmp_path / CHECKPOINT)
+    with pytest.raises(Exception, match="names no spec or recipe"):
+        load_run(tmp_path)
+    (tmp_path / SPEC).write_text(presets.get("md").to_yaml())
+    (tmp_path / RECIPE).write_text(json.dumps(TINY))
+    assert load_run(tmp_path).step == 3
+
+
+def test_bad_out_directories_are_refused_in_one_line(tmp_path, capsys, monkeypatch):
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(json.dumps(TINY))
+    args = ["train", "--preset", "md", "--trial", str(recipe), "--steps", "3", "--no-mlflow"]
+    monkeypatch.chdir(tmp_path)
+    assert main(args + ["--out", ""]) == 2
+    assert "--out is empty" in capsys.readouterr().err and not (tmp_path / "spec.yaml").exists()
+    # a hand-edited spec.yaml is never overwritten by a run of another spec
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "spec.yaml").write_text("# mine\nlevels: []\n")
+    assert main(args + ["--out", str(run)]) == 2
+    assert "holds another spec" in capsys.readouterr().err
+    assert (run / "spec.yaml").read_text() == "# mine\nlevels: []\n"
+    # a damaged checkpoint: which file, that it is damaged, what to do; never weights_only=False
+    (run / "spec.yaml").unlink()
+    (run / CHECKPOINT).write_bytes(b"\x00" * 10)
+    assert main(args + ["--out", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert f"{run / CHECKPOINT}: not a readable mdsearch checkpoint" in err
+    assert "weights_only" not in err and len(err.strip().splitlines()) == 1
+    # another spec's checkpoint: one line, not a wall of state-dict keys
+    (run / CHECKPOINT).unlink()
+    assert main(args + ["--out", str(run)]) == 0
+    capsys.readouterr()
+    assert main(args + ["--out", str(run), "--set", "levels.0.channels=640", "--steps", "6"]) == 2
+    err = capsys.readouterr().err
+    assert "this checkpoint is of another model" in err and len(err.strip().splitlines()) == 1
+
+
+def test_two_runs_on_one_out_directory_cannot_overlap(tmp_path, capsys, lock_holder):
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(json.dumps(TINY))
+    holder = lock_holder(tmp_path / "run", "training md")
+    code = main(["train", "--preset", "md", "--trial", str(recipe), "--out", str(tmp_path / "run"),
+                 "--steps", "3", "--no-mlflow"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"in use by pid {holder.pid}" in err
+    assert not (tmp_path / "run" / CHECKPOINT).exists()

@@ -8,42 +8,44 @@ orders candidates exactly as the long one; 0: no better than chance.
 
 from __future__ import annotations
 
-import math
+import json
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
+from ..errors import did_you_mean
 from ..quality import DEFAULT_QUALITY
-from ..search.runner import RESULTS, SweepError
+from ..rundir import COMPLETED, RESULTS, SPACE, TUNE_HISTORY, RunDirError, numeric_column, \
+    read_results
 from .reliability import kendall_tau_b
 
 
 def _completed(run_dir: str | Path, metric: str) -> pd.DataFrame:
-    path = Path(run_dir) / RESULTS
-    if not path.is_file():
-        raise SweepError(f"{run_dir}: no {RESULTS}; give sweep directories")
-    t = pd.read_csv(path, dtype={"trial_id": str})
-    return t[(t["status"] == "completed") & t[metric].notna()]
+    t = read_results(run_dir)
+    if metric not in t:
+        raise RunDirError(f"{Path(run_dir) / RESULTS}: no column {metric!r}{did_you_mean(metric, t.columns)}")
+    t = t.assign(**{metric: numeric_column(t, metric, Path(run_dir) / RESULTS)})
+    return t[(t["status"] == COMPLETED) & t[metric].notna()]
 
 
 def at_step(run_dir: str | Path, step: int, metric: str = DEFAULT_QUALITY) -> pd.DataFrame:
     """A sweep's completed trials as they were at evaluation `step`, from each trial's reported
-    history (Tune's result.json). With a constant learning rate after warm-up, this is what a
-    sweep with `step` training steps would have measured."""
-    import json
-
+    history (Tune's line-per-report file). With a constant learning rate after warm-up, this is
+    what a sweep with `step` training steps would have measured."""
     rows = []
     for _, row in _completed(run_dir, metric).iterrows():
-        history = Path(str(row.get("path", ""))) / "result.json"
+        history = Path(str(row.get("path", ""))) / TUNE_HISTORY
         if not history.is_file():
             continue
         for line in history.read_text().splitlines():
-            record = json.loads(line)
-            if record.get("step") == step and metric in record:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by a killed driver: skip it
+                continue
+            if isinstance(record, dict) and record.get("step") == step and metric in record:
                 rows.append({**row.to_dict(), metric: record[metric], "steps": step})
     if not rows:
-        raise SweepError(f"{run_dir}: no completed trial reported {metric} at step {step}")
+        raise RunDirError(f"{run_dir}: no completed trial reported {metric} at step {step}")
     return pd.DataFrame(rows)
 
 
@@ -55,7 +57,7 @@ def fidelity(short_dir: str | Path, long_dir: str | Path, metric: str | None = N
     if metric is None:
         from ..search.space import load_space
 
-        space_file = Path(long_dir) / "space.yaml"
+        space_file = Path(long_dir) / SPACE
         metric = load_space(space_file).quality.metric if space_file.is_file() \
             else DEFAULT_QUALITY
     long = _completed(long_dir, metric)

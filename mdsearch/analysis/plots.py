@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .pareto import pareto_mask
-from .reliability import difference_band
+from ..quality import difference_band
+from ..rundir import COMPLETED, FAILED, FILTERED_STATUS, PLOT, STOPPED, front
 
 REFERENCES = ("md", "md-lite", "sd15")  # costed presets, drawn as vertical lines
 
@@ -39,9 +39,9 @@ def pareto_plot(table: pd.DataFrame, metric: str, out: str | Path, mode: str = "
     out = Path(out)
     fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
     has = table[metric].notna() if metric in table else pd.Series(False, index=table.index)
-    done = table[(table["status"] == "completed") & has]
-    stopped = table[(table["status"] == "stopped") & has]
-    failed = table[table["status"] == "failed"]
+    done = table[(table["status"] == COMPLETED) & has]
+    stopped = table[(table["status"] == STOPPED) & has]
+    failed = table[table["status"] == FAILED]
     if len(done):
         ax.scatter(done["gmacs"], done[metric], s=40, color="tab:blue", label="completed",
                    zorder=3)
@@ -57,11 +57,10 @@ def pareto_plot(table: pd.DataFrame, metric: str, out: str | Path, mode: str = "
                    edgecolors="tab:orange", label="stopped early (metric at its last evaluation)",
                    zorder=3)
     if len(done):
-        values = np.c_[done["gmacs"], done[metric] * (1 if mode == "min" else -1)]
-        front = done[pareto_mask(values)].sort_values("gmacs")
-        ax.step(front["gmacs"], front[metric], where="post", color="tab:blue", alpha=0.6,
+        best = front(done, [("gmacs", "min"), (metric, mode)])
+        ax.step(best["gmacs"], best[metric], where="post", color="tab:blue", alpha=0.6,
                 label="Pareto front (completed)")
-        for _, row in front.iterrows():
+        for _, row in best.iterrows():
             ax.annotate(str(row["trial_id"])[:8], (row["gmacs"], row[metric]),
                         textcoords="offset points", xytext=(4, 4), fontsize=7)
     top = ax.get_ylim()[1]
@@ -77,7 +76,7 @@ def pareto_plot(table: pd.DataFrame, metric: str, out: str | Path, mode: str = "
             continue
         ax.axvline(gmacs, color="grey", linestyle=":", linewidth=1)
         ax.text(gmacs, top, f" {name}", rotation=90, va="top", fontsize=7, color="grey")
-    filtered = int((table["status"] == "filtered").sum())
+    filtered = int((table["status"] == FILTERED_STATUS).sum())
     ax.set_xlabel(xlabel)
     ax.set_ylabel(f"{metric} ({'lower' if mode == 'min' else 'higher'} is better; proxy training)")
     ax.set_title(title + (f"  [{filtered} over-budget configurations not trained]"
@@ -100,3 +99,18 @@ def reference_costs(resolution: int = 512) -> dict[str, dict[str, float]]:
     costs = {name: cost(presets.get(name), resolution) for name in REFERENCES}
     return {"gmacs": {n: c.gmacs for n, c in costs.items()},
             "params": {n: float(c.params) for n, c in costs.items()}}
+
+
+def sweep_plot(result, space) -> Path | None:
+    """The Pareto plot a sweep ends with (SWEEP/pareto.png): its quality metric against
+    full-size GMACs, with the noise floor, the budget and the paper's reference models; None
+    when nothing reported the metric. Also sets `result.plot`."""
+    table, metric = result.table, space.quality.metric
+    if "gmacs" not in table or metric not in table:
+        return None
+    result.plot = pareto_plot(
+        table, metric, result.path / PLOT, space.quality.mode, space.budget.max_gmacs,
+        title=f"sweep {result.path.name} ({space.name}, recipe {result.recipe})",
+        references=reference_costs()["gmacs"],
+        noise=result.floors.get(metric, {}).get("floor"))
+    return result.plot

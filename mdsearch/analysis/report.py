@@ -17,13 +17,12 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from ..quality import DEFAULT_QUALITY, direction
-from ..search.runner import RECIPE_COPY, RESULTS, SPACE_COPY, SweepError
-from .pareto import pareto_mask
-from .reliability import difference_band, noise_floors, resolvable
+from ..quality import noise_floors, winner_statement
+from ..rundir import (COMPLETED, FAILED, FILTERED_STATUS, NOT_RUN, RECIPE, SPACE, STOPPED,
+                      RunDirError, front, read_results, trial_status)
 
 ABLATION_METRICS = ("val_loss_mid", "text_gain", "align", "kid_proxy")
 """Metrics an ablation table shows beside the sweep's own quality metric, where measured."""
@@ -38,19 +37,13 @@ class Report:
 def _load(run_dir: Path):
     from ..search.space import load_space
 
-    results = run_dir / RESULTS
-    if not results.is_file():
-        raise SweepError(f"{run_dir}: no {RESULTS} here; give the directory of a finished sweep "
-                         "(runs/sweeps/NAME)")
-    table = pd.read_csv(results, dtype={"trial_id": str})
-    if "status" not in table or "trial_id" not in table:
-        raise SweepError(f"{results}: not a sweep's results table (no trial_id/status columns)")
-    space = load_space(run_dir / SPACE_COPY) if (run_dir / SPACE_COPY).is_file() else None
+    table = read_results(run_dir)
+    space = load_space(run_dir / SPACE) if (run_dir / SPACE).is_file() else None
     recipe = None
-    if (run_dir / RECIPE_COPY).is_file():
+    if (run_dir / RECIPE).is_file():
         import yaml
 
-        recipe = yaml.safe_load((run_dir / RECIPE_COPY).read_text())
+        recipe = yaml.safe_load((run_dir / RECIPE).read_text())
     return table, space, recipe
 
 
@@ -70,25 +63,25 @@ def _load_mlflow(experiment: str, tracking_uri: str | None = None):
     client = MlflowClient(tracking_uri or default_tracking_uri())
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
-        raise SweepError(f"MLflow experiment {experiment!r} not found at {client.tracking_uri}")
+        raise RunDirError(f"MLflow experiment {experiment!r} not found at {client.tracking_uri}")
     rows = []
     for run in client.search_runs([exp.experiment_id], max_results=50000):
         tags, metrics = run.data.tags, run.data.metrics
         row = {"trial_id": tags.get("trial_id", run.info.run_name)}
-        if tags.get("status") == "failed":
-            row["status"], row["stop_reason"] = "failed", tags.get("reason", "")
-        elif metrics.get("step", 0) >= metrics.get("steps_total", math.inf):
-            row["status"], row["stop_reason"] = "completed", ""
-        else:
-            row["status"] = "stopped" if tags.get("status") == "finished" else "not_run"
-            row["stop_reason"] = f"stopped at step {metrics.get('step', 0):g}"
+        failed = tags.get("status") == "failed"
+        status = trial_status(metrics.get("step", 0), metrics.get("steps_total", math.inf), failed)
+        if status == STOPPED and tags.get("status") != "finished":
+            status = NOT_RUN  # still running, or its driver died: not stopped by a rule
+        row["status"] = status
+        row["stop_reason"] = (tags.get("reason", "") if failed else "" if status == COMPLETED
+                              else f"stopped at step {metrics.get('step', 0):g}")
         row.update({k: yaml.safe_load(v) for k, v in run.data.params.items()
                     if k not in ("recipe", "base")})
         row.update(metrics)
         row["steps"] = metrics.get("step", 0)
         rows.append(row)
     filtered = int(exp.tags.get("mdsearch.filtered", 0))
-    rows += [{"trial_id": f"filtered_{i + 1:04d}", "status": "filtered", "steps": 0}
+    rows += [{"trial_id": f"filtered_{i + 1:04d}", "status": FILTERED_STATUS, "steps": 0}
              for i in range(filtered)]
     table = pd.DataFrame(rows)
     space = None
@@ -101,12 +94,8 @@ def _load_mlflow(experiment: str, tracking_uri: str | None = None):
 
 
 def front_table(table: pd.DataFrame, metric: str, mode: str, cost: str = "gmacs") -> pd.DataFrame:
-    """The completed trials on the front of (metric, cost), both as given or negated for max."""
-    done = table[(table["status"] == "completed") & table[metric].notna()]
-    if done.empty:
-        return done
-    values = np.c_[done[metric] * (1 if mode == "min" else -1), done[cost]]
-    return done[pareto_mask(values)].sort_values(cost)
+    """The completed trials on the front of (metric, cost), cheapest first."""
+    return front(table, [(cost, "min"), (metric, mode)])
 
 
 def scatter(table: pd.DataFrame, x: str, y: str, out: Path, title: str, xlabel: str,
@@ -118,8 +107,8 @@ def scatter(table: pd.DataFrame, x: str, y: str, out: Path, title: str, xlabel: 
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 5), dpi=120)
-    for status, style in (("completed", dict(color="tab:blue")),
-                          ("stopped", dict(facecolors="none", edgecolors="tab:orange"))):
+    for status, style in ((COMPLETED, dict(color="tab:blue")),
+                          (STOPPED, dict(facecolors="none", edgecolors="tab:orange"))):
         rows = table[(table["status"] == status) & table[x].notna() & table[y].notna()]
         ax.scatter(rows[x], rows[y], s=40, label=status, **style)
         for _, r in rows.iterrows():
@@ -201,7 +190,7 @@ def build_report(run_dir: str | Path | None = None, out: str | Path | None = Non
 
 def _summary(table, space, recipe, name, metric, mode, report, ablation, floors) -> str:
     counts = table["status"].value_counts()
-    trained = table[table["status"] != "filtered"]
+    trained = table[table["status"] != FILTERED_STATUS]
     lines = [f"# Sweep report: {name}", ""]
     if space is not None:
         lines += [f"Space `{space.name}`: {space.description or ''}", "",
@@ -212,12 +201,12 @@ def _summary(table, space, recipe, name, metric, mode, report, ablation, floors)
                   f"{(recipe or {}).get('width', '?')}).", ""]
     lines += ["## Counts", "",
               f"- trained: {len(trained)} (" + ", ".join(
-                  f"{counts.get(s, 0)} {s}" for s in ("completed", "stopped", "failed")) + ")",
+                  f"{counts.get(s, 0)} {s}" for s in (COMPLETED, STOPPED, FAILED)) + ")",
               f"- filtered before training (over budget or invalid): "
               f"{int(counts.get('filtered', 0))}",
               f"- trial-steps trained: {int(trained['steps'].fillna(0).sum())}", ""]
     if metric in table:
-        best = table[table["status"] == "completed"].sort_values(metric, ascending=mode == "min")
+        best = table[table["status"] == COMPLETED].sort_values(metric, ascending=mode == "min")
         cols = ["trial_id", *([d.name for d in space.dimensions] if space else []), "seed",
                 "params", "gmacs", metric, "align", "steps"]
         best = best.reindex(columns=[c for c in cols if c in best.columns]).head(5)
@@ -227,7 +216,7 @@ def _summary(table, space, recipe, name, metric, mode, report, ablation, floors)
                   best.to_markdown(index=False, floatfmt=".4g") if len(best) else "none", "",
                   winner_statement(table, metric, floors.get(metric)), ""]
     lines += _noise_section(floors, table)
-    reasons = trained[trained["status"].isin(["stopped", "failed"])]
+    reasons = trained[trained["status"].isin([STOPPED, FAILED])]
     if len(reasons):
         lines += ["## Stopped and failed trials", "",
                   reasons[["trial_id", "status", "steps", "stop_reason"]].to_markdown(
@@ -248,31 +237,6 @@ def _summary(table, space, recipe, name, metric, mode, report, ablation, floors)
             "", "The front's rows: [pareto.csv](pareto.csv)", ""]
     lines += _paper_section(metric)
     return "\n".join(lines) + "\n"
-
-
-def winner_statement(table: pd.DataFrame, metric: str, floor: dict | None) -> str:
-    """Whether the best completed trial can be called the winner: only when it is ahead of
-    the runner-up by more than the noise of a difference (1.96 * sqrt(2) * floor)."""
-    done = table[(table["status"] == "completed") & table[metric].notna()] if metric in table \
-        else table.iloc[:0]
-    if len(done) < 2:
-        return "Fewer than two completed trials: nothing to rank."
-    if not floor or not math.isfinite(floor.get("floor", math.nan)):
-        return (f"**Noise floor of {metric} unknown** for this recipe: the order above may be "
-                "noise. Measure it with `mdsearch reliability` (or train with `seeds: [0, 1]`).")
-    ok, gap = resolvable(done[metric], metric, floor["floor"])
-    band = difference_band(floor["floor"])
-    ordered = done.sort_values(metric, ascending=direction(metric) == "min")
-    best = ordered.iloc[0][metric]
-    tied = ordered[(ordered[metric] - best).abs() <= band]
-    if ok:
-        return (f"Winner: {ordered.iloc[0]['trial_id']}, ahead of the runner-up by {gap:.3g}, "
-                f"more than the noise of a difference ({band:.3g}; {metric} noise floor "
-                f"{floor['floor']:.3g}, from {floor['source']}).")
-    return (f"**No winner at this budget**: {len(tied)} trials "
-            f"({', '.join(map(str, tied['trial_id']))}) "
-            f"are within {band:.3g} of the best {metric} (1.96 x sqrt 2 x its noise floor "
-            f"{floor['floor']:.3g}, from {floor['source']}); their order is noise.")
 
 
 def _noise_section(floors: dict, table: pd.DataFrame) -> list[str]:

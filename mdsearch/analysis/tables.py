@@ -45,7 +45,8 @@ def ablation_table(table: pd.DataFrame, variant: str = "variant", baseline: str 
     a 2-seed difference alone has one); with single seeds everywhere, the metric's known
     training-seed noise (`floors`, from `reliability.noise_floors`); without pairs the delta
     falls back to the difference of means (no interval, no verdict)."""
-    from .reliability import paired_delta, pooled_std
+    from ..quality import pooled_std
+    from .reliability import paired_delta
 
     done = table[table["status"].isin(MEASURED)]
     if variant not in done or baseline not in set(done[variant]):

@@ -21,7 +21,8 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
-from .errors import DataError, did_you_mean
+from ..errors import did_you_mean
+from .errors import DataError
 from .folder import CocoCaptions, ImageCaptionFolder, Skipped, load_image
 from .synthetic import (ATTRIBUTES, CHANCE, SyntheticShapes, caption_for, eval_prompts,
                         labels_for, render)
@@ -51,21 +52,19 @@ def make_dataset(cfg: dict, resolution: int, split: str = "train") -> Dataset:
     if not isinstance(cfg, dict):
         raise DataError(f"data config must be a mapping with a 'kind' key, got {cfg!r}")
     if split not in SPLITS:
-        raise DataError(f"unknown split {split!r}{did_you_mean(split, SPLITS)}; "
-                        f"expected one of {', '.join(SPLITS)}")
+        raise DataError(f"unknown split {split!r}{did_you_mean(split, SPLITS)}")
     kind = cfg.get("kind")
     if kind is None:
         raise DataError(f"data config {cfg!r} has no 'kind': expected one of "
                         f"{', '.join(DATASET_KINDS)}")
     if kind not in DATASET_KINDS:
-        raise DataError(f"data config: unknown kind {kind!r}{did_you_mean(str(kind), DATASET_KINDS)}"
-                        f"; expected one of {', '.join(DATASET_KINDS)}")
+        raise DataError(f"data config: unknown kind {kind!r}{did_you_mean(str(kind), DATASET_KINDS)}")
     required, optional = DATASET_KINDS[kind]
     allowed = {"kind", *required, *optional}
     for key in cfg:
         if key not in allowed:
             raise DataError(f"data config (kind {kind!r}): unknown key {key!r}"
-                            f"{did_you_mean(key, allowed)}; allowed: {', '.join(sorted(allowed))}")
+                            f"{did_you_mean(key, sorted(allowed))}")
     missing = [key for key in required if key not in cfg]
     if missing:
         raise DataError(f"data config (kind {kind!r}): missing key(s) {', '.join(missing)}")

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import DataError, did_you_mean
+from ..errors import did_you_mean
+from .errors import DataError
 
 
 class IdentityAutoencoder:

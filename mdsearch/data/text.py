@@ -36,7 +36,9 @@ from typing import NamedTuple
 
 import torch
 
-from .errors import DataError, did_you_mean
+from ..errors import did_you_mean
+from ..rundir import atomic_path
+from .errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -208,8 +210,7 @@ def get_text_encoder(name: str = "minilm", path: str | Path | None = None,
     """A frozen text encoder by name: "minilm" (default, bundled) or "clip" (needs `path`)."""
     key = ENCODERS.get(str(name).lower())
     if key is None:
-        raise DataError(f"unknown text encoder {name!r}{did_you_mean(str(name).lower(), ENCODERS)}"
-                        f"; known: {', '.join(ENCODERS)}")
+        raise DataError(f"unknown text encoder {name!r}{did_you_mean(str(name).lower(), ENCODERS)}")
     if key == "minilm":
         if path is not None:
             raise DataError("text encoder 'minilm' takes no path: its weights ship with the "
@@ -321,8 +322,7 @@ def cached_embeddings(encoder: TextEncoder, captions: Sequence[str],
     pooled = torch.cat([p.pooled for p in parts]).to(dtype)
     mask = mask[:, :used].contiguous()
     directory.mkdir(parents=True, exist_ok=True)
-    tmp = file.with_suffix(f".tmp{os.getpid()}")
-    torch.save({"key": key, "captions": distinct, "tokens": tokens, "mask": mask,
-                "pooled": pooled}, tmp)
-    os.replace(tmp, file)
+    with atomic_path(file) as tmp:
+        torch.save({"key": key, "captions": distinct, "tokens": tokens, "mask": mask,
+                    "pooled": pooled}, tmp)
     return CaptionEmbeddings(distinct, tokens, mask, pooled, encoder.max_length, key)

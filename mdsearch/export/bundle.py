@@ -23,13 +23,13 @@ import torch
 
 from ..arch.spec import ArchSpec
 from ..config import load_yaml
+from ..rundir import RECIPE
 from ..data.text import ENCODERS, TextEncoder, get_text_encoder
 from .onnx import ExportError, ExportResult, check_unet_exportable, export_unet
 from .text import TextExportResult, export_text_encoder
 
 FORMATS = ("onnx", "coreml")
 ENCODER_BY_WIDTH = {384: "minilm", 768: "clip"}
-RECIPE_FILE = "recipe.yaml"
 
 
 @dataclass
@@ -54,7 +54,7 @@ def trial_recipe_file(trial: str | Path) -> Path | None:
     """The recipe a trial trained with: `recipe.yaml` in the trial directory, else in its parent
     (a sweep directory); None if there is neither. `trial` is the directory or its checkpoint."""
     folder = Path(trial) if Path(trial).is_dir() else Path(trial).parent
-    for candidate in (folder / RECIPE_FILE, folder.parent / RECIPE_FILE):
+    for candidate in (folder / RECIPE, folder.parent / RECIPE):
         if candidate.is_file():
             return candidate
     return None

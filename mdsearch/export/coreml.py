@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..progress import quiet
 from ..arch.spec import ArchSpec
 from ..data.text import TextEncoder
 from .onnx import (FP32_REL_TOLERANCE, ExportError, ExportResult, check_unet_exportable, compare,
@@ -135,7 +136,7 @@ def convert_unet(spec: ArchSpec, model: torch.nn.Module, out_dir: str | Path, la
     """Convert `model` to OUT_DIR/unet.mlpackage (unet_fp16.mlpackage); on macOS, check it."""
     ct = coremltools()
     check_unet_exportable(spec)
-    say = progress or (lambda msg: None)
+    say = progress or quiet
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / ("unet_fp16.mlpackage" if fp16 else "unet.mlpackage")
@@ -159,7 +160,7 @@ def convert_text_encoder(encoder: TextEncoder, out_dir: str | Path, fp16: bool =
     """Convert `encoder` to OUT_DIR/text_encoder.mlpackage (text_encoder_fp16.mlpackage) with
     its tokenizer; on macOS, check it."""
     ct = coremltools()
-    say = progress or (lambda msg: None)
+    say = progress or quiet
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / ("text_encoder_fp16.mlpackage" if fp16 else "text_encoder.mlpackage")

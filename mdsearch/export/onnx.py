@@ -29,10 +29,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..progress import quiet
 from ..arch.cost import example_inputs
 from ..arch.spec import ArchSpec
 from ..arch.unet import build
 from ..config import ConfigError
+from ..rundir import PROXY_SPEC
+from ..train.checkpoint import CheckpointError, checkpoint_path, described, read_checkpoint
 
 OPSET = 18
 FP32_REL_TOLERANCE = 1e-4
@@ -94,36 +97,25 @@ def onnx_size(path: Path) -> int:
     return path.stat().st_size + sum(f.stat().st_size for f in extra)
 
 
-def checkpoint_files(path: str | Path) -> tuple[Path, Path]:
-    """A trial directory's (or checkpoint file's) checkpoint.pt and proxy_spec.yaml paths."""
-    path = Path(path)
-    ckpt = path / "checkpoint.pt" if path.is_dir() else path
-    return ckpt, ckpt.parent / "proxy_spec.yaml"
-
-
 def load_checkpoint(path: str | Path) -> tuple[ArchSpec, torch.nn.Module]:
-    """A trained trial (its directory or checkpoint.pt): the proxy spec it trained and its EMA
-    weights (what sampling uses)."""
-    ckpt, spec_file = checkpoint_files(path)
-    if not ckpt.is_file():
-        raise ExportError(f"{ckpt}: checkpoint not found")
-    if not spec_file.is_file():
-        raise ExportError(f"{spec_file}: the spec the checkpoint was trained with is missing")
-    spec = ArchSpec.from_file(spec_file)
+    """A trained trial (its directory or checkpoint.pt): the proxy spec it trained (carried by
+    the checkpoint; proxy_spec.yaml beside it for older runs) and its EMA weights (what
+    sampling uses)."""
+    ckpt = checkpoint_path(path)
     try:
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    except Exception as err:  # a truncated or foreign file
-        raise ExportError(f"{ckpt}: not a readable mdsearch checkpoint ({err})") from None
+        state = read_checkpoint(ckpt)
+    except CheckpointError as err:
+        raise ExportError(str(err)) from None
+    spec = described(ckpt, state)["proxy_spec"]
+    if spec is None:
+        raise ExportError(f"{ckpt.parent / PROXY_SPEC}: the spec the checkpoint was trained "
+                          "with is missing (neither in the checkpoint nor beside it)")
     model = build(spec)
-    weights = state.get("ema", state.get("model")) if isinstance(state, dict) else None
-    if weights is None:
-        raise ExportError(f"{ckpt}: no 'ema' or 'model' weights in it, so it is not an mdsearch "
-                          f"checkpoint")
     try:
-        model.load_state_dict(weights)
+        model.load_state_dict(state.get("ema", state.get("model")))
     except RuntimeError as err:  # weights of another spec
         first = str(err).strip().splitlines()[1:2] or [str(err)]
-        raise ExportError(f"{ckpt}: its weights do not fit the spec in {spec_file} "
+        raise ExportError(f"{ckpt}: its weights do not fit the spec it names "
                           f"({first[0].strip()})") from None
     return spec, model.eval()
 
@@ -164,7 +156,7 @@ def export_unet(spec: ArchSpec, model: torch.nn.Module, out_dir: str | Path, lat
     check_unet_exportable(spec)
     if opset < 17:
         raise ExportError(f"opset {opset}: mobile targets need >= 17")
-    say = progress or (lambda msg: None)
+    say = progress or quiet
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / ("unet_fp16.onnx" if fp16 else "unet.onnx")

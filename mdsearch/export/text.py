@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..progress import quiet
 from ..data.text import TextEncoder
 from .onnx import (FP32_REL_TOLERANCE, OPSET, PARITY_ORT, ExportError, compare, median_ms,
                    onnx_size)
@@ -139,7 +140,7 @@ def export_text_encoder(encoder: TextEncoder, out_dir: str | Path, fp16: bool = 
 
     if opset < 17:
         raise ExportError(f"opset {opset}: mobile targets need >= 17")
-    say = progress or (lambda msg: None)
+    say = progress or quiet
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / ("text_encoder_fp16.onnx" if fp16 else "text_encoder.onnx")

@@ -29,8 +29,11 @@ from typing import Callable
 import yaml
 
 from ..arch.spec import ArchSpec
-from ..config import ConfigError, did_you_mean
-from ..quality import UnknownMetric, direction
+from ..config import ConfigError
+from ..errors import did_you_mean
+from ..quality import UnknownMetric, difference_band, direction, noise_floors
+from ..progress import quiet
+from ..rundir import COMPLETED, RECIPE, RESULTS, SPACE, SPEC, numeric_column, read_results
 from .space import Budget, load_space
 
 BUDGETS = {
@@ -89,14 +92,12 @@ class Promotion:
 
 def choose(sweep_dir: str | Path, budget: str = "md", metric: str | None = None) -> Promotion:
     """The best completed trial of a sweep under a named budget."""
-    from .runner import load_results
-
     if budget not in BUDGETS:
         raise PromoteError(f"budget {budget!r}: unknown{did_you_mean(budget, BUDGETS)}")
     limits = BUDGETS[budget]
     sweep = Path(sweep_dir)
-    table = load_results(sweep)
-    space = load_space(sweep / "space.yaml") if (sweep / "space.yaml").is_file() else None
+    table = read_results(sweep)
+    space = load_space(sweep / SPACE) if (sweep / SPACE).is_file() else None
     quality = space.quality if space is not None else None
     metric = metric or (quality.metric if quality is not None else "fid_proxy")
     try:
@@ -104,9 +105,10 @@ def choose(sweep_dir: str | Path, budget: str = "md", metric: str | None = None)
     except UnknownMetric:
         mode = quality.mode if quality is not None and quality.metric == metric else "min"
     if metric not in table:
-        raise PromoteError(f"{sweep}/results.csv has no column {metric!r}"
+        raise PromoteError(f"{sweep / RESULTS} has no column {metric!r}"
                            f"{did_you_mean(metric, table.columns)}")
-    done = table[(table["status"] == "completed") & table[metric].notna()]
+    table[metric] = numeric_column(table, metric, sweep / RESULTS)
+    done = table[(table["status"] == COMPLETED) & table[metric].notna()]
     if done.empty:
         counts = ", ".join(f"{v} {k}" for k, v in table["status"].value_counts().items())
         raise PromoteError(f"{sweep}: no completed trial with a {metric} to promote ({counts})")
@@ -118,7 +120,7 @@ def choose(sweep_dir: str | Path, budget: str = "md", metric: str | None = None)
             f"({limits.describe()}); the smallest has {cheapest['params'] / 1e6:.1f}M params and "
             f"{cheapest['gmacs']:.1f} GMACs. Sweep under that budget, or promote with a larger one.")
     best = fits.sort_values(metric, ascending=mode == "min").iloc[0]
-    spec_file = Path(str(best["path"])) / "spec.yaml"
+    spec_file = Path(str(best["path"])) / SPEC
     if not spec_file.is_file():
         raise PromoteError(f"trial {best['trial_id']}: its full-size spec {spec_file} is missing "
                            "(was the sweep directory moved? results.csv keeps absolute paths)")
@@ -128,12 +130,8 @@ def choose(sweep_dir: str | Path, budget: str = "md", metric: str | None = None)
         value = best.get(key)
         return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
 
-    from ..analysis.reliability import difference_band, noise_floors
-    from .runner import RECIPE_COPY
-
     dims = [d.name for d in space.dimensions] if space is not None else []
-    recipe = yaml.safe_load((sweep / RECIPE_COPY).read_text()) \
-        if (sweep / RECIPE_COPY).is_file() else None
+    recipe = yaml.safe_load((sweep / RECIPE).read_text()) if (sweep / RECIPE).is_file() else None
     floor = noise_floors(table, dims, recipe, sweep).get(metric, {}).get("floor")
     floor = floor if floor is not None and math.isfinite(floor) else None
     band = difference_band(floor) if floor is not None else 0.0
@@ -157,7 +155,7 @@ def promote(sweep_dir: str | Path, budget: str = "md", *, trial: str | Path = "f
     holds MLflowTracker's arguments. Returns (Promotion, result)."""
     from ..train.recipe import load_recipe
 
-    say = progress or (lambda msg: None)
+    say = progress or quiet
     chosen = choose(sweep_dir, budget, metric)
     recipe = load_recipe(trial)  # a bad recipe fails before anything is written
     out = Path(out_dir) if out_dir is not None else Path(sweep_dir) / "promoted" / budget

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
+from ..rundir import atomic_write
+
 
 class PaperStopRule(FIFOScheduler):
     """Stop a trial whose metrics at step s are worse than the other candidates' best at s.
@@ -91,10 +93,8 @@ class PaperStopRule(FIFOScheduler):
     def _save(self) -> None:
         if self.state_file is None:
             return
-        tmp = self.state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"seen": self.seen, "evals": self.evals,
-                                   "reasons": self.reasons}))
-        tmp.replace(self.state_file)
+        atomic_write(self.state_file, json.dumps({"seen": self.seen, "evals": self.evals,
+                                                  "reasons": self.reasons}))
 
     def debug_string(self) -> str:
         return f"PaperStopRule: {len(self.reasons)} stopped"

@@ -38,14 +38,18 @@ import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import config
+from ..errors import did_you_mean
 from ..quality import DIRECTIONS, UnknownMetric, direction
 from ..arch import presets
 from ..arch.cost import cost
 from ..arch.spec import ArchSpec, SpecError
 from ..paths import SEARCH_SPACES
+
+if TYPE_CHECKING:
+    from ..train.recipe import Recipe
 
 ALGORITHMS = ("tpe", "nsga2", "random", "grid")
 SCHEDULERS = ("paper", "asha", "none")
@@ -304,7 +308,7 @@ def parse_space(data: Any, source: str = "space", base_dir: Path | None = None) 
         fail("top level", f"must be a mapping, got {type(data).__name__}")
     for key in data:
         if key not in TOP_KEYS:
-            fail(f"key {key!r}", "unknown" + config.did_you_mean(key, TOP_KEYS))
+            fail(f"key {key!r}", "unknown" + did_you_mean(key, TOP_KEYS))
     for key in ("base", "dimensions", "objectives"):
         if key not in data:
             fail(key, "missing (required)")
@@ -327,7 +331,7 @@ def parse_space(data: Any, source: str = "space", base_dir: Path | None = None) 
     search = _mapping(data.get("search") or {}, "search", fail)
     for key in search:
         if key not in ("algorithm", "num_samples", "seed", "max_concurrent"):
-            fail(f"search.{key}", "unknown" + config.did_you_mean(
+            fail(f"search.{key}", "unknown" + did_you_mean(
                 key, ("algorithm", "num_samples", "seed", "max_concurrent")))
     algorithm = search.get("algorithm", "tpe" if len(objectives) == 1 else "nsga2")
     if algorithm not in ALGORITHMS:
@@ -413,7 +417,7 @@ def _parse_dimensions(raw: Any, base: ArchSpec, fail) -> list[Dimension]:
         known = ("field", "fields", "when", "step") + DIM_KINDS
         for key in d:
             if key not in known:
-                fail(f"{at}.{key}", "unknown" + config.did_you_mean(key, known))
+                fail(f"{at}.{key}", "unknown" + did_you_mean(key, known))
         kinds = [k for k in DIM_KINDS if k in d]
         if len(kinds) != 1:
             fail(at, f"give exactly one of {', '.join(DIM_KINDS)} (got {kinds or 'none'})")
@@ -460,7 +464,7 @@ def _parse_dimensions(raw: Any, base: ArchSpec, fail) -> list[Dimension]:
         for dep, allowed in when.items():
             if dep not in names:
                 fail(f"dimensions.{name}.when.{dep}",
-                     "not a dimension" + config.did_you_mean(dep, names))
+                     "not a dimension" + did_you_mean(dep, names))
             if names.index(dep) >= names.index(name):
                 fail(f"dimensions.{name}.when.{dep}",
                      "conditions may only refer to dimensions declared before this one")
@@ -493,7 +497,7 @@ def _parse_budget(raw: Any, fail) -> Budget:
     known = ("resolution", "max_params", "max_gmacs")
     for key in raw:
         if key not in known:
-            fail(f"constraints.{key}", "unknown" + config.did_you_mean(key, known))
+            fail(f"constraints.{key}", "unknown" + did_you_mean(key, known))
     budget = Budget()
     if "resolution" in raw:
         if not isinstance(raw["resolution"], int) or raw["resolution"] < 8:
@@ -576,7 +580,7 @@ def _parse_scheduler(raw: Any, objectives: list[Objective], fail) -> dict:
              "none": ("kind",)}[kind]
     for key in raw:
         if key not in known:
-            fail(f"scheduler.{key}", f"unknown for kind {kind}" + config.did_you_mean(key, known))
+            fail(f"scheduler.{key}", f"unknown for kind {kind}" + did_you_mean(key, known))
     main = next(o for o in objectives if not o.is_cost)
     if kind == "paper":
         metrics = raw.get("metrics", {main.metric: main.mode})
@@ -594,7 +598,7 @@ def _parse_scheduler(raw: Any, objectives: list[Objective], fail) -> dict:
         for m, v in tolerance.items():
             if m not in raw["metrics"]:
                 fail(f"scheduler.tolerance.{m}", "not one of scheduler.metrics"
-                     + config.did_you_mean(str(m), list(raw["metrics"])))
+                     + did_you_mean(str(m), list(raw["metrics"])))
             if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
                 fail(f"scheduler.tolerance.{m}", f"a non-negative number, got {v!r}")
         raw["tolerance"] = tolerance
@@ -616,3 +620,15 @@ def describe(space: Space) -> str:
 def product(space: Space) -> list[dict[str, Any]]:
     """Grid points crossed with the training seeds."""
     return [{**p, "seed": s} for p, s in itertools.product(space.grid(), space.seeds)]
+
+
+def sweep_recipe(space: Space, trial: str | Path | None = None) -> "Recipe":
+    """The space's default recipe with its `trial_overrides`, or another recipe as it is."""
+    from ..train.recipe import load_recipe
+
+    if trial is not None:
+        return load_recipe(trial)
+    recipe = load_recipe(space.trial)
+    if space.trial_overrides:
+        recipe = recipe.override(space.trial_overrides, source=f"{space.source}: trial_overrides")
+    return recipe

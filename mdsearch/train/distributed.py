@@ -23,7 +23,9 @@ from typing import Callable
 
 from ..arch.spec import ArchSpec
 from .recipe import Recipe
-from .trainer import CHECKPOINT, RESULT, TrainError, TrialResult
+from ..progress import quiet, say
+from ..rundir import CHECKPOINT, RESULT
+from .trainer import TrainError, TrialResult
 
 
 def _worker(config: dict) -> None:
@@ -67,7 +69,7 @@ def _worker(config: dict) -> None:
         from ..track import MLflowTracker
 
         tracker = MLflowTracker(**config["mlflow"])
-    train_trial(spec, recipe, out, steps=config["steps"], progress=print, on_checkpoint=report,
+    train_trial(spec, recipe, out, steps=config["steps"], progress=say, on_checkpoint=report,
                 tracker=tracker, device=ray.train.torch.get_device())
 
 
@@ -83,12 +85,12 @@ def train_distributed(spec: ArchSpec, recipe: Recipe, out_dir: str | Path, *,
     workers = recipe.workers if workers is None else workers
     if workers != recipe.workers:
         recipe = recipe.override({"workers": workers}, source="--workers")  # checks the batch
-    say = progress or (lambda msg: None)
+    say = progress or quiet
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    if address is None:
-        from ..search import keep_ray_on_loopback
+    from ..raylocal import keep_ray_on_loopback, start_ray
 
+    if address is None:
         keep_ray_on_loopback()
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -99,11 +101,8 @@ def train_distributed(spec: ArchSpec, recipe: Recipe, out_dir: str | Path, *,
     if recipe.device == "cuda" and gpus == 0:
         raise TrainError("recipe: device cuda but resources.gpu is 0; give each worker a GPU "
                          "(resources: {gpu: 1}) or use device: auto")
-    started_ray = False
-    if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=True,
-                 **({} if address else {"num_cpus": max(int(cpus * workers), 1)}))
-        started_ray = True
+    started_ray = start_ray(address, log_to_driver=True, **(
+        {} if address else {"num_cpus": max(int(cpus * workers), 1)}))
     (out / RESULT).unlink(missing_ok=True)
     say(f"Ray Train: {workers} worker(s), each {cpus:g} CPU / {gpus:g} GPU, into {out}")
     trainer = TorchTrainer(

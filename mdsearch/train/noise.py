@@ -14,38 +14,37 @@ import math
 from pathlib import Path
 
 import torch
-import yaml
 
-from ..arch.spec import ArchSpec
-from ..config import ConfigError
+from ..progress import quiet
+from ..rundir import CHECKPOINT, RECIPE, SPEC, RunDirError
+from .checkpoint import described
 from .heldout import BANK_SEED, heldout_metrics
 from .recipe import Recipe
-from .trainer import CHECKPOINT, Training, evaluate, make_evaluator
+from .trainer import Training, evaluate, make_evaluator
 
 NOISY_KEYS = ("num_generated", "num_reference", "align_chance", "align_ceiling")
 
 
-class RunDirError(ConfigError):
-    """A directory that is not a trained run (no checkpoint, spec or recipe)."""
-
-
 def load_run(run_dir: str | Path) -> Training:
-    """A run directory's training state (model, EMA, data), restored from its checkpoint."""
+    """A run directory's training state (model, EMA, data), restored from its checkpoint, which
+    names its spec and recipe (older runs: the YAML files beside it)."""
     run_dir = Path(run_dir)
-    missing = [f for f in (CHECKPOINT, "spec.yaml", "recipe.yaml") if not (run_dir / f).is_file()]
+    if not (run_dir / CHECKPOINT).is_file():
+        raise RunDirError(f"{run_dir}: not a trained run directory (no {CHECKPOINT})")
+    about = described(run_dir)
+    missing = [name for key, name in (("spec", SPEC), ("recipe", RECIPE)) if about[key] is None]
     if missing:
-        raise RunDirError(f"{run_dir}: not a trained run directory (missing {', '.join(missing)})")
-    spec = ArchSpec.from_file(run_dir / "spec.yaml")
-    recipe = Recipe.from_dict(yaml.safe_load((run_dir / "recipe.yaml").read_text()),
-                              source=str(run_dir / "recipe.yaml"))
-    return Training(spec, recipe, run_dir)
+        raise RunDirError(f"{run_dir}: not a trained run directory (its checkpoint names no "
+                          f"spec or recipe, and {', '.join(missing)} is missing)")
+    recipe = Recipe.from_dict(about["recipe"], source=f"{run_dir / CHECKPOINT} (recipe)")
+    return Training(about["spec"], recipe, run_dir)
 
 
 def evaluation_noise(run_dir: str | Path, redraws: int = 3, sampled: bool = True,
                      progress=None) -> dict[str, dict]:
     """metric -> {"values": [...], "std": std over the redraws (ddof 1)} for the run's final
     weights. `sampled=False` redraws only the held-out bank (val_loss, text_gain: fast)."""
-    say = progress or (lambda msg: None)
+    say = progress or quiet
     if redraws < 2:
         raise ValueError(f"evaluation noise needs at least 2 redraws, got {redraws}")
     run = load_run(run_dir)

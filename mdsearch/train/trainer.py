@@ -37,22 +37,21 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 
+from ..progress import quiet
 from ..arch.blocks import set_attn_nonlinearity
 from ..arch.cost import cost
 from ..arch.proxy import proxy_spec
 from ..arch.spec import ArchSpec
 from ..arch.unet import build
 from ..config import ConfigError
-from ..data import make_dataset
-from ..data.autoencoder import make_autoencoder
-from ..data.errors import DataError
-from ..data.text import cached_embeddings, get_text_encoder
+from .checkpoint import read_checkpoint
+from ..rundir import (CHECKPOINT, PROXY_SPEC, RECIPE, RESULT, SPEC, atomic_path, atomic_write,
+                      locked, samples_file)
+from ..data.pipeline import DataPipeline
 from .diffusion import NoiseSchedule, ddim_sample
 from .heldout import EvalBank, heldout_metrics
 from .recipe import PlannedStage, Recipe
 
-CHECKPOINT = "checkpoint.pt"
-RESULT = "result.json"
 
 
 class TrainError(ConfigError):
@@ -73,57 +72,6 @@ class TrialResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-class DataPipeline:
-    """Dataset, frozen text embeddings, autoencoder, and the fixed evaluation set of a recipe,
-    at one resolution (the recipe's, or a stage's)."""
-
-    def __init__(self, recipe: Recipe, resolution: int | None = None):
-        self.recipe = recipe
-        self.resolution = resolution or recipe.resolution
-        self.autoencoder = make_autoencoder(recipe.autoencoder)
-        if self.resolution % self.autoencoder.factor:
-            raise DataError(f"resolution {self.resolution} is not divisible by the "
-                            f"autoencoder's factor {self.autoencoder.factor}")
-        self.latent_size = self.resolution // self.autoencoder.factor
-        self.train = make_dataset(recipe.data, self.resolution, "train")
-        self.val = make_dataset(recipe.data, self.resolution, "val")
-        encoder_cfg = dict(recipe.text_encoder)
-        self.encoder = get_text_encoder(**encoder_cfg)
-        self.prompts, self.prompt_labels = self._eval_prompts()
-        bank = [self.val[i]["caption"] for i in range(min(recipe.eval.bank, len(self.val)))]
-        self.embeddings = cached_embeddings(
-            self.encoder, list(self.train.captions()) + self.prompts + bank)
-        self.null_context = self.embeddings.null.tokens
-        self.bank: EvalBank | None = None  # built on first use (mdsearch.train.heldout)
-
-    def _eval_prompts(self):
-        n = self.recipe.eval.prompts
-        if self.recipe.data["kind"] == "synthetic":
-            from ..data.synthetic import eval_prompts
-
-            pairs = eval_prompts()
-            pairs = [pairs[i % len(pairs)] for i in range(n)]
-            return [c for c, _ in pairs], torch.stack([lab for _, lab in pairs])
-        captions = list(self.val.captions())
-        return [captions[i % len(captions)] for i in range(n)], None
-
-    def context(self, captions: list[str]) -> torch.Tensor:
-        return self.embeddings.lookup(captions).tokens
-
-    def latent_shape(self, batch: int) -> tuple[int, int, int, int]:
-        return (batch, self.autoencoder.channels, self.latent_size, self.latent_size)
-
-    def batch(self, indices: list[int]):
-        """Training examples by index: latents and captions."""
-        items = [self.train[i] for i in indices]
-        images = torch.stack([item["image"] for item in items])
-        return self.autoencoder.encode(images), [item["caption"] for item in items]
-
-    def reference_images(self, count: int) -> torch.Tensor:
-        count = min(count, len(self.val))
-        return torch.stack([self.val[i]["image"] for i in range(count)])
 
 
 class EMA:
@@ -199,6 +147,18 @@ def train_trial(spec: ArchSpec, recipe: Recipe, out_dir: str | Path, *,
     `on_checkpoint(step, path)` on every rank after every checkpoint (path is None except on rank
     0; Ray Train's report hook); `tracker` (see mdsearch.track) receives params, metrics and
     artifacts. Only rank 0 evaluates, saves, tracks and shows progress."""
+    if not str(out_dir).strip():
+        raise TrainError("--out is empty: give the directory to train into")
+    if world()[0] != 0:  # rank 0 holds the directory for all ranks
+        return _train(spec, recipe, out_dir, steps, seed, progress, on_eval, on_checkpoint,
+                      tracker, evaluator, device)
+    with locked(out_dir, f"training {spec.name}"):
+        return _train(spec, recipe, out_dir, steps, seed, progress, on_eval, on_checkpoint,
+                      tracker, evaluator, device)
+
+
+def _train(spec, recipe, out_dir, steps, seed, progress, on_eval, on_checkpoint, tracker,
+           evaluator, device) -> TrialResult:
     run = Training(spec, recipe, out_dir, seed=seed, progress=progress, tracker=tracker,
                    evaluator=evaluator, device=device)
     return run.run(steps, on_eval=on_eval, on_checkpoint=on_checkpoint)
@@ -223,7 +183,7 @@ class Training:
                 raise TrainError(f"stage {stage.name}: batch size {stage.batch_size} does not "
                                  f"split over {self.workers} workers")
         self.device = pick_device(recipe.device, device)
-        self.say = (progress or (lambda msg: None)) if self.lead else (lambda msg: None)
+        self.say = (progress or quiet) if self.lead else quiet
         self.tracker = tracker if self.lead else None
         self.evaluator = evaluator
         self.started = time.time()
@@ -261,14 +221,23 @@ class Training:
 
     def pipeline(self, resolution: int) -> DataPipeline:
         if resolution not in self.pipelines:
-            self.pipelines[resolution] = DataPipeline(self.recipe, resolution)
+            r = self.recipe
+            self.pipelines[resolution] = DataPipeline(r.data, r.text_encoder, r.autoencoder,
+                                                      resolution, r.eval.prompts, r.eval.bank)
         return self.pipelines[resolution]
 
     # -- checkpoints ---------------------------------------------------------------------------
 
     def load(self) -> None:
-        state = torch.load(self.ckpt_path, map_location="cpu", weights_only=True)
-        self.model.load_state_dict(state["model"])
+        state = read_checkpoint(self.ckpt_path)
+        try:
+            self.model.load_state_dict(state["model"])
+        except (KeyError, RuntimeError) as err:  # another spec's (or recipe's) checkpoint
+            first = (str(err).strip().splitlines()[1:2] or [str(err)])[0].strip()[:160]
+            raise TrainError(
+                f"{self.ckpt_path}: this checkpoint is of another model than {self.spec.name} "
+                f"with this recipe ({first}); train into a new --out, or delete it to start "
+                "over") from None
         self.ema.model.load_state_dict(state["ema"])
         self.ema.updates = state["ema_updates"]
         self.optimizer.load_state_dict(state["optimizer"])
@@ -284,24 +253,35 @@ class Training:
     def write_specs(self, attn: str) -> None:
         """spec.yaml (full size) and proxy_spec.yaml (what is trained), with the attention the
         weights are trained for."""
-        for name, s in (("spec.yaml", self.spec), ("proxy_spec.yaml", self.proxy)):
+        for name, text in self.spec_texts(attn).items():
+            atomic_write(self.out / name, text)
+
+    def spec_texts(self, attn: str) -> dict[str, str]:
+        """spec.yaml and proxy_spec.yaml as text, with the attention the weights are trained
+        for."""
+        texts = {}
+        for name, s in ((SPEC, self.spec), (PROXY_SPEC, self.proxy)):
             if s.attn_nonlinearity != attn:
                 s = s.override({"attn_nonlinearity": attn}, source=f"stage attention {attn}")
-            tmp = self.out / (name + ".tmp")
-            tmp.write_text(s.to_yaml())
-            tmp.replace(self.out / name)
+            texts[name] = s.to_yaml()
+        return texts
 
     def save(self, attn: str) -> None:
+        """The checkpoint, self-describing (nanoGPT-style: it carries the spec, proxy spec and
+        recipe it was trained from; the YAML files beside it are readable copies), written
+        atomically: a kill mid-save never leaves a torn checkpoint."""
         self.write_specs(attn)
-        tmp = self.ckpt_path.with_suffix(".tmp")
-        torch.save({"model": self.model.state_dict(), "ema": self.ema.model.state_dict(),
-                    "ema_updates": self.ema.updates, "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict(), "step": self.step,
-                    "attn_nonlinearity": attn,
-                    "seconds": self.elapsed_before + time.time() - self.started,
-                    "history": json.dumps(self.result.history),
-                    "losses": json.dumps(self.losses)}, tmp)
-        tmp.replace(self.ckpt_path)  # atomic: a kill mid-save never leaves a torn checkpoint
+        texts = self.spec_texts(attn)
+        with atomic_path(self.ckpt_path) as tmp:
+            torch.save({"model": self.model.state_dict(), "ema": self.ema.model.state_dict(),
+                        "ema_updates": self.ema.updates, "optimizer": self.optimizer.state_dict(),
+                        "scheduler": self.scheduler.state_dict(), "step": self.step,
+                        "attn_nonlinearity": attn,
+                        "seconds": self.elapsed_before + time.time() - self.started,
+                        "history": json.dumps(self.result.history),
+                        "losses": json.dumps(self.losses),
+                        "spec": texts[SPEC], "proxy_spec": texts[PROXY_SPEC],
+                        "recipe": json.dumps(self.recipe.to_dict())}, tmp)
 
     # -- evaluation ----------------------------------------------------------------------------
 
@@ -313,8 +293,7 @@ class Training:
             if self.evaluator is None:
                 self.evaluator = make_evaluator(self.recipe,
                                                 self.pipeline(self.plan[-1].resolution))
-            event = f"_{extra['event']}" if "event" in extra else ""  # the switch: its own grid
-            grid = self.out / f"samples_{self.step:06d}{event}.png"
+            grid = self.out / samples_file(self.step, extra.get("event", ""))  # a switch: its own
             metrics.update(evaluate(self.ema.model, data, self.schedule, self.recipe,
                                     self.evaluator, grid=grid))
         record = {"step": self.step, **extra, **metrics}
@@ -343,8 +322,13 @@ class Training:
     def run(self, steps: int | None = None, on_eval=None, on_checkpoint=None) -> TrialResult:
         total = self.plan[-1].end if steps is None else min(steps, self.plan[-1].end)
         if self.lead:
-            (self.out / "recipe.yaml").write_text(yaml.safe_dump(self.recipe.to_dict(),
-                                                                 sort_keys=False))
+            existing = self.out / SPEC
+            if not self.ckpt_path.is_file() and existing.is_file() and \
+                    existing.read_text() != self.spec_texts(self.attention[0])[SPEC]:
+                raise TrainError(f"{existing} holds another spec than the one being trained "
+                                 f"({self.spec.name}) and there is no checkpoint beside it; "
+                                 "train into another --out, or delete the file")
+            atomic_write(self.out / RECIPE, yaml.safe_dump(self.recipe.to_dict(), sort_keys=False))
             if not self.ckpt_path.is_file():
                 self.write_specs(self.attention[0])
             if self.tracker is not None:  # after the specs: it logs spec.yaml as an artifact
@@ -371,7 +355,7 @@ class Training:
                              on_checkpoint)
         self.result.seconds = self.elapsed_before + time.time() - self.started
         if self.lead:
-            (self.out / RESULT).write_text(json.dumps(self.result.to_dict(), indent=1))
+            atomic_write(self.out / RESULT, json.dumps(self.result.to_dict(), indent=1))
             if self.tracker is not None:
                 self.tracker.finish(self.result)
         return self.result
@@ -445,25 +429,6 @@ class Training:
                 on_eval(record)  # after the save, so a checkpoint reported with it is current
 
 
-def stage_summary(history: list[dict], keys=("fid_proxy", "fid", "align", "clip_score")) -> str:
-    """Quality at the end of each stage, and just after an attention switch (before any
-    fine-tuning): the before / after table of the relu fine-tune."""
-    rows = []
-    for record in history:
-        if "stage" not in record:
-            continue
-        if record.get("event") == "switch":
-            rows.append((f"{record['stage']} (switched, not yet fine-tuned)", record))
-        else:
-            rows = [r for r in rows if r[0] != record["stage"]] + [(record["stage"], record)]
-    shown = [k for k in keys if any(k in r for _, r in rows)]
-    lines = [" | ".join(["stage", "step", "px"] + shown), " | ".join(["---"] * (3 + len(shown)))]
-    for name, r in rows:
-        lines.append(" | ".join([name, str(r["step"]), str(r.get("resolution", ""))]
-                                + [f"{r[k]:.4g}" if k in r else "" for k in shown]))
-    return "\n".join(lines)
-
-
 def _metrics_of(record: dict) -> dict[str, float]:
     return {k: v for k, v in record.items()
             if k not in ("step", "loss", "stage", "resolution", "event")}
@@ -486,7 +451,7 @@ def evaluate(model, data: DataPipeline, schedule: NoiseSchedule, recipe: Recipe,
              grid: Path | None = None, sample_seed: int = SAMPLE_SEED) -> dict[str, float]:
     """Sample the fixed prompts with DDIM + CFG (fixed noise, from `sample_seed`) and score
     them."""
-    from .metrics import save_grid
+    from .grid import save_grid
 
     ev = recipe.eval
     device = next(model.parameters()).device

@@ -1,0 +1,38 @@
+"""Keeping a local Ray on this machine: a laptop sweep or data-parallel run opens no port to the
+network. (A bottom-layer module: the trainer's distributed runs and the sweeps both use it.)"""
+
+import os
+import sys
+
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def keep_ray_on_loopback() -> bool:
+    """Make a Ray started by this process advertise and listen on 127.0.0.1 only (a laptop sweep
+    opens no port to the network). Ray reads the switch when it is imported, so this must run
+    before `import ray`; returns False when it is too late (Ray already imported without it)."""
+    if "ray" in sys.modules:
+        return os.environ.get(LOOPBACK_ENV) == "0"
+    os.environ.setdefault(LOOPBACK_ENV, "0")
+    return os.environ[LOOPBACK_ENV] == "0"
+
+
+def start_ray(address: str | None = None, progress=None, **init_args) -> bool:
+    """Start Ray for this process: a private local instance on 127.0.0.1 when `address` is None
+    (never a Ray that another job left running on the machine, which `ray.init()` alone would
+    join), else join the cluster at `address` ("auto", or host:port). Returns False when Ray was
+    already initialised in this process (nothing started)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if address is None:
+        if not keep_ray_on_loopback() and progress is not None:
+            progress("warning: Ray was imported before mdsearch could keep it on 127.0.0.1; set "
+                f"{LOOPBACK_ENV}=0 before importing ray")
+        ray.init(**{"address": "local", "include_dashboard": False, "logging_level": "WARNING",
+                    "log_to_driver": False, **init_args})
+    else:
+        ray.init(**{"address": address, "logging_level": "WARNING", "log_to_driver": False,
+                    **init_args})
+    return True

@@ -1,0 +1,229 @@
+"""The run directory: what a trial and a sweep leave on disk, and how it is written and read.
+
+A trial directory (one `mdsearch train --out DIR`, or one trial of a sweep) holds
+
+    checkpoint.pt      weights, optimiser, EMA, history; and the spec, proxy spec and recipe
+    spec.yaml          the full-size ArchSpec (a readable copy of the checkpoint's)
+    proxy_spec.yaml    the spec that is trained (width-scaled; a readable copy)
+    recipe.yaml        the trial recipe as run (a readable copy)
+    samples_*.png      one sample grid per sampled evaluation (`samples_file`)
+    trial_result.json  the run's TrialResult (status, metrics, history); in a sweep's trial
+                       Ray Tune also keeps its own result.json (one line per report)
+
+A sweep directory (`runs/sweeps/NAME`) holds the trial directories and
+
+    results.csv        one row per trial, filtered configurations included
+    pareto.png         quality against GMACs
+    space.yaml         the search space as given; recipe.yaml: the recipe its trials ran
+    filtered.jsonl     configurations costed and refused before training
+    stop_rule.json     the paper stop rule's state and reasons
+    reliability.json   `mdsearch reliability`'s noise measurements
+
+This module is the bottom layer: it imports nothing else of mdsearch (but its error base class),
+so reading results never loads Ray, torch or the model code.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pandas as pd
+
+from .errors import MdsearchError
+
+# trial files
+CHECKPOINT = "checkpoint.pt"
+SPEC = "spec.yaml"
+PROXY_SPEC = "proxy_spec.yaml"
+RECIPE = "recipe.yaml"
+RESULT = "trial_result.json"
+TUNE_HISTORY = "result.json"  # Ray Tune's own file in a sweep's trial: one JSON line per report
+
+
+def samples_file(step: int, event: str = "") -> str:
+    """The sample grid of the evaluation at `step` (`event`: e.g. "switch", its own grid)."""
+    return f"samples_{step:06d}{'_' + event if event else ''}.png"
+
+
+# sweep files
+RESULTS = "results.csv"
+PLOT = "pareto.png"
+SPACE = "space.yaml"
+FILTERED = "filtered.jsonl"
+STOP_STATE = "stop_rule.json"
+RELIABILITY = "reliability.json"
+LOCK = ".lock"  # held by the process writing a trial or sweep directory (see `locked`)
+
+# trial status vocabulary (results.csv's `status` column)
+COMPLETED = "completed"  # trained its full budget
+STOPPED = "stopped"  # stopped early by the scheduler; metrics are its last evaluation's
+FAILED = "failed"  # raised, or diverged; stop_reason says why
+NOT_RUN = "not_run"  # never reported (the sweep was interrupted first)
+FILTERED_STATUS = "filtered"  # over budget: costed, never trained
+STATUSES = (COMPLETED, STOPPED, FAILED, NOT_RUN, FILTERED_STATUS)
+REQUIRED_COLUMNS = ("trial_id", "status")
+
+
+class RunDirError(MdsearchError):
+    """A run or sweep directory that is missing, incomplete or malformed."""
+
+
+class RunDirBusy(RunDirError):
+    """Another process is writing this run or sweep directory."""
+
+
+@contextmanager
+def locked(directory: str | Path, what: str) -> Iterator[Path]:
+    """Hold DIRECTORY/.lock for the block (an exclusive, non-blocking flock; the kernel drops it
+    when the process dies, so a killed run never leaves a stale lock). A second process on the
+    same directory fails at once with RunDirBusy naming the holder. Re-entrant within a process
+    (a sweep's trial may lock its own directory inside the sweep's)."""
+    import fcntl
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / LOCK
+    key = str(path.resolve())
+    if key in _HELD:
+        yield path
+        return
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise RunDirBusy(f"{directory} is in use by {holder}; wait for it to end, or choose "
+                         "another directory (--name / --out)") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()} ({what}, since "
+                 f"{time.strftime('%Y-%m-%d %H:%M:%S')}; {' '.join(sys.argv)[:200]})\n")
+    handle.flush()
+    _HELD.add(key)
+    try:
+        yield path
+    finally:
+        _HELD.discard(key)
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
+
+
+_HELD: set[str] = set()
+
+
+def trial_status(steps: int, steps_total: int, failed: bool) -> str:
+    """The status of a trained trial from how far it got."""
+    if failed:
+        return FAILED
+    if steps >= steps_total:
+        return COMPLETED
+    return STOPPED if steps else NOT_RUN
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside `path` to write to; it replaces `path` only if the block ends
+    without an exception, so a reader (or a killed writer) never sees a half-written file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write(path: str | Path, data: str | bytes) -> Path:
+    """Write `data` (text or bytes) to `path` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data) if isinstance(data, bytes) else tmp.write_text(data)
+    return Path(path)
+
+
+def write_results(table: pd.DataFrame, sweep_dir: str | Path) -> Path:
+    """The sweep's results.csv, atomically. It never loses a row: rows of the file on disk whose
+    trial is not in `table` (a driver that did not see them) are kept, after `table`'s."""
+    path = Path(sweep_dir) / RESULTS
+    if path.is_file():
+        try:
+            before = read_results(sweep_dir)
+        except RunDirError:
+            before = None  # unreadable: replaced (the trial folders still hold every trial)
+        if before is not None and "trial_id" in table:
+            kept = before[~before["trial_id"].isin(table["trial_id"].astype(str))]
+            if len(kept):
+                table = pd.concat([table, kept], ignore_index=True)
+    with atomic_path(path) as tmp:
+        table.to_csv(tmp, index=False)
+    return path
+
+
+def read_results(sweep_dir: str | Path) -> pd.DataFrame:
+    """A sweep's results.csv as a table (trial ids as strings: "6038e956" is not 6038 x
+    10^956), checked to be one: a missing, unreadable or foreign file is a RunDirError."""
+    sweep_dir = Path(sweep_dir)
+    path = sweep_dir / RESULTS
+    if not path.is_file():
+        raise RunDirError(f"{sweep_dir}: no {RESULTS} here; give the directory of a sweep "
+                          "(runs/sweeps/NAME)")
+    try:
+        table = pd.read_csv(path, dtype={"trial_id": str})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise RunDirError(f"{path}: not a readable CSV table ({reason})") from None
+    missing = [c for c in REQUIRED_COLUMNS if c not in table]
+    if missing:
+        raise RunDirError(f"{path}: not a sweep's results table (no {', '.join(missing)} "
+                          "column)")
+    return table
+
+
+def numeric_column(table: pd.DataFrame, metric: str, source: str | Path = RESULTS) -> pd.Series:
+    """A metric column as numbers; text in it is a RunDirError naming the first bad row."""
+    values = pd.to_numeric(table[metric], errors="coerce")
+    bad = values.isna() & table[metric].notna()
+    if bad.any():
+        row = table[bad].iloc[0]
+        raise RunDirError(f"{source}: column {metric!r} holds {row[metric]!r} (trial "
+                          f"{row.get('trial_id', '?')}), not a number")
+    return values
+
+
+def pareto_mask(values) -> np.ndarray:
+    """Boolean mask of the non-dominated rows of an (n, k) array (minimise every column).
+
+    A row is on the front when no other row is at most as large in every column and strictly
+    smaller in one. Duplicates dominate neither each other, so both stay; rows with a missing
+    (NaN) value are never on it."""
+    v = np.asarray(values, dtype=float)
+    if v.ndim != 2:
+        raise ValueError(f"expected an (n, k) array, got shape {v.shape}")
+    valid = ~np.isnan(v).any(axis=1)
+    mask = valid.copy()
+    for i in np.flatnonzero(valid):
+        others = v[valid]
+        dominated = np.any(np.all(others <= v[i], axis=1) & np.any(others < v[i], axis=1))
+        mask[i] = not dominated
+    return mask
+
+
+def front(table: pd.DataFrame, objectives: list[tuple[str, str]]) -> pd.DataFrame:
+    """The completed trials on the Pareto front of `objectives` ((column, "min"|"max") pairs),
+    sorted by the first; trials missing any objective are left out."""
+    cols = [c for c, _ in objectives]
+    done = table[(table["status"] == COMPLETED)]
+    if done.empty or any(c not in done for c in cols):
+        return done.iloc[0:0]
+    done = done.dropna(subset=cols)
+    signs = np.array([1.0 if mode == "min" else -1.0 for _, mode in objectives])
+    values = done[cols].to_numpy(dtype=float) * signs
+    return done[pareto_mask(values)].sort_values(cols[0], ascending=signs[0] > 0)

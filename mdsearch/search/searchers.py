@@ -1,0 +1,199 @@
+"""The searchers a sweep hands to Ray Tune: a grid, Optuna's samplers over the space
+(define-by-run, so conditional dimensions are asked only when active), and `BudgetedSearch`, which
+costs every suggestion before Tune sees it."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+from ray.tune.search import Searcher
+
+from ..errors import MdsearchError
+from ..progress import say
+from ..rundir import FILTERED, FILTERED_STATUS
+from .space import CostCache, Space, product
+
+MAX_CONSECUTIVE_FILTERED = 200
+STATE_FORMAT = "mdsearch-budgeted-search-v1"
+
+
+class SearcherStateError(MdsearchError):
+    """A sweep's saved searcher state that cannot be read back."""
+
+
+class GridSearch(Searcher):
+    """Every point of a list, once, in order (the `grid` algorithm; seeds already crossed in)."""
+
+    def __init__(self, points: list[dict]):
+        super().__init__()
+        self.points, self.next = points, 0
+
+    def suggest(self, trial_id: str):
+        if self.next >= len(self.points):
+            return self.FINISHED
+        self.next += 1
+        return dict(self.points[self.next - 1])
+
+    def on_trial_complete(self, trial_id, result=None, error=False):
+        pass
+
+    def get_state(self) -> dict:
+        return {"points": self.points, "next": self.next}
+
+    def set_state(self, state: dict) -> None:
+        self.points, self.next = state["points"], state["next"]
+
+    def save(self, checkpoint_path: str) -> None:
+        Path(checkpoint_path).write_text(json.dumps(self.get_state()))
+
+    def restore(self, checkpoint_path: str) -> None:
+        self.set_state(json.loads(Path(checkpoint_path).read_text()))
+
+
+class BudgetedSearch(Searcher):
+    """Costs every configuration the inner searcher suggests before Tune sees it.
+
+    Within budget: it becomes a trial. Over budget (or not a valid UNet): it is recorded in
+    FILTERED (with its cost and the reason), the inner searcher is told it failed, and the next
+    suggestion is costed. A configuration already trained (samplers do repeat themselves) is
+    skipped the same way, unrecorded. After MAX_CONSECUTIVE_FILTERED misses in a row the search
+    ends."""
+
+    def __init__(self, inner, space: Space, sweep_dir: Path, metric, mode,
+                 progress: Callable[[str], None] = say, cache: CostCache | None = None):
+        super().__init__(metric=metric, mode=mode)
+        self.inner, self.space, self.log = inner, space, progress
+        self.sweep_dir = str(sweep_dir)
+        self.filtered: list[dict] = []
+        self.ids: dict[str, str] = {}  # Tune trial id -> the inner searcher's id
+        self.asked = 0
+        self.seen: set[str] = set()  # configurations handed to Tune
+        self.duplicates = 0
+        self.gave_up: str | None = None
+        self._cache = cache or CostCache()  # shared with the feasibility check
+
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        return True
+
+    def suggest(self, trial_id: str):
+        for _ in range(MAX_CONSECUTIVE_FILTERED):
+            self.asked += 1
+            inner_id = f"{trial_id}-{self.asked}"
+            config = self.inner.suggest(inner_id)
+            if config is None or config == self.FINISHED:
+                return config
+            config = {**self.space.point_of(config), "seed": config.get("seed", self.space.seeds[0])}
+            point = self.space.point_of(config)
+            key = json.dumps(config, sort_keys=True)
+            if key in self.seen:
+                self.duplicates += 1
+                self.inner.on_trial_complete(inner_id, None, error=True)
+                continue
+            c, why = self.space.screen(point, self._cache)
+            if why is None:
+                self.ids[trial_id] = inner_id
+                self.seen.add(key)
+                return config
+            self.inner.on_trial_complete(inner_id, None, error=True)
+            record = {"trial_id": f"filtered_{len(self.filtered) + 1:04d}", "status": FILTERED_STATUS,
+                      "stop_reason": why, **config, **(c or {})}
+            self.filtered.append(record)
+            self._append_filtered(record)
+            self.log(f"filtered ({len(self.filtered)}): "
+                     + ", ".join(f"{k}={v}" for k, v in point.items()) + f": {why}")
+        self.gave_up = (f"{MAX_CONSECUTIVE_FILTERED} suggestions in a row were over budget "
+                        f"({self.space.budget.describe()}) or already trained; the search "
+                        "stops here")
+        self.log(self.gave_up)
+        return self.FINISHED
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if trial_id in self.ids:
+            self.inner.on_trial_result(self.ids[trial_id], result)
+
+    def on_trial_complete(self, trial_id: str, result=None, error: bool = False) -> None:
+        if trial_id in self.ids:
+            self.inner.on_trial_complete(self.ids[trial_id], result=result, error=error)
+
+    # filtered records survive a killed driver: the file is cut back to the restored state
+    def _append_filtered(self, record: dict) -> None:
+        with open(Path(self.sweep_dir) / FILTERED, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def save(self, checkpoint_path: str) -> None:
+        """The state as JSON data (Tune names the file searcher-state-*.pkl). The inner
+        searcher's own state travels inside it as bytes: JSON for the grid; for Optuna, what
+        Ray's OptunaSearch writes (a pickle: see docs/clusters.md on trusting a storage)."""
+        with tempfile.TemporaryDirectory() as d:
+            self.inner.save(os.path.join(d, "inner"))
+            inner = Path(d, "inner").read_bytes()
+        state = {"format": STATE_FORMAT, "filtered": self.filtered, "ids": self.ids,
+                 "asked": self.asked, "seen": sorted(self.seen), "duplicates": self.duplicates,
+                 "inner": base64.b64encode(inner).decode("ascii")}
+        Path(checkpoint_path).write_text(json.dumps(state))
+
+    @staticmethod
+    def read_state(path: str | Path) -> dict:
+        """A saved state, checked: a damaged or foreign file is a SearcherStateError."""
+        try:
+            state = json.loads(Path(path).read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as err:
+            raise SearcherStateError(
+                f"{path}: the sweep's searcher state is damaged ({type(err).__name__}: "
+                f"{str(err)[:120]}); nothing was changed. Restore the file from a copy, or "
+                "start a new sweep (another --name)") from None
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise SearcherStateError(
+                f"{path}: not a searcher state this mdsearch wrote (format "
+                f"{state.get('format') if isinstance(state, dict) else type(state).__name__!r}, "
+                f"expected {STATE_FORMAT}); nothing was changed. Start a new sweep (another "
+                "--name)")
+        return state
+
+    def restore(self, checkpoint_path: str) -> None:
+        state = self.read_state(checkpoint_path)
+        with tempfile.TemporaryDirectory() as d:
+            Path(d, "inner").write_bytes(base64.b64decode(state["inner"]))
+            self.inner.restore(os.path.join(d, "inner"))
+        self.filtered, self.ids, self.asked = state["filtered"], state["ids"], state["asked"]
+        self.seen, self.duplicates = set(state["seen"]), state["duplicates"]
+        with open(Path(self.sweep_dir) / FILTERED, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in self.filtered)
+
+
+def make_inner_searcher(space: Space, metric, mode):
+    if space.algorithm == "grid":
+        return GridSearch(product(space))
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if space.algorithm == "random":
+        sampler = optuna.samplers.RandomSampler(seed=space.search_seed)
+    elif space.algorithm == "nsga2":
+        sampler = optuna.samplers.NSGAIISampler(seed=space.search_seed,
+                                                population_size=max(4, space.num_samples // 4))
+    else:
+        sampler = optuna.samplers.TPESampler(seed=space.search_seed,
+                                             n_startup_trials=max(2, space.num_samples // 3))
+    return OptunaSearch(space=define_by_run(space), metric=metric, mode=mode, sampler=sampler)
+
+
+class define_by_run:
+    """Optuna's define-by-run view of the space: conditional dimensions asked only when active.
+    (A class, not a closure, so the searcher's state can be pickled into the sweep's checkpoint.)"""
+
+    def __init__(self, space: Space):
+        self.space = space
+
+    def __call__(self, trial) -> dict[str, Any]:
+        point: dict[str, Any] = {}
+        for dim in self.space.dimensions:
+            if dim.active(point):
+                point[dim.name] = dim.suggest(trial)
+        return point  # Ray's OptunaSearch adds these to the config (values, not `_rank`s)

@@ -1,0 +1,189 @@
+"""Running a sweep: a search space through Ray Tune, with Optuna choosing the configurations.
+
+    result = run_sweep(load_space("quickstart"), name="qs", storage="runs/sweeps")
+    result.table      # one row per trial (pandas), also written to runs/sweeps/qs/results.csv
+
+What happens, in order:
+1. The space is checked; a space whose budget nothing satisfies fails here, before Ray starts.
+2. Ray starts (127.0.0.1 only) or joins the cluster at `address`.
+3. Tune asks the searcher for a configuration (`searchers.py`). `BudgetedSearch` asks Optuna
+   (TPE, NSGA-II, random) or walks the grid, costs the full-size spec, and hands Tune only
+   configurations within budget; the others are recorded as filtered and Optuna is told they
+   failed.
+4. Each trial (`trainable.run_trial`) trains the proxy with the trainer and reports at every
+   evaluation, with its checkpoint, so `resume=True` (Tuner.restore) continues unfinished trials
+   from their last evaluation and never reruns finished ones.
+5. The scheduler (the paper's stop rule, ASHA, or none; `schedulers.py`) may stop a trial at an
+   evaluation.
+6. Every trial is an MLflow run in one experiment per sweep (`callbacks.py`, from the driver).
+7. results.csv: one row per trial (filtered configurations included, with status "filtered";
+   `results.py`). The Pareto plot is drawn by `mdsearch.analysis.plots.sweep_plot`.
+
+Importing this module imports Ray: a program that wants a local Ray kept on 127.0.0.1 calls
+`mdsearch.raylocal.keep_ray_on_loopback()` first (the CLI does).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+from ..config import ConfigError
+from ..quality import noise_floors
+from ..rundir import (FILTERED_STATUS, LOCK, RECIPE, SPACE, STOP_STATE, atomic_write, locked,
+                      write_results)
+from ..raylocal import start_ray
+from ..progress import say
+from .callbacks import MLflowSweepLogger, Progress
+from .results import ResultsWriter, SweepResult, best_trials, results_table
+from .searchers import BudgetedSearch, make_inner_searcher
+from .space import CostCache, Space, SpaceError, product, sweep_recipe
+from .trainable import run_trial
+
+
+class SweepError(ConfigError):
+    """A sweep that cannot start: existing results, nothing to resume, a bad storage path."""
+
+
+def run_sweep(space: Space, trial: str | Path | None = None, *, name: str | None = None,
+              storage: str | Path = "runs/sweeps", address: str | None = None,
+              resume: bool = False, num_samples: int | None = None,
+              mlflow: bool = True, tracking_uri: str | None = None,
+              progress: Callable[[str], None] = say) -> SweepResult:
+    """Run (or with resume=True, continue) a sweep; returns its results table. The sweep
+    directory is locked for the duration: a second sweep on it fails at once."""
+    if str(storage).startswith(("s3://", "gs://", "abfs://", "hdfs://")):
+        raise SweepError(f"--storage {storage}: give a filesystem path (local, or a shared mount "
+                         "such as NFS, EFS or a GCS/S3 FUSE mount); see docs/clusters.md")
+    root = Path(storage).expanduser().resolve()
+    name = name or default_name(space, root, resume)
+    sweep_dir = root / name
+    recipe = sweep_recipe(space, trial)
+    if resume and not sweep_dir.is_dir():
+        raise SweepError(f"{sweep_dir}: no sweep to resume here (run without --resume to start)")
+    with locked(sweep_dir, f"sweep {name}"):
+        return _run_sweep(space, recipe, name, sweep_dir, address, resume, num_samples, mlflow,
+                          tracking_uri, progress)
+
+
+def _run_sweep(space: Space, recipe, name: str, sweep_dir: Path, address, resume, num_samples,
+               mlflow, tracking_uri, progress) -> SweepResult:
+    if num_samples is not None:
+        space.num_samples = num_samples
+
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")  # a killed driver loses <= 2 s
+    from ray import tune
+
+    started = sweep_dir.is_dir() and tune.Tuner.can_restore(str(sweep_dir))
+    if resume and not started:
+        raise SweepError(f"{sweep_dir}: no sweep to resume here (run without --resume to start)")
+    if resume:
+        check_resumable(sweep_dir)
+    if not resume and any(p.name != LOCK for p in sweep_dir.iterdir()):
+        raise SweepError(f"{sweep_dir} already holds a sweep; pass --resume to continue it, or "
+                         "choose another --name")
+
+    cache = CostCache()
+    if not resume:
+        if space.algorithm == "grid":
+            _check_grid(space, cache)
+        else:
+            space.check_feasible(cache)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        if Path(space.source).is_file():
+            shutil.copy2(space.source, sweep_dir / SPACE)
+        atomic_write(sweep_dir / RECIPE, yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+
+    start_ray(address, progress)
+    from .schedulers import make_scheduler
+
+    objectives = space.objectives
+    metric = [o.metric for o in objectives] if len(objectives) > 1 else objectives[0].metric
+    mode = [o.mode for o in objectives] if len(objectives) > 1 else objectives[0].mode
+    quality = space.quality
+    total = len(product(space)) if space.algorithm == "grid" else space.num_samples
+    shown = [quality.metric] + [m for m in ("text_gain", "val_loss_mid", "align", "kid_proxy",
+                                            "fid_proxy", "fid", "clip_score")
+                                if m != quality.metric]
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, space=space, recipe=recipe),
+        {"cpu": recipe.resources.get("cpu", 1), "gpu": recipe.resources.get("gpu", 0)})
+
+    if resume:
+        progress(f"resuming {sweep_dir}")
+        tuner = tune.Tuner.restore(str(sweep_dir), trainable, resume_unfinished=True,
+                                   resume_errored=False)
+    else:
+        callbacks = [Progress(space, total, shown), ResultsWriter(space, sweep_dir, recipe.steps)]
+        if mlflow:
+            from ..track import default_tracking_uri
+
+            callbacks.append(MLflowSweepLogger(name, tracking_uri or default_tracking_uri(),
+                                               space, recipe, sweep_dir))
+        searcher = BudgetedSearch(make_inner_searcher(space, metric, mode), space, sweep_dir,
+                                  metric, mode, progress=progress, cache=cache)
+        scheduler = make_scheduler(space.scheduler, quality.metric, quality.mode, recipe.steps,
+                                   recipe.eval.every, sweep_dir / STOP_STATE)
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
+                                        num_samples=total,
+                                        max_concurrent_trials=space.max_concurrent),
+            run_config=tune.RunConfig(
+                name=name, storage_path=str(sweep_dir.parent), callbacks=callbacks, verbose=0,
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)))
+        progress(f"sweep {name}: {total} trials of {space.name} ({space.algorithm}, scheduler "
+            f"{space.scheduler['kind']}), recipe {recipe.name}, budget "
+            f"{space.budget.describe()}; results in {sweep_dir}")
+    grid = tuner.fit()
+    table = results_table(grid, space, sweep_dir, recipe.steps)
+    write_results(table, sweep_dir)
+    floors = noise_floors(table, [d.name for d in space.dimensions], recipe.to_dict(), sweep_dir)
+    return SweepResult(sweep_dir, table, int((table["status"] == FILTERED_STATUS).sum()),
+                       best_trials(table, space), None, floors, recipe.name)
+
+
+def check_resumable(sweep_dir: Path) -> None:
+    """Refuse to resume from damaged state, before Ray touches anything: Tune would log "Failed
+    to restore the run state" and start the sweep over."""
+    import json
+
+    for pattern in ("experiment_state-*.json",):  # (Ray's search_gen_state-*.json is a pickle)
+        for path in sorted(sweep_dir.glob(pattern)):
+            try:
+                json.loads(path.read_text())
+            except (OSError, UnicodeDecodeError, ValueError) as err:
+                raise SweepError(f"{path}: the sweep's state is damaged ({type(err).__name__}); "
+                                 "nothing was changed. Restore the file from a copy, or start "
+                                 "a new sweep (another --name)") from None
+    states = sorted(sweep_dir.glob("searcher-state-*.pkl"))
+    if not states:
+        raise SweepError(f"{sweep_dir}: no searcher state (searcher-state-*.pkl) to resume from; "
+                         "nothing was changed")
+    for path in states:
+        BudgetedSearch.read_state(path)
+
+
+def default_name(space: Space, root: Path, resume: bool) -> str:
+    """A new sweep: SPACE-YYYYmmdd-HHMMSS. With resume: the latest sweep of this space."""
+    if resume:
+        earlier = sorted(p.name for p in root.glob(f"{space.name}-*") if p.is_dir())
+        if not earlier:
+            raise SweepError(f"{root}: no earlier sweep of {space.name} to resume (give --name)")
+        return earlier[-1]
+    return f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _check_grid(space: Space, cache: CostCache) -> None:
+    points = space.grid()
+    ok = [p for p in points if space.screen(p, cache)[1] is None]
+    if not ok:
+        raise SpaceError(f"{space.source}: constraints: none of the {len(points)} grid points "
+                         f"satisfies {space.budget.describe()}")

@@ -1,0 +1,69 @@
+"""The trial: what Ray Tune runs for one configuration of a sweep, on whichever worker.
+
+It builds the configuration's spec, trains its proxy with the trainer, and reports at every
+evaluation with its checkpoint, so Tune can stop it (the scheduler) or resume it (Tuner.restore)
+from its last evaluation. It knows nothing about the cluster.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from ..rundir import CHECKPOINT
+from ..train.recipe import Recipe
+from .space import Space
+
+
+class TrialFailed(RuntimeError):
+    """A trial that ended without a usable result (e.g. a non-finite loss); the reason is kept."""
+
+
+def run_trial(config: dict, space: Space, recipe: Recipe) -> None:
+    """One Tune trial: build the spec of `config`, train its proxy, report every evaluation."""
+    import ray
+    import torch
+    from ray import tune
+
+    from ..arch.cost import cost
+    from ..train.checkpoint import read_checkpoint
+    from ..train.trainer import train_trial
+
+    os.chdir(os.environ.get("TUNE_ORIG_WORKING_DIR", os.getcwd()))  # recipe paths as on the CLI
+    torch.set_num_threads(max(1, int(recipe.resources.get("cpu", 1))))
+    point = space.point_of(config)
+    seed = config.get("seed", recipe.seed)
+    spec = space.spec_for(point)
+    work = Path(tune.get_context().get_trial_dir())
+    work.mkdir(parents=True, exist_ok=True)
+
+    # Tune's last reported checkpoint is the truth: a newer local file may be from steps Tune
+    # never saw reported (the driver died first); those steps are replayed, deterministically.
+    (work / CHECKPOINT).unlink(missing_ok=True)
+    restored = tune.get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as d:
+            shutil.copy2(Path(d) / CHECKPOINT, work / CHECKPOINT)
+
+    full = cost(spec, 512)
+    node = ray.get_runtime_context().get_node_id()[:12]
+    before = 0.0  # training seconds already spent by the run this one resumes
+    if (work / CHECKPOINT).is_file():
+        before = float(read_checkpoint(work / CHECKPOINT)["seconds"])
+    started = time.time()
+
+    def report(record: dict) -> None:
+        metrics = {k: v for k, v in record.items() if isinstance(v, (int, float))}
+        metrics.update(params=full.params, gmacs=round(full.gmacs, 3), steps_total=recipe.steps,
+                       seconds=round(before + time.time() - started, 2), node_id=node)
+        with tempfile.TemporaryDirectory() as d:
+            shutil.copy2(work / CHECKPOINT, Path(d) / CHECKPOINT)
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+
+    result = train_trial(spec, recipe.override({"seed": seed}, source="sweep seed"), work,
+                         on_eval=report)
+    if result.status != "ok":
+        raise TrialFailed(result.reason)

@@ -1,0 +1,73 @@
+"""Reading a run's checkpoint: safely (weights only), with one clear error when it is damaged,
+and with what it was trained from.
+
+Checkpoints carry their full-size spec, proxy spec and recipe (`Training.save`), so a
+checkpoint file alone can be rebuilt; run directories written before that still load, from the
+YAML files beside their checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import yaml
+
+from ..arch.spec import ArchSpec
+from ..errors import MdsearchError
+from ..rundir import CHECKPOINT, PROXY_SPEC, RECIPE, SPEC
+
+
+class CheckpointError(MdsearchError):
+    """A checkpoint that is missing, damaged or not mdsearch's."""
+
+
+def checkpoint_path(path: str | Path) -> Path:
+    """A run directory's checkpoint, or the checkpoint file itself."""
+    path = Path(path)
+    return path / CHECKPOINT if path.is_dir() and path.suffix != ".pt" else path
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """The checkpoint's contents, loaded with weights_only=True (never unpickling code)."""
+    ckpt = checkpoint_path(path)
+    if not ckpt.exists():
+        raise CheckpointError(f"{ckpt}: checkpoint not found")
+    if not ckpt.is_file():
+        raise CheckpointError(f"{ckpt}: not a file (a checkpoint is one file, written by "
+                              "mdsearch train)")
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated, random bytes, or a pickle of something else
+        reason = (str(err).strip().splitlines() or [""])[0][:200]
+        if not reason or "weights_only" in str(err):  # torch's advice to unpickle: not ours
+            reason = f"{type(err).__name__}: the file is not a torch zip checkpoint"
+        raise CheckpointError(
+            f"{ckpt}: not a readable mdsearch checkpoint ({reason}). It is damaged or not "
+            "ours: restore a copy, or delete it to train this run from step 0") from None
+    if not isinstance(state, dict) or not ({"ema", "model"} & set(state)):
+        raise CheckpointError(f"{ckpt}: no 'ema' or 'model' weights in it, so it is not an "
+                              "mdsearch checkpoint")
+    return state
+
+
+def described(path: str | Path, state: dict | None = None) -> dict:
+    """What a checkpoint was trained from: {"spec", "proxy_spec": ArchSpec or None, "recipe":
+    dict or None}, from the checkpoint itself, else from the YAML copies beside it."""
+    ckpt = checkpoint_path(path)
+    state = read_checkpoint(ckpt) if state is None else state
+    out: dict = {}
+    for key, name, parse in (("spec", SPEC, None), ("proxy_spec", PROXY_SPEC, None),
+                             ("recipe", RECIPE, "recipe")):
+        text, source = state.get(key), f"{ckpt} ({key})"
+        if not isinstance(text, str) and (ckpt.parent / name).is_file():
+            text, source = (ckpt.parent / name).read_text(), str(ckpt.parent / name)
+        if not isinstance(text, str):
+            out[key] = None
+        elif parse == "recipe":
+            data = json.loads(text) if key in state else yaml.safe_load(text)
+            out[key] = data if isinstance(data, dict) else None
+        else:
+            out[key] = ArchSpec.from_dict(yaml.safe_load(text), source=source)
+    return out

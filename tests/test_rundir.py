@@ -1,0 +1,94 @@
+"""The run directory module: one reader and writer of results.csv, atomic writes, the status
+vocabulary, the Pareto front, and the lock that keeps two processes off one directory."""
+
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from mdsearch.rundir import (COMPLETED, FAILED, NOT_RUN, RESULTS, STOPPED, RunDirBusy, RunDirError,
+                             atomic_path, atomic_write, front, locked, numeric_column,
+                             pareto_mask, read_results, trial_status, write_results)
+
+
+def table(rows):
+    return pd.DataFrame(rows, columns=["trial_id", "status", "gmacs", "q"])
+
+
+def test_results_round_trip_keeps_hex_ids_as_strings(tmp_path):
+    write_results(table([["6038e956", COMPLETED, 1.0, 0.5]]), tmp_path)
+    back = read_results(tmp_path)
+    assert back["trial_id"].tolist() == ["6038e956"]  # not 6038 x 10^956
+
+
+def test_results_never_lose_a_row(tmp_path):
+    write_results(table([["a", COMPLETED, 1.0, 0.5], ["b", COMPLETED, 2.0, 0.4]]), tmp_path)
+    # a driver that saw only trial c (and a newer value of a) rewrites the table
+    write_results(table([["a", STOPPED, 1.0, 0.6], ["c", COMPLETED, 3.0, 0.3]]), tmp_path)
+    back = read_results(tmp_path).set_index("trial_id")
+    assert sorted(back.index) == ["a", "b", "c"]
+    assert back.loc["a", "status"] == STOPPED and back.loc["b", "q"] == 0.4
+
+
+@pytest.mark.parametrize("content, message", [
+    ("", "not a readable CSV table"),
+    ("trial_id,status\na,completed\nb,completed,1,2,3\n", "not a readable CSV table"),
+    ("a,b\n1,2\n", "no trial_id, status column"),
+    (b"\x89PNG\x00\xff\xfe", "not a readable CSV table"),
+])
+def test_a_malformed_results_file_is_one_clear_error(tmp_path, content, message):
+    path = tmp_path / RESULTS
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(RunDirError, match=message):
+        read_results(tmp_path)
+    with pytest.raises(RunDirError, match="no results.csv here"):
+        read_results(tmp_path / "elsewhere")
+
+
+def test_a_metric_column_holding_text_is_named():
+    t = table([["a", COMPLETED, 1.0, 0.5], ["b", COMPLETED, 2.0, "abc"]])
+    with pytest.raises(RunDirError, match="column 'q' holds 'abc' \\(trial b\\)"):
+        numeric_column(t, "q")
+
+
+def test_atomic_write_leaves_the_old_file_when_the_writer_fails(tmp_path):
+    target = tmp_path / "f.txt"
+    atomic_write(target, "old")
+    with pytest.raises(ZeroDivisionError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            1 / 0
+    assert target.read_text() == "old" and list(tmp_path.iterdir()) == [target]
+
+
+def test_status_vocabulary():
+    assert trial_status(10, 10, False) == COMPLETED
+    assert trial_status(4, 10, False) == STOPPED
+    assert trial_status(0, 10, False) == NOT_RUN
+    assert trial_status(10, 10, True) == FAILED
+
+
+def test_front_respects_each_objectives_direction():
+    t = table([["a", COMPLETED, 1.0, 0.1], ["b", COMPLETED, 2.0, 0.3], ["c", COMPLETED, 3.0, 0.2],
+               ["d", STOPPED, 0.5, 0.9], ["e", COMPLETED, 4.0, np.nan]])
+    got = front(t, [("gmacs", "min"), ("q", "max")])
+    assert got["trial_id"].tolist() == ["a", "b"]  # c is dominated by b; d not completed
+    assert pareto_mask([[1, 1], [1, 1], [2, 2]]).tolist() == [True, True, False]
+
+
+def test_a_second_process_on_a_locked_directory_fails_naming_the_holder(tmp_path, lock_holder):
+    holder = lock_holder(tmp_path, "sweep held")
+    with pytest.raises(RunDirBusy, match=f"in use by pid {holder.pid} .*sweep held"):
+        with locked(tmp_path, "second"):
+            pass
+    holder.kill()
+    holder.wait()
+    deadline = time.time() + 10
+    while True:  # the kernel drops a dead process's lock: no stale lock after a kill
+        try:
+            with locked(tmp_path, "after the holder died"):
+                break
+        except RunDirBusy:
+            assert time.time() < deadline
+            time.sleep(0.1)
