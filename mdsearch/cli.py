@@ -15,6 +15,24 @@ from .errors import MdsearchError
 from .progress import prefixed, say
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (argparse then reports a bad value in one line)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def at_least_two(text: str) -> int:
+    value = positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be at least 2 (a spread needs two), got {value}")
+    return value
+
+
 def _add_spec_args(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--preset", default=None, choices=sorted(presets.PRESETS),
@@ -26,7 +44,7 @@ def _add_spec_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_run_args(parser: argparse.ArgumentParser, experiment: str) -> None:
-    parser.add_argument("--workers", type=int, default=None,
+    parser.add_argument("--workers", type=positive_int, default=None,
                         help="data-parallel workers through Ray Train (default: the recipe's)")
     parser.add_argument("--address", default=None,
                         help="train on an existing Ray cluster (default: one process, or a local "
@@ -273,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("cost", help="parameters, GMACs and Table 1 columns of a spec")
     _add_spec_args(p)
-    p.add_argument("--resolution", type=int, default=512, help="image resolution (latent = /8)")
+    p.add_argument("--resolution", type=positive_int, default=512, help="image resolution (latent = /8)")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.set_defaults(func=cmd_cost)
 
@@ -281,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--markdown", action="store_true", help="markdown table (the default)")
     fmt.add_argument("--json", action="store_true", help="a JSON list of rows")
-    p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--resolution", type=positive_int, default=512)
     p.set_defaults(func=cmd_table1)
 
     p = sub.add_parser("train", help="train one candidate's proxy and evaluate it")
@@ -289,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trial", default="cpu_quick",
                    help="a trial recipe file, or a name in trials/ (default: cpu_quick)")
     p.add_argument("--out", required=True, help="run directory (checkpoints, samples, spec)")
-    p.add_argument("--steps", type=int, default=None, help="override the recipe's steps")
+    p.add_argument("--steps", type=positive_int, default=None, help="override the recipe's steps")
     p.add_argument("--seed", type=int, default=None, help="override the recipe's seed")
     _add_run_args(p, experiment="mdsearch")
     p.set_defaults(func=cmd_train)
@@ -306,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="training directory (default: RUN_DIR/promoted/BUDGET)")
     p.add_argument("--metric", default=None,
                    help="rank trials by this column (default: the sweep's quality objective)")
-    p.add_argument("--steps", type=int, default=None, help="stop after this many steps")
+    p.add_argument("--steps", type=positive_int, default=None, help="stop after this many steps")
     p.add_argument("--no-train", action="store_true",
                    help="only choose the winner and write its spec and promotion.json")
     _add_run_args(p, experiment="mdsearch-full")
@@ -329,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted sweep (finished trials are kept, unfinished "
                         "ones continue from their last evaluation)")
-    p.add_argument("--num-samples", type=int, default=None,
+    p.add_argument("--num-samples", type=positive_int, default=None,
                    help="trained trials (default: the space's search.num_samples)")
     p.add_argument("--no-mlflow", action="store_true", help="do not log trials to MLflow")
     p.set_defaults(func=cmd_sweep)
@@ -350,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("long", nargs="?", default=None,
                    help="sweep directory at the larger budget (same configurations); with "
                         "--short-step it defaults to SHORT itself")
-    p.add_argument("--short-step", type=int, default=None,
+    p.add_argument("--short-step", type=positive_int, default=None,
                    help="take the short budget from SHORT's trial histories at this step")
     p.add_argument("--metric", default=None,
                    help="the quality metric (default: the sweep's objective, else "
@@ -363,9 +381,9 @@ def main(argv: list[str] | None = None) -> int:
                                            "evaluation redraws and training seeds")
     p.add_argument("path", help="a trained run directory, or a sweep directory (then "
                                 "SWEEP/reliability.json is written for `mdsearch report`)")
-    p.add_argument("--redraws", type=int, default=3,
+    p.add_argument("--redraws", type=at_least_two, default=3,
                    help="evaluations of the same weights under redrawn noise (default 3)")
-    p.add_argument("--trials", type=int, default=3,
+    p.add_argument("--trials", type=positive_int, default=3,
                    help="a sweep's trials to redraw: best, median, worst (default 3)")
     p.add_argument("--bank-only", action="store_true",
                    help="redraw only the held-out bank (val_loss, text_gain): no sampling")
@@ -384,10 +402,10 @@ def main(argv: list[str] | None = None) -> int:
                         "only on macOS")
     p.add_argument("--fp16", action="store_true",
                    help="export in half precision (Core ML: float16 compute precision)")
-    p.add_argument("--resolution", type=int, default=None,
+    p.add_argument("--resolution", type=positive_int, default=None,
                    help="image resolution (default: the checkpoint's last training resolution "
                         "when its recipe.yaml is there, else 512)")
-    p.add_argument("--latent-size", type=int, default=None,
+    p.add_argument("--latent-size", type=positive_int, default=None,
                    help="latent size (default: resolution/8; a pixel-space checkpoint: "
                         "the resolution)")
     p.add_argument("--no-text-encoder", action="store_true", help="export the UNet alone")

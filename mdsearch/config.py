@@ -22,14 +22,36 @@ class ConfigError(MdsearchError):
     """A malformed configuration file or dict: names the source, the field and the reason."""
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (YAML would keep the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: let SafeLoader report it
+                continue
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} given twice (lines {first} and "
+                    f"{key_node.start_mark.line + 1}); keep one", key_node.start_mark)
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
 def load_yaml(path: str | Path, error=ConfigError) -> Any:
+    """A YAML (or JSON) file, strictly: text only, no key given twice."""
     path = Path(path)
     if not path.is_file():
-        raise error(f"{path}: file not found")
+        raise error(f"{path}: file not found" if not path.exists() else f"{path}: not a file")
     try:
-        return yaml.safe_load(path.read_text())
+        return yaml.load(path.read_text(), Loader=_StrictLoader)  # a SafeLoader: no objects
+    except UnicodeDecodeError:
+        raise error(f"{path}: not a text file (expected YAML or JSON)") from None
     except yaml.YAMLError as err:
-        raise error(f"{path}: not valid YAML/JSON: {err}") from None
+        raise error(f"{path}: not valid YAML/JSON: {' '.join(str(err).split())}") from None
 
 
 def named_file(path_or_name: str | Path, folder: Path) -> Path:

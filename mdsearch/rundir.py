@@ -84,17 +84,24 @@ def locked(directory: str | Path, what: str) -> Iterator[Path]:
     """Hold DIRECTORY/.lock for the block (an exclusive, non-blocking flock; the kernel drops it
     when the process dies, so a killed run never leaves a stale lock). A second process on the
     same directory fails at once with RunDirBusy naming the holder. Re-entrant within a process
-    (a sweep's trial may lock its own directory inside the sweep's)."""
+    (a sweep's trial may lock its own directory inside the sweep's). A directory it created and
+    in which nothing was written is removed again."""
     import fcntl
 
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    if directory.exists() and not directory.is_dir():
+        raise RunDirError(f"{directory}: exists and is not a directory; give a directory")
     path = directory / LOCK
     key = str(path.resolve())
     if key in _HELD:
         yield path
         return
-    handle = open(path, "a+")
+    created = not directory.exists()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        handle = open(path, "a+")
+    except OSError as err:
+        raise RunDirError(f"{directory}: cannot write here ({err.strerror or err})") from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -113,6 +120,9 @@ def locked(directory: str | Path, what: str) -> Iterator[Path]:
         yield path
     finally:
         _HELD.discard(key)
+        if created and [p.name for p in directory.iterdir()] == [LOCK]:
+            path.unlink()  # nothing was written: leave no empty directory behind
+            directory.rmdir()
         fcntl.flock(handle, fcntl.LOCK_UN)
         handle.close()
 
@@ -137,9 +147,28 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         yield tmp
+        fault_point(path.name)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+FAULT_ENV = "MDSEARCH_FAULT_KILL"
+_FAULT_COUNTS: dict[str, int] = {}
+
+
+def fault_point(name: str) -> None:
+    """Fault injection for the reliability tests: with MDSEARCH_FAULT_KILL=NAME:N this process
+    kills itself (SIGKILL) at the Nth write of NAME, after the new content is written to its
+    temporary file and before it replaces the old one: the worst moment."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec or not name.startswith(spec.split(":")[0]):
+        return
+    _FAULT_COUNTS[name] = _FAULT_COUNTS.get(name, 0) + 1
+    if _FAULT_COUNTS[name] == int(spec.split(":")[1] if ":" in spec else 1):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def atomic_write(path: str | Path, data: str | bytes) -> Path:

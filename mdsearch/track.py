@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .errors import MdsearchError
 from .rundir import SPEC
 
 RUN_ID_FILE = "mlflow_run_id"
@@ -43,6 +44,28 @@ def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+class TrackingError(MdsearchError):
+    """An MLflow tracking server that cannot be used."""
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail at once, in one line, when an http(s) tracking server does not answer (MLflow's own
+    client would retry for minutes before failing)."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return  # it answered (a proxy or an old server without /health)
+    except (OSError, ValueError) as err:
+        reason = getattr(err, "reason", None) or err
+        raise TrackingError(f"MLflow tracking server {uri} does not answer ({reason}); start it, "
+                            "fix MLFLOW_TRACKING_URI, or run with --no-mlflow") from None
+
+
 class MLflowWriter:
     """One MLflow experiment and its runs: the one place mdsearch writes to MLflow (a trial's
     tracker and the sweep driver's callback both go through it). Only finite numbers are logged
@@ -53,6 +76,7 @@ class MLflowWriter:
         from mlflow.tracking import MlflowClient
 
         self.uri = tracking_uri or default_tracking_uri(root)
+        check_reachable(self.uri)
         self.client = MlflowClient(self.uri)
         found = self.client.get_experiment_by_name(experiment)
         if found is not None:

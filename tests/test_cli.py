@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from mdsearch.arch.spec import ArchSpec
@@ -67,3 +68,59 @@ def test_console_script_is_installed():
     out = subprocess.run([sys.executable, "-m", "mdsearch.cli", "cost", "--preset", "md-lite",
                           "--json"], capture_output=True, text=True, check=True).stdout
     assert json.loads(out)["sa_layers"] == 12
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["cost", "--set", "levels.2.channels=1000000000"], "levels[2].channels: must be between 1"),
+    (["cost", "--set", "head_dim=0"], "field head_dim: must be positive, got 0"),
+    (["cost", "--spec", "{tmp}/binary.yaml"], "binary.yaml: not a text file"),
+    (["sweep", "{tmp}/binary.yaml"], "binary.yaml: not a text file"),
+    (["train", "--trial", "{tmp}/dup.yaml", "--out", "{tmp}/out"],
+     "key 'steps' given twice (lines 2 and 3)"),
+    (["train", "--trial", "{tmp}/nan.yaml", "--out", "{tmp}/out"],
+     "field optimizer.lr: must be a finite number, got nan"),
+    (["train", "--trial", "{tmp}/r13.yaml", "--out", "{tmp}/out", "--no-mlflow"],
+     "field resolution: 13 px gives 13 latent pixels"),
+    (["train", "--out", "{tmp}/binary.yaml"], "binary.yaml: exists and is not a directory"),
+    (["train", "--steps", "0", "--out", "{tmp}/out"], "--steps: must be at least 1, got 0"),
+    (["train", "--workers", "-2", "--out", "{tmp}/out"], "--workers: must be at least 1"),
+    (["sweep", "quickstart", "--num-samples", "0"], "--num-samples: must be at least 1"),
+    (["export", "--latent-size", "-4", "--out", "{tmp}/out"], "--latent-size: must be at least"),
+    (["export", "--resolution", "13", "--out", "{tmp}/out"], "resolution 13: must be a positive"),
+    (["reliability", "{tmp}", "--redraws", "1"], "--redraws: must be at least 2"),
+])
+def test_bad_input_is_one_line_exit_2_and_leaves_nothing(tmp_path, capsys, monkeypatch, argv,
+                                                         message):
+    monkeypatch.setenv("MDSEARCH_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "binary.yaml").write_bytes(bytes(range(256)) * 4)
+    (tmp_path / "dup.yaml").write_text("name: d\nsteps: 3\nsteps: 4\n")
+    (tmp_path / "nan.yaml").write_text("name: n\noptimizer: {lr: .nan}\n")
+    (tmp_path / "r13.yaml").write_text(
+        "name: r13\nresolution: 13\ndata: {kind: synthetic, size: 64, eval_size: 32}\n"
+        "text_encoder: {name: minilm, max_length: 8}\nwidth: 0.0625\nbatch_size: 4\nsteps: 2\n")
+    try:
+        code = main([a.replace("{tmp}", str(tmp_path)) for a in argv])
+    except SystemExit as exit_:  # argparse's own refusals
+        code = exit_.code
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
+    assert [line for line in err.splitlines() if line.startswith("mdsearch")] == \
+        [line for line in err.splitlines() if message in line]  # one error line
+    assert not (tmp_path / "out").exists()  # no half-written output
+
+
+def test_fidelity_and_report_refuse_what_they_cannot_rank(tmp_path, capsys):
+    sweep = tmp_path / "s"
+    sweep.mkdir()
+    (sweep / "results.csv").write_text(
+        "trial_id,status,stop_reason,a,seed,params,gmacs,text_gain,steps\n"
+        "t1,completed,,1,0,10,1.0,0.5,6\nt2,completed,,2,0,20,2.0,abc,6\n")
+    assert main(["report", str(sweep), "--out", str(tmp_path / "r")]) == 2
+    assert "column 'text_gain' holds 'abc' (trial t2)" in capsys.readouterr().err
+    assert main(["fidelity", str(sweep), "--metric", "nosuch"]) == 2
+    assert "no column 'nosuch'" in capsys.readouterr().err
+    (sweep / "results.csv").write_text(
+        "trial_id,status,stop_reason,a,seed,params,gmacs,text_gain,steps\n"
+        "t1,completed,,1,0,10,1.0,0.5,6\n")
+    assert main(["fidelity", str(sweep), "--metric", "text_gain"]) == 2
+    assert "rank agreement needs at least 2" in capsys.readouterr().err

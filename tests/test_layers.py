@@ -26,7 +26,7 @@ LAYERS = [{"errors", "progress", "paths", "rundir", "quality", "config", "track"
 RANK = {name: i for i, names in enumerate(LAYERS) for name in names}
 BOTTOM = {"errors": set(), "progress": set(), "paths": set(), "raylocal": set(),
           "rundir": {"errors"},
-          "quality": {"rundir", "paths", "errors"}, "track": {"rundir"},
+          "quality": {"rundir", "paths", "errors"}, "track": {"rundir", "errors"},
           "config": {"errors"}}  # within the bottom layer: what each may import (no cycles)
 
 

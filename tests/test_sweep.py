@@ -233,6 +233,8 @@ def test_sigkill_then_resume_completes_every_trial_exactly_once(tmp_path):
     sweep = tmp_path / "killed"
     before = {p.name: p.read_bytes() for p in sweep.iterdir() if p.is_file()}
     state = sorted(sweep.glob("searcher-state-*.pkl"))[-1]
+    assert json.loads(state.read_text())["format"].startswith("mdsearch")  # data, not a pickle
+    assert (sweep / "optuna_journal.log").is_file()  # the Optuna study, in Optuna's own format
     state.write_bytes(state.read_bytes()[:40])
     before[state.name] = state.read_bytes()
     again = subprocess.run(_sweep_cmd(space_file, recipe_file, tmp_path, "--resume"),
@@ -241,6 +243,18 @@ def test_sigkill_then_resume_completes_every_trial_exactly_once(tmp_path):
     assert f"{state}: the sweep's searcher state is damaged" in again.stderr
     after = {p.name: p.read_bytes() for p in sweep.iterdir() if p.is_file() and p.name != ".lock"}
     assert after == {k: v for k, v in before.items() if k != ".lock"}
+    # a crafted pickle in a shared storage is refused, never run
+    import pickle
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(tmp_path / "pwned"), "w"))
+
+    state.write_bytes(pickle.dumps(Payload()))
+    again = subprocess.run(_sweep_cmd(space_file, recipe_file, tmp_path, "--resume"),
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and "damaged" in again.stderr
+    assert not (tmp_path / "pwned").exists()
 
 
 def test_cli_reports_a_bad_space_in_one_line(tmp_path, capsys):
@@ -263,3 +277,43 @@ def test_unnamed_sweeps_are_timestamped_and_resume_takes_the_latest(tmp_path):
     for stamp in ("20261124-090000", "20261125-080000"):
         (tmp_path / f"tiny_space-{stamp}").mkdir()
     assert default_name(space, tmp_path, resume=True) == "tiny_space-20261125-080000"
+
+
+def test_a_driver_killed_at_any_point_resumes_to_every_trial_exactly_once(tmp_path):
+    """Fault injection: the driver is killed five times, at the worst moments of its writes
+    (mid results.csv, mid searcher state) and at arbitrary times, and resumed each time."""
+    import os
+
+    space_file = write(tmp_path / "space.yaml", {**SPACE, "search": {
+        "algorithm": "random", "num_samples": 4, "seed": 1, "max_concurrent": 2}})
+    recipe_file = write(tmp_path / "recipe.yaml", {
+        **RECIPE, "steps": 30, "checkpoint_every": 10, "eval": {**RECIPE["eval"], "every": 10}})
+    kills = [("fault", "results.csv:1"), ("fault", "searcher-state:3"),
+             ("fault", "results.csv:1"), ("after", 12.0), ("after", 6.0)]
+    started, seen = False, []
+    for how, what in kills:
+        env = dict(os.environ)
+        if how == "fault":
+            env["MDSEARCH_FAULT_KILL"] = what
+        cmd = _sweep_cmd(space_file, recipe_file, tmp_path, *(["--resume"] if started else []))
+        driver = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, text=True)
+        try:
+            driver.wait(timeout=what if how == "after" else 300)
+        except subprocess.TimeoutExpired:
+            driver.kill()
+            driver.wait()
+        err = driver.stderr.read()
+        assert driver.returncode in (0, -signal.SIGKILL), err[-3000:]
+        seen.append(driver.returncode)
+        started = started or (tmp_path / "killed" / "tuner.pkl").is_file()
+        if driver.returncode == 0:
+            break
+    assert seen.count(-signal.SIGKILL) >= 3, seen  # the faults did fire
+    final = subprocess.run(_sweep_cmd(space_file, recipe_file, tmp_path, "--resume"),
+                           capture_output=True, text=True, timeout=600)
+    assert final.returncode == 0, final.stderr[-3000:]
+    table = pd.read_csv(tmp_path / "killed" / "results.csv", dtype={"trial_id": str})
+    done = trained(table)
+    assert len(done) == 4 and done["trial_id"].is_unique, table
+    assert (done["status"] == "completed").all() and (done["steps"] == 30).all()

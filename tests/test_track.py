@@ -69,3 +69,13 @@ def test_trial_logs_params_metrics_and_artifacts_to_a_server(mlflow_server, tmp_
     assert [m.step for m in client.get_metric_history(tracker.run_id, "sample_std")] == [3, 6]
     artifacts = {a.path for a in client.list_artifacts(tracker.run_id)}
     assert {"spec.yaml", "samples_000006.png"} <= artifacts
+
+
+def test_an_unreachable_tracking_server_is_one_clear_error(tmp_path, capsys, monkeypatch):
+    from mdsearch.cli import main
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")  # nothing listens there
+    assert main(["train", "--out", str(tmp_path / "run"), "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "MLflow tracking server http://127.0.0.1:1 does not answer" in err
+    assert "--no-mlflow" in err and not (tmp_path / "run").exists()

@@ -65,6 +65,10 @@ def fidelity(short_dir: str | Path, long_dir: str | Path, metric: str | None = N
              else _completed(short_dir, metric))
     keys = [c for c in _config_columns(short) if c in long.columns]
     merged = short.merge(long, on=keys, suffixes=("_short", "_long"))
+    if len(merged) < 2:
+        raise RunDirError(f"{short_dir} and {long_dir}: {len(merged)} completed configuration(s) "
+                          f"in both, matched on {', '.join(keys) or 'nothing'}; rank agreement "
+                          "needs at least 2")
     tau = kendall_tau_b(merged[f"{metric}_short"], merged[f"{metric}_long"])
     result = {"pairs": len(merged), "kendall_tau_b": tau, "metric": metric, "keys": keys,
               "steps_short": int(short["steps"].max()) if len(short) else 0,

@@ -20,9 +20,9 @@ from pathlib import Path
 import pandas as pd
 
 from ..quality import DEFAULT_QUALITY, direction
-from ..quality import noise_floors, winner_statement
+from ..quality import is_quality, noise_floors, winner_statement
 from ..rundir import (COMPLETED, FAILED, FILTERED_STATUS, NOT_RUN, RECIPE, SPACE, STOPPED,
-                      RunDirError, front, read_results, trial_status)
+                      RESULTS, RunDirError, front, numeric_column, read_results, trial_status)
 
 ABLATION_METRICS = ("val_loss_mid", "text_gain", "align", "kid_proxy")
 """Metrics an ablation table shows beside the sweep's own quality metric, where measured."""
@@ -38,6 +38,8 @@ def _load(run_dir: Path):
     from ..search.space import load_space
 
     table = read_results(run_dir)
+    for column in [c for c in table.columns if is_quality(c)]:
+        table[column] = numeric_column(table, column, run_dir / RESULTS)
     space = load_space(run_dir / SPACE) if (run_dir / SPACE).is_file() else None
     recipe = None
     if (run_dir / RECIPE).is_file():

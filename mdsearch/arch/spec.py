@@ -34,6 +34,8 @@ import yaml
 from .. import config
 
 
+MAX_WIDTH = 65536  # widths beyond this are typos (SD-XL's widest is 1280)
+
 class SpecError(config.ConfigError):
     """A malformed architecture spec: the message names the source, the field and the reason."""
 
@@ -156,15 +158,20 @@ class ArchSpec:
             fail("ffn_expansion", f"must be positive, got {self.ffn_expansion}")
         if (self.head_dim is None) == (self.num_heads is None):
             fail("head_dim/num_heads", "set exactly one of them (the other null)")
-        if (self.head_dim or 1) < 1 or (self.num_heads or 1) < 1:
-            fail("head_dim/num_heads", "must be positive")
+        for name in ("head_dim", "num_heads"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                fail(name, f"must be positive, got {getattr(self, name)}")
+        for name in ("context_dim", "context_len", "time_freq_dim", "time_embed_dim",
+                     "micro_cond_dim", "pooled_dim", "latent_channels"):
+            if getattr(self, name) > MAX_WIDTH:
+                fail(name, f"{getattr(self, name)} is beyond any UNet (at most {MAX_WIDTH})")
         if self.mid == "sd" and self.mid_layers < 0:
             fail("mid_layers", f"must be >= 0, got {self.mid_layers}")
 
         for i, level in enumerate(self.levels):
             at = f"levels[{i}]"
-            if level.channels < 1:
-                fail(f"{at}.channels", f"must be positive, got {level.channels}")
+            if not 1 <= level.channels <= MAX_WIDTH:
+                fail(f"{at}.channels", f"must be between 1 and {MAX_WIDTH}, got {level.channels}")
             if level.channels % self.norm_groups:
                 fail(f"{at}.channels",
                      f"{level.channels} is not divisible by norm_groups {self.norm_groups}")

@@ -4,8 +4,8 @@ costs every suggestion before Tune sees it."""
 
 from __future__ import annotations
 
-import base64
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -15,11 +15,12 @@ from ray.tune.search import Searcher
 
 from ..errors import MdsearchError
 from ..progress import say
-from ..rundir import FILTERED, FILTERED_STATUS
+from ..rundir import FILTERED, FILTERED_STATUS, fault_point
 from .space import CostCache, Space, product
 
 MAX_CONSECUTIVE_FILTERED = 200
-STATE_FORMAT = "mdsearch-budgeted-search-v1"
+OPTUNA_JOURNAL = "optuna_journal.log"  # the Optuna study of a sweep (Optuna's journal format)
+STATE_FORMAT = "mdsearch-budgeted-search-v2"
 
 
 class SearcherStateError(MdsearchError):
@@ -126,16 +127,16 @@ class BudgetedSearch(Searcher):
             f.write(json.dumps(record) + "\n")
 
     def save(self, checkpoint_path: str) -> None:
-        """The state as JSON data (Tune names the file searcher-state-*.pkl). The inner
-        searcher's own state travels inside it as bytes: JSON for the grid; for Optuna, what
-        Ray's OptunaSearch writes (a pickle: see docs/clusters.md on trusting a storage)."""
+        """The state as JSON data (Tune names the file searcher-state-*.pkl), the inner
+        searcher's own JSON state inside it (the Optuna study itself is in its journal)."""
         with tempfile.TemporaryDirectory() as d:
             self.inner.save(os.path.join(d, "inner"))
             inner = Path(d, "inner").read_bytes()
         state = {"format": STATE_FORMAT, "filtered": self.filtered, "ids": self.ids,
                  "asked": self.asked, "seen": sorted(self.seen), "duplicates": self.duplicates,
-                 "inner": base64.b64encode(inner).decode("ascii")}
+                 "inner": json.loads(inner)}
         Path(checkpoint_path).write_text(json.dumps(state))
+        fault_point("searcher-state")  # (tests: a kill while Tune saves the sweep's state)
 
     @staticmethod
     def read_state(path: str | Path) -> dict:
@@ -158,7 +159,7 @@ class BudgetedSearch(Searcher):
     def restore(self, checkpoint_path: str) -> None:
         state = self.read_state(checkpoint_path)
         with tempfile.TemporaryDirectory() as d:
-            Path(d, "inner").write_bytes(base64.b64decode(state["inner"]))
+            Path(d, "inner").write_text(json.dumps(state["inner"]))
             self.inner.restore(os.path.join(d, "inner"))
         self.filtered, self.ids, self.asked = state["filtered"], state["ids"], state["asked"]
         self.seen, self.duplicates = set(state["seen"]), state["duplicates"]
@@ -166,11 +167,10 @@ class BudgetedSearch(Searcher):
             f.writelines(json.dumps(r) + "\n" for r in self.filtered)
 
 
-def make_inner_searcher(space: Space, metric, mode):
+def make_inner_searcher(space: Space, metric, mode, sweep_dir: Path):
     if space.algorithm == "grid":
         return GridSearch(product(space))
     import optuna
-    from ray.tune.search.optuna import OptunaSearch
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if space.algorithm == "random":
@@ -181,12 +181,77 @@ def make_inner_searcher(space: Space, metric, mode):
     else:
         sampler = optuna.samplers.TPESampler(seed=space.search_seed,
                                              n_startup_trials=max(2, space.num_samples // 3))
-    return OptunaSearch(space=define_by_run(space), metric=metric, mode=mode, sampler=sampler)
+    return OptunaJournalSearch(space, metric, mode, sampler, Path(sweep_dir) / OPTUNA_JOURNAL)
+
+
+class OptunaJournalSearch(Searcher):
+    """Optuna's ask-and-tell inside Tune, with the study kept in Optuna's own journal file in the
+    sweep directory (JSON lines: data, never unpickled). A resumed sweep reloads the study from
+    the journal; this searcher's own state is the map from Tune's trials to Optuna's (JSON).
+    Like Ray's OptunaSearch: a trial that reports its metric(s) is told COMPLETE, a failed one
+    FAIL, one that ended without a value PRUNED; non-finite values are told FAIL."""
+
+    def __init__(self, space: Space, metric, mode, sampler, journal: Path):
+        super().__init__(metric=metric, mode=mode)
+        self.space, self.sampler, self.journal = space, sampler, str(journal)
+        self.metrics = metric if isinstance(metric, list) else [metric]
+        modes = mode if isinstance(mode, list) else [mode]
+        self.directions = ["minimize" if m == "min" else "maximize" for m in modes]
+        self.numbers: dict[str, int] = {}  # Tune trial id -> Optuna trial number (open trials)
+        self._study = None
+
+    def __getstate__(self):  # Tune pickles its searcher into tuner.pkl: the study stays out
+        return {**self.__dict__, "_study": None}
+
+    @property
+    def study(self):
+        if self._study is None:
+            import optuna
+            from optuna.storages import JournalStorage
+            from optuna.storages.journal import JournalFileBackend
+
+            storage = JournalStorage(JournalFileBackend(self.journal))
+            self._study = optuna.create_study(study_name="sweep", storage=storage,
+                                              sampler=self.sampler, directions=self.directions,
+                                              load_if_exists=True)
+        return self._study
+
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        return True
+
+    def suggest(self, trial_id: str):
+        trial = self.study.ask()
+        self.numbers[trial_id] = trial.number
+        return define_by_run(self.space)(trial)
+
+    def on_trial_complete(self, trial_id: str, result=None, error: bool = False) -> None:
+        import optuna
+
+        number = self.numbers.pop(trial_id, None)
+        if number is None:
+            return
+        if self.study.get_trials(deepcopy=False)[number].state.is_finished():
+            return  # told before the driver died (the journal is ahead of the saved map)
+        values = [(result or {}).get(m) for m in self.metrics]
+        if all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+            self.study.tell(number, values if len(values) > 1 else values[0])
+        else:
+            failed = error or any(v is not None for v in values)
+            self.study.tell(number, state=optuna.trial.TrialState.FAIL if failed
+                            else optuna.trial.TrialState.PRUNED)
+
+    def save(self, checkpoint_path: str) -> None:
+        Path(checkpoint_path).write_text(json.dumps({"journal": self.journal,
+                                                     "open_trials": self.numbers}))
+
+    def restore(self, checkpoint_path: str) -> None:
+        state = json.loads(Path(checkpoint_path).read_text())
+        self.numbers = {str(k): int(v) for k, v in state["open_trials"].items()}
 
 
 class define_by_run:
     """Optuna's define-by-run view of the space: conditional dimensions asked only when active.
-    (A class, not a closure, so the searcher's state can be pickled into the sweep's checkpoint.)"""
+    (A class, not a closure: Tune pickles the searcher object into its tuner.pkl.)"""
 
     def __init__(self, space: Space):
         self.space = space
@@ -196,4 +261,4 @@ class define_by_run:
         for dim in self.space.dimensions:
             if dim.active(point):
                 point[dim.name] = dim.suggest(trial)
-        return point  # Ray's OptunaSearch adds these to the config (values, not `_rank`s)
+        return point  # values (an uneven dimension's Optuna parameter is its `<dim>_rank`)

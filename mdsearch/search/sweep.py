@@ -100,6 +100,11 @@ def _run_sweep(space: Space, recipe, name: str, sweep_dir: Path, address, resume
             shutil.copy2(space.source, sweep_dir / SPACE)
         atomic_write(sweep_dir / RECIPE, yaml.safe_dump(recipe.to_dict(), sort_keys=False))
 
+    if mlflow and not resume:
+        from ..track import check_reachable, default_tracking_uri
+
+        tracking_uri = tracking_uri or default_tracking_uri()
+        check_reachable(tracking_uri)  # before Ray starts: one line, not minutes of retries
     start_ray(address, progress)
     from .schedulers import make_scheduler
 
@@ -122,11 +127,8 @@ def _run_sweep(space: Space, recipe, name: str, sweep_dir: Path, address, resume
     else:
         callbacks = [Progress(space, total, shown), ResultsWriter(space, sweep_dir, recipe.steps)]
         if mlflow:
-            from ..track import default_tracking_uri
-
-            callbacks.append(MLflowSweepLogger(name, tracking_uri or default_tracking_uri(),
-                                               space, recipe, sweep_dir))
-        searcher = BudgetedSearch(make_inner_searcher(space, metric, mode), space, sweep_dir,
+            callbacks.append(MLflowSweepLogger(name, tracking_uri, space, recipe, sweep_dir))
+        searcher = BudgetedSearch(make_inner_searcher(space, metric, mode, sweep_dir), space, sweep_dir,
                                   metric, mode, progress=progress, cache=cache)
         scheduler = make_scheduler(space.scheduler, quality.metric, quality.mode, recipe.steps,
                                    recipe.eval.every, sweep_dir / STOP_STATE)

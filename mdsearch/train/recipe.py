@@ -12,6 +12,8 @@ from stage to stage. A recipe without stages is one stage.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,22 @@ from typing import Any
 from .. import config
 from ..paths import TRIALS
 from .diffusion import SCHEDULES
+
+
+def _numbers(obj, prefix: str = ""):
+    """(dotted field, value) of every number in a recipe dataclass, nested ones included."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _numbers(value, f"{prefix}{f.name}.")
+        elif isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                if dataclasses.is_dataclass(item):
+                    yield from _numbers(item, f"{prefix}{f.name}.{i}.")
+                elif isinstance(item, (int, float)):
+                    yield f"{prefix}{f.name}.{i}", item
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            yield f"{prefix}{f.name}", value
 
 
 class RecipeError(config.ConfigError):
@@ -122,6 +140,9 @@ class Recipe:
         def fail(where, reason):
             raise RecipeError(f"{source}: field {where}: {reason}")
 
+        for where, value in _numbers(self):
+            if isinstance(value, float) and not math.isfinite(value):
+                fail(where, f"must be a finite number, got {value}")
         for name in ("resolution", "batch_size", "steps", "checkpoint_every", "log_every"):
             if getattr(self, name) < 1:
                 fail(name, f"must be positive, got {getattr(self, name)}")

@@ -191,6 +191,16 @@ class Training:
 
         self.full = cost(spec, 512)
         data = self.pipeline(self.plan[0].resolution)
+        factor = 2 ** (len(spec.levels) - 1)  # the UNet's total downsampling of its latents
+        for stage in self.plan:
+            latent = stage.resolution // data.autoencoder.factor
+            if stage.resolution % data.autoencoder.factor or latent % factor:
+                where = f"stages ({stage.name}).resolution" if self.staged else "resolution"
+                raise TrainError(
+                    f"{recipe.name}: field {where}: {stage.resolution} px gives "
+                    f"{stage.resolution / data.autoencoder.factor:g} latent pixels, which "
+                    f"{spec.name}'s {len(spec.levels)} levels cannot halve {len(spec.levels) - 1}"
+                    f" times; use a multiple of {factor * data.autoencoder.factor}")
         self.proxy = proxy_spec(spec, recipe.width, data.autoencoder.channels, data.encoder.dim,
                                 data.encoder.max_length)
         torch.manual_seed(self.seed)
@@ -209,7 +219,7 @@ class Training:
         self.step, self.elapsed_before = 0, 0.0
         self.losses: list[float] = []  # since the last evaluation (its record averages them)
         self.ckpt_path = self.out / CHECKPOINT
-        if self.ckpt_path.is_file():
+        if self.ckpt_path.exists():  # (read_checkpoint refuses a folder or a damaged file)
             self.load()
         if self.workers > 1:
             from torch.nn.parallel import DistributedDataParallel
