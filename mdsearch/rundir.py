@@ -196,9 +196,10 @@ def write_results(table: pd.DataFrame, sweep_dir: str | Path) -> Path:
     return path
 
 
-def read_results(sweep_dir: str | Path) -> pd.DataFrame:
+def read_results(sweep_dir: str | Path, required: tuple[str, ...] = ()) -> pd.DataFrame:
     """A sweep's results.csv as a table (trial ids as strings: "6038e956" is not 6038 x
-    10^956), checked to be one: a missing, unreadable or foreign file is a RunDirError."""
+    10^956), checked to be one: a missing, unreadable or foreign file, or one without the
+    `required` columns (besides trial_id and status), is a RunDirError."""
     sweep_dir = Path(sweep_dir)
     path = sweep_dir / RESULTS
     if not path.is_file():
@@ -213,6 +214,10 @@ def read_results(sweep_dir: str | Path) -> pd.DataFrame:
     if missing:
         raise RunDirError(f"{path}: not a sweep's results table (no {', '.join(missing)} "
                           "column)")
+    missing = [c for c in required if c not in table]
+    if missing:
+        raise RunDirError(f"{path}: lacks the column(s) {', '.join(missing)} (written by "
+                          "mdsearch sweep for every trial)")
     return table
 
 

@@ -92,3 +92,9 @@ def test_a_second_process_on_a_locked_directory_fails_naming_the_holder(tmp_path
         except RunDirBusy:
             assert time.time() < deadline
             time.sleep(0.1)
+
+
+def test_required_columns_are_named(tmp_path):
+    write_results(table([["a", COMPLETED, 1.0, 0.5]]), tmp_path)
+    with pytest.raises(RunDirError, match="lacks the column\\(s\\) params, steps"):
+        read_results(tmp_path, required=("params", "gmacs", "steps"))

@@ -37,7 +37,7 @@ class Report:
 def _load(run_dir: Path):
     from ..search.space import load_space
 
-    table = read_results(run_dir)
+    table = read_results(run_dir, required=("params", "gmacs", "steps"))
     for column in [c for c in table.columns if is_quality(c)]:
         table[column] = numeric_column(table, column, run_dir / RESULTS)
     space = load_space(run_dir / SPACE) if (run_dir / SPACE).is_file() else None

@@ -96,7 +96,7 @@ def choose(sweep_dir: str | Path, budget: str = "md", metric: str | None = None)
         raise PromoteError(f"budget {budget!r}: unknown{did_you_mean(budget, BUDGETS)}")
     limits = BUDGETS[budget]
     sweep = Path(sweep_dir)
-    table = read_results(sweep)
+    table = read_results(sweep, required=("params", "gmacs", "path"))
     space = load_space(sweep / SPACE) if (sweep / SPACE).is_file() else None
     quality = space.quality if space is not None else None
     metric = metric or (quality.metric if quality is not None else "fid_proxy")
