@@ -317,3 +317,33 @@ def test_a_driver_killed_at_any_point_resumes_to_every_trial_exactly_once(tmp_pa
     done = trained(table)
     assert len(done) == 4 and done["trial_id"].is_unique, table
     assert (done["status"] == "completed").all() and (done["steps"] == 30).all()
+
+
+def test_a_sweep_without_address_never_joins_a_ray_already_running_here(tmp_path):
+    """`ray.init()` alone joins the cluster Ray last recorded on this machine; mdsearch starts a
+    private local Ray instead (address="local")."""
+    import os
+
+    ray_cli = Path(sys.executable).with_name("ray")
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    other = subprocess.run([str(ray_cli), "start", "--head", "--port", "0", "--num-cpus", "1",
+                            "--node-ip-address", "127.0.0.1", "--include-dashboard", "false",
+                            "--disable-usage-stats"], env=env, capture_output=True, text=True,
+                           timeout=120)
+    assert other.returncode == 0, other.stderr[-2000:]
+    try:
+        code = ("import ray\nfrom mdsearch.raylocal import start_ray\nstart_ray(None)\n"
+                "print(ray.get_runtime_context().gcs_address)\n"
+                "print(ray.util.get_node_ip_address())")
+        ours = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                              text=True, timeout=120)
+        theirs = subprocess.run([sys.executable, "-c", "import ray\nray.init()\n"
+                                 "print(ray.get_runtime_context().gcs_address)"],
+                                env=env, capture_output=True, text=True, timeout=120)
+        assert ours.returncode == 0 and theirs.returncode == 0, ours.stderr[-2000:]
+        gcs, ip = ours.stdout.split()[-2:]
+        assert gcs != theirs.stdout.split()[-1]  # a Ray of its own, not the running one
+        assert ip == "127.0.0.1"
+    finally:
+        subprocess.run([str(ray_cli), "stop", "--force"], env=env, capture_output=True,
+                       timeout=120)

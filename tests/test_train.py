@@ -153,8 +153,13 @@ def test_bad_out_directories_are_refused_in_one_line(tmp_path, capsys, monkeypat
     err = capsys.readouterr().err
     assert f"{run / CHECKPOINT}: not a readable mdsearch checkpoint" in err
     assert "weights_only" not in err and len(err.strip().splitlines()) == 1
-    # another spec's checkpoint: one line, not a wall of state-dict keys
+    # a folder where the checkpoint should be
     (run / CHECKPOINT).unlink()
+    (run / CHECKPOINT).mkdir()
+    assert main(args + ["--out", str(run)]) == 2
+    assert f"{run / CHECKPOINT}: not a file" in capsys.readouterr().err
+    # another spec's checkpoint: one line, not a wall of state-dict keys
+    (run / CHECKPOINT).rmdir()
     assert main(args + ["--out", str(run)]) == 0
     capsys.readouterr()
     assert main(args + ["--out", str(run), "--set", "levels.0.channels=640", "--steps", "6"]) == 2

@@ -22,7 +22,8 @@ import pandas as pd
 from ..quality import DEFAULT_QUALITY, direction
 from ..quality import is_quality, noise_floors, winner_statement
 from ..rundir import (COMPLETED, FAILED, FILTERED_STATUS, NOT_RUN, RECIPE, SPACE, STOPPED,
-                      RESULTS, RunDirError, front, numeric_column, read_results, trial_status)
+                      PLOT, RESULTS, RunDirError, front, numeric_column, read_results,
+                      trial_status)
 
 ABLATION_METRICS = ("val_loss_mid", "text_gain", "align", "kid_proxy")
 """Metrics an ablation table shows beside the sweep's own quality metric, where measured."""
@@ -154,7 +155,7 @@ def build_report(run_dir: str | Path | None = None, out: str | Path | None = Non
     if metric in table:
         refs = reference_costs()
         report.files["pareto"] = pareto_plot(
-            table, metric, report.out / "pareto.png", mode,
+            table, metric, report.out / PLOT, mode,
             budget.max_gmacs if budget else None, title=f"{name}: {metric} vs GMACs",
             references=refs["gmacs"], noise=noise)
         report.files["pareto_params"] = pareto_plot(
