@@ -100,3 +100,26 @@ def test_cost_scales_with_resolution_and_rejects_bad_ones():
         cost(presets.get("md"), 500)
     with pytest.raises(SpecError, match="not divisible by 2\\^\\(levels-1\\) = 8"):
         cost(presets.get("sd15"), 8 * 12)
+
+
+def test_block_cache_gives_exactly_the_uncached_totals():
+    """Screening shares block costs across specs (arch.cost.BlockCosts): the totals must equal
+    the plain meta-device count, on the presets and on random specs of the paper's space,
+    with a cold cache and with one warmed by other specs."""
+    import random
+
+    from mdsearch.arch.cost import BlockCosts
+    from mdsearch.search.space import load_space
+
+    space = load_space("md_search")
+    rng = random.Random(7)
+    specs = [presets.get(name) for name in ("md", "md-lite", "sd15", "sdxl")]
+    specs += [space.spec_for(space.sample(rng)) for _ in range(12)]
+    specs += [presets.get("md", {"levels.1.channels": 512, "levels.2.down.layers": 1,
+                                 "ffn_expansion": 2, "levels.2.conv": "full"})]
+    warm = BlockCosts()
+    for spec in specs:
+        plain = cost(spec, 512)
+        for cached in (cost(spec, 512, cache=BlockCosts()), cost(spec, 512, cache=warm)):
+            assert (cached.params, cached.gmacs_by_kind) == (plain.params, plain.gmacs_by_kind)
+    assert len(warm.params) < sum(len(s.levels) for s in specs) * 4  # blocks were shared

@@ -13,14 +13,14 @@ Because the counted model is the built model, the cost can never drift from the 
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from math import prod
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .spec import ArchSpec, SpecError
-from .unet import MICRO_COND_SCALARS, build
+from .unet import MICRO_COND_SCALARS, Block, UNet, build
 
 VAE_FACTOR = 8  # latent diffusion with an f=8 autoencoder (SD, and the paper)
 
@@ -139,14 +139,78 @@ def example_inputs(spec: ArchSpec, latent: int, batch: int = 1, device="cpu") ->
             torch.randn(batch, spec.context_len, spec.context_dim, device=device)), kwargs
 
 
-def cost(spec: ArchSpec, resolution: int = 512) -> Cost:
-    """Parameters and GMACs of one forward pass (batch 1) at an image `resolution`."""
+class BlockCosts:
+    """Parameters and MACs of the levels' blocks, by block configuration and input shapes.
+
+    Screening a search space costs thousands of specs that share most of their blocks; with a
+    cache, `cost` builds and runs each distinct block once (on the meta device, counted exactly
+    as in the full model) and every later spec only assembles the rest of the UNet around
+    stand-ins that return the cached counts. The totals equal the uncached count (tested)."""
+
+    def __init__(self):
+        self.spec_fields = ""  # the global fields of the spec being costed (set by `cost`)
+        self.params: dict[str, int] = {}
+        self.macs: dict[tuple, tuple[Counter, tuple]] = {}  # -> (MACs by kind, output shape)
+        self.counter: MacCounter | None = None  # the count in progress
+
+
+def _fields(obj, skip=()) -> str:
+    """A dataclass's own fields as text (nested dataclasses by their repr, which lists theirs)."""
+    return repr([(f.name, getattr(obj, f.name)) for f in fields(obj) if f.name not in skip])
+
+
+def _block_key(spec_fields: str, level, path, cin: int, cout: int) -> str:
+    """Everything a Block's construction reads: the spec's global fields (`_fields(spec,
+    ("name", "levels"))`, computed once per spec), its level's and path's fields, its
+    channels."""
+    return "|".join((spec_fields, _fields(level, ("down", "up")), _fields(path), str(cin),
+                     str(cout)))
+
+
+def _cached_block(cache: BlockCosts):
+    """A stand-in for unet.Block that counts from `cache`, building the real block on a miss."""
+
+    class CachedBlock(torch.nn.Module):
+        def __init__(self, spec, level, path, cin, cout):
+            super().__init__()
+            self.key = _block_key(cache.spec_fields, level, path, cin, cout)
+            self.args = (spec, level, path, cin, cout)
+            if self.key not in cache.params:
+                cache.params[self.key] = sum(p.numel() for p in self.make().parameters())
+            self.num_params = cache.params[self.key]
+
+        def make(self) -> Block:
+            with torch.device("meta"):
+                return Block(*self.args)
+
+        def forward(self, x, temb, context):
+            key = (self.key, tuple(x.shape), tuple(temb.shape), tuple(context.shape))
+            if key not in cache.macs:
+                before = Counter(cache.counter.macs)
+                out = self.make()(x, temb, context)  # counted by the mode in progress
+                cache.macs[key] = (cache.counter.macs - before, tuple(out.shape))
+                return out
+            macs, shape = cache.macs[key]
+            cache.counter.macs.update(macs)
+            return x.new_empty(shape)
+
+    return CachedBlock
+
+
+def cost(spec: ArchSpec, resolution: int = 512, cache: BlockCosts | None = None) -> Cost:
+    """Parameters and GMACs of one forward pass (batch 1) at an image `resolution`. With a
+    `cache` (a BlockCosts shared across calls), blocks seen before are not rebuilt."""
     latent = latent_size(spec, resolution)
+    if cache is not None:
+        cache.spec_fields = _fields(spec, ("name", "levels"))
     with torch.device("meta"):
-        model = build(spec)
+        model = build(spec) if cache is None else UNet(spec, block=_cached_block(cache))
         args, kwargs = example_inputs(spec, latent, device="meta")
     params = sum(p.numel() for p in model.parameters())
+    params += sum(m.num_params for m in model.modules() if hasattr(m, "num_params"))
     counter = MacCounter()
+    if cache is not None:
+        cache.counter = counter
     with torch.no_grad(), counter:
         model(*args, **kwargs)
     by_kind = {k: counter.macs[k] / 1e9 for k in ("conv", "linear", "attention")}

@@ -42,7 +42,7 @@ class LevelPath(nn.Module):
     """One side ("down" or "up") of one level, driven entirely by the spec."""
 
     def __init__(self, spec: ArchSpec, index: int, side: str, cin: int,
-                 skip_channels: list[int] | None = None):
+                 skip_channels: list[int] | None = None, block=Block):
         super().__init__()
         level = spec.levels[index]
         path, cout = getattr(level, side), level.channels
@@ -50,7 +50,7 @@ class LevelPath(nn.Module):
         blocks = []
         for j in range(path.conv_blocks):
             extra = skip_channels[j] if side == "up" and j < self.num_skips else 0
-            blocks.append(Block(spec, level, path, cin + extra, cout))
+            blocks.append(block(spec, level, path, cin + extra, cout))
             cin = cout
         self.blocks = nn.ModuleList(blocks)
         innermost = index == len(spec.levels) - 1
@@ -97,7 +97,9 @@ class MidBlock(nn.Module):
 
 
 class UNet(nn.Module):
-    def __init__(self, spec: ArchSpec):
+    def __init__(self, spec: ArchSpec, block=Block):
+        """`block`: the class of the levels' blocks (the cost model's cache swaps in a stand-in
+        with Block's signature; everything else is always built as is)."""
         super().__init__()
         spec.validate(spec.name)
         self.spec = spec
@@ -116,7 +118,7 @@ class UNet(nn.Module):
         self.down = nn.ModuleList()
         cin = ch[0]
         for i, level in enumerate(spec.levels):
-            self.down.append(LevelPath(spec, i, "down", cin))
+            self.down.append(LevelPath(spec, i, "down", cin, block=block))
             skips_per_level[i] += [level.channels] * level.down.conv_blocks
             cin = level.channels
             if i < len(ch) - 1:
@@ -127,7 +129,7 @@ class UNet(nn.Module):
         # Up path, innermost level first; each level uses its own resolution's skips, newest first.
         self.up = nn.ModuleList()
         for i in reversed(range(len(ch))):
-            self.up.append(LevelPath(spec, i, "up", cin, skips_per_level[i][::-1]))
+            self.up.append(LevelPath(spec, i, "up", cin, skips_per_level[i][::-1], block=block))
             cin = ch[i]
 
         self.norm_out = nn.GroupNorm(spec.norm_groups, ch[0], eps=1e-5)

@@ -44,7 +44,7 @@ from .. import config
 from ..errors import did_you_mean
 from ..quality import DIRECTIONS, UnknownMetric, direction
 from ..arch import presets
-from ..arch.cost import cost
+from ..arch.cost import BlockCosts, cost
 from ..arch.spec import ArchSpec, SpecError
 from ..paths import SEARCH_SPACES
 
@@ -277,17 +277,19 @@ class Space:
 
 
 class CostCache:
-    """Full-size costs by spec, so a configuration sampled twice is costed once."""
+    """Full-size costs by spec, so a configuration sampled twice is costed once; a new spec
+    reuses the costs of the blocks it shares with those before it (arch.cost.BlockCosts)."""
 
     def __init__(self):
         self._cache: dict[tuple[str, int], dict] = {}
+        self.blocks = BlockCosts()
 
     def get(self, spec: ArchSpec, resolution: int) -> dict:
         data = spec.to_dict()
         data.pop("name")
         key = (json.dumps(data, sort_keys=True), resolution)
         if key not in self._cache:
-            c = cost(spec, resolution)
+            c = cost(spec, resolution, cache=self.blocks)
             self._cache[key] = {"params": c.params, "gmacs": round(c.gmacs, 3)}
         return self._cache[key]
 
