@@ -176,3 +176,23 @@ def test_two_runs_on_one_out_directory_cannot_overlap(tmp_path, capsys, lock_hol
     err = capsys.readouterr().err
     assert code == 2 and f"in use by pid {holder.pid}" in err
     assert not (tmp_path / "run" / CHECKPOINT).exists()
+
+
+def test_compile_falls_back_to_eager_saying_why(tmp_path, monkeypatch):
+    """recipe `compile: true` uses torch.compile; when compiling fails the run trains eagerly,
+    with the same result as an eager run, and says why in one progress line."""
+    def broken(model, *args, **kwargs):
+        def first_call(*a, **k):
+            raise RuntimeError("InductorError: no working C++ compiler\n(long log)")
+        return first_call
+
+    monkeypatch.setattr(torch, "compile", broken)
+    said = []
+    compiled = train_trial(presets.get("md"), tiny_recipe(compile=True), tmp_path / "c", steps=3,
+                           evaluator=ImageStats(), progress=said.append)
+    eager = train_trial(presets.get("md"), tiny_recipe(), tmp_path / "e", steps=3,
+                        evaluator=ImageStats())
+    assert compiled.history == eager.history
+    assert [m for m in said if "torch.compile unavailable" in m] == [
+        "torch.compile unavailable (RuntimeError: InductorError: no working C++ compiler); "
+        "training eagerly"]

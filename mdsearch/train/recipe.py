@@ -120,6 +120,7 @@ class Recipe:
     workers: int = 1  # data-parallel workers (Ray Train); the batch is split between them
     device: str = "auto"  # auto: the worker's GPU when it has one, else the CPU
     precision: str = "fp32"  # or bf16 (autocast of the forward pass)
+    compile: bool = False  # torch.compile the training forward (falls back to eager, saying why)
 
     @property
     def final_resolution(self) -> int:

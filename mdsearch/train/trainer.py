@@ -164,6 +164,40 @@ def _train(spec, recipe, out_dir, steps, seed, progress, on_eval, on_checkpoint,
     return run.run(steps, on_eval=on_eval, on_checkpoint=on_checkpoint)
 
 
+class CompiledOrEager:
+    """`torch.compile(model)` for the training forward, or the model itself when compiling
+    fails: compilation happens at the first call, so that call is tried compiled and, on an
+    error, the run goes on eagerly after saying why (one line). Compiled CPU kernels fuse
+    element-wise work, so losses match eager runs to float rounding, not bit for bit; a compiled
+    run is still deterministic, and resumes exactly, run to run."""
+
+    def __init__(self, model, say):
+        self.model, self.say, self.tried = model, say, False
+        try:
+            self.forward = torch.compile(model)
+        except Exception as err:  # e.g. no C++ compiler for the CPU backend
+            self._fall_back(err)
+
+    def _fall_back(self, err: Exception) -> None:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        self.say(f"torch.compile unavailable ({type(err).__name__}: {reason}); training eagerly")
+        self.forward, self.tried = self.model, True
+
+    def train(self, mode: bool = True):
+        self.model.train(mode)
+        return self
+
+    def __call__(self, *args, **kwargs):
+        if self.tried:
+            return self.forward(*args, **kwargs)
+        self.tried = True
+        try:
+            return self.forward(*args, **kwargs)
+        except Exception as err:  # compilation failed: the eager model computes the same
+            self._fall_back(err)
+            return self.model(*args, **kwargs)
+
+
 class Training:
     """The state of one run: model, EMA, optimiser, schedule, data pipelines and history."""
 
@@ -228,6 +262,8 @@ class Training:
             self.trained = DistributedDataParallel(self.model, device_ids=ids)
         else:
             self.trained = self.model
+        if recipe.compile:
+            self.trained = CompiledOrEager(self.trained, self.say)
 
     def pipeline(self, resolution: int) -> DataPipeline:
         if resolution not in self.pipelines:
