@@ -168,8 +168,7 @@ class CompiledOrEager:
     """`torch.compile(model)` for the training forward, or the model itself when compiling
     fails: compilation happens at the first call, so that call is tried compiled and, on an
     error, the run goes on eagerly after saying why (one line). Compiled CPU kernels fuse
-    element-wise work, so losses match eager runs to float rounding, not bit for bit; a compiled
-    run is still deterministic, and resumes exactly, run to run."""
+    element-wise work, so losses match eager runs to float rounding, not bit for bit."""
 
     def __init__(self, model, say):
         self.model, self.say, self.tried = model, say, False
