@@ -65,7 +65,9 @@ class Case:
         self.name, self.model, self.flops = name, model, flops_per_step
         self.x, self.t, self.ctx = inputs
         self.target = torch.randn_like(self.x)
-        self.forward = torch.compile(model) if compiled else model
+        # static shapes: each model compiles for its own (compiled after SD-1.5 in the same
+        # process, the md proxy's automatic dynamic-shape recompile failed in torch 2.13)
+        self.forward = torch.compile(model, dynamic=False) if compiled else model
         self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         self.times: list[float] = []
         self.error: str | None = None

@@ -166,33 +166,35 @@ def _train(spec, recipe, out_dir, steps, seed, progress, on_eval, on_checkpoint,
 
 class CompiledOrEager:
     """`torch.compile(model)` for the training forward, or the model itself when compiling
-    fails: compilation happens at the first call, so that call is tried compiled and, on an
-    error, the run goes on eagerly after saying why (one line). Compiled CPU kernels fuse
-    element-wise work, so losses match eager runs to float rounding, not bit for bit."""
+    fails. Compilation happens at a call (the first, and again at a stage's new resolution: shapes
+    are static, since a dynamic-shape recompile of the md proxy failed in torch 2.13's inductor
+    on CPU, benchmarks/train_step.py), so a compiled call that raises is redone eagerly and the
+    run stays eager after saying why, in one line.
+    Compiled CPU kernels fuse element-wise work, so losses match eager runs to float rounding,
+    not bit for bit."""
 
     def __init__(self, model, say):
-        self.model, self.say, self.tried = model, say, False
+        self.model, self.say = model, say
         try:
-            self.forward = torch.compile(model)
+            self.forward = torch.compile(model, dynamic=False)
         except Exception as err:  # e.g. no C++ compiler for the CPU backend
             self._fall_back(err)
 
     def _fall_back(self, err: Exception) -> None:
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
         self.say(f"torch.compile unavailable ({type(err).__name__}: {reason}); training eagerly")
-        self.forward, self.tried = self.model, True
+        self.forward = self.model
 
     def train(self, mode: bool = True):
         self.model.train(mode)
         return self
 
     def __call__(self, *args, **kwargs):
-        if self.tried:
-            return self.forward(*args, **kwargs)
-        self.tried = True
+        if self.forward is self.model:
+            return self.model(*args, **kwargs)
         try:
             return self.forward(*args, **kwargs)
-        except Exception as err:  # compilation failed: the eager model computes the same
+        except Exception as err:  # compiling failed: the eager model computes the same
             self._fall_back(err)
             return self.model(*args, **kwargs)
 
