@@ -13,6 +13,7 @@ from .config import ConfigError
 from .data.errors import DataError
 from .errors import MdsearchError
 from .progress import prefixed, say
+from .rundir import check_out_dir
 
 
 def positive_int(text: str) -> int:
@@ -424,6 +425,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     try:
+        if getattr(args, "out", None) is not None:  # every command's --out, before any work
+            check_out_dir(args.out)
         args.func(args)
     except MdsearchError as err:  # the user's input: one line, exit 2 (--debug: the traceback)
         if args.debug:

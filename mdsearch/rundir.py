@@ -79,6 +79,16 @@ class RunDirBusy(RunDirError):
     """Another process is writing this run or sweep directory."""
 
 
+def check_out_dir(directory: str | Path, flag: str = "--out") -> Path:
+    """A directory a run may write to: not empty text, not an existing file."""
+    if not str(directory).strip():
+        raise RunDirError(f"{flag} is empty: give the directory to write into")
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise RunDirError(f"{directory}: exists and is not a directory; give a directory")
+    return directory
+
+
 @contextmanager
 def locked(directory: str | Path, what: str) -> Iterator[Path]:
     """Hold DIRECTORY/.lock for the block (an exclusive, non-blocking flock; the kernel drops it
@@ -88,9 +98,7 @@ def locked(directory: str | Path, what: str) -> Iterator[Path]:
     in which nothing was written is removed again."""
     import fcntl
 
-    directory = Path(directory)
-    if directory.exists() and not directory.is_dir():
-        raise RunDirError(f"{directory}: exists and is not a directory; give a directory")
+    directory = check_out_dir(directory, "directory")
     path = directory / LOCK
     key = str(path.resolve())
     if key in _HELD:

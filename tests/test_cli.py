@@ -82,6 +82,8 @@ def test_console_script_is_installed():
     (["train", "--trial", "{tmp}/r13.yaml", "--out", "{tmp}/out", "--no-mlflow"],
      "field resolution: 13 px gives 13 latent pixels"),
     (["train", "--out", "{tmp}/binary.yaml"], "binary.yaml: exists and is not a directory"),
+    (["export", "--out", "{tmp}/binary.yaml"], "binary.yaml: exists and is not a directory"),
+    (["report", "{tmp}", "--out", "{tmp}/binary.yaml"], "exists and is not a directory"),
     (["train", "--steps", "0", "--out", "{tmp}/out"], "--steps: must be at least 1, got 0"),
     (["train", "--workers", "-2", "--out", "{tmp}/out"], "--workers: must be at least 1"),
     (["sweep", "quickstart", "--num-samples", "0"], "--num-samples: must be at least 1"),

@@ -46,7 +46,7 @@ from ..arch.unet import build
 from ..config import ConfigError
 from .checkpoint import read_checkpoint
 from ..rundir import (CHECKPOINT, PROXY_SPEC, RECIPE, RESULT, SPEC, atomic_path, atomic_write,
-                      locked, samples_file)
+                      check_out_dir, locked, samples_file)
 from ..data.pipeline import DataPipeline
 from .diffusion import NoiseSchedule, ddim_sample
 from .heldout import EvalBank, heldout_metrics
@@ -147,8 +147,7 @@ def train_trial(spec: ArchSpec, recipe: Recipe, out_dir: str | Path, *,
     `on_checkpoint(step, path)` on every rank after every checkpoint (path is None except on rank
     0; Ray Train's report hook); `tracker` (see mdsearch.track) receives params, metrics and
     artifacts. Only rank 0 evaluates, saves, tracks and shows progress."""
-    if not str(out_dir).strip():
-        raise TrainError("--out is empty: give the directory to train into")
+    check_out_dir(out_dir)
     if world()[0] != 0:  # rank 0 holds the directory for all ranks
         return _train(spec, recipe, out_dir, steps, seed, progress, on_eval, on_checkpoint,
                       tracker, evaluator, device)
