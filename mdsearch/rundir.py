@@ -25,9 +25,11 @@ so reading results never loads Ray, torch or the model code.
 
 from __future__ import annotations
 
+import itertools
 import os
 import socket
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -149,10 +151,13 @@ def trial_status(steps: int, steps_total: int, failed: bool) -> str:
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """A temporary path beside `path` to write to; it replaces `path` only if the block ends
-    without an exception, so a reader (or a killed writer) never sees a half-written file."""
+    """A temporary path to write to; it replaces `path` only if the block ends without an
+    exception, so a reader (or a killed writer) never sees a half-written file. The temporary
+    file lives in the system's temp folder when that is on the same filesystem (a rename stays
+    atomic), else beside `path`: never inside a sweep's trial folder where it can be, since Ray
+    Tune copies those folders while trials write and fails on a file that vanishes mid-copy."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = _temp_folder(path.parent) / f".{path.name}.{os.getpid()}.{next(_TEMP_IDS)}.tmp"
     try:
         yield tmp
         fault_point(path.name)
@@ -177,6 +182,19 @@ def fault_point(name: str) -> None:
         import signal
 
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+_TEMP_IDS = itertools.count()
+
+
+def _temp_folder(folder: Path) -> Path:
+    system = Path(tempfile.gettempdir())
+    try:
+        if os.stat(system).st_dev == os.stat(folder).st_dev and os.access(system, os.W_OK):
+            return system
+    except OSError:
+        pass
+    return folder
 
 
 def atomic_write(path: str | Path, data: str | bytes) -> Path:
