@@ -292,7 +292,8 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("cost", help="parameters, GMACs and Table 1 columns of a spec")
     _add_spec_args(p)
-    p.add_argument("--resolution", type=positive_int, default=512, help="image resolution (latent = /8)")
+    p.add_argument("--resolution", type=positive_int, default=512,
+                   help="image resolution (latent = /8)")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.set_defaults(func=cmd_cost)
 

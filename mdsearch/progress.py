@@ -6,9 +6,7 @@ go to Python's `logging` at INFO, off by default.)"""
 from __future__ import annotations
 
 import sys
-from typing import Callable, Optional
-
-Progress = Optional[Callable[[str], None]]
+from typing import Callable
 
 
 def say(message: str) -> None:

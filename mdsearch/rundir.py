@@ -69,7 +69,6 @@ STOPPED = "stopped"  # stopped early by the scheduler; metrics are its last eval
 FAILED = "failed"  # raised, or diverged; stop_reason says why
 NOT_RUN = "not_run"  # never reported (the sweep was interrupted first)
 FILTERED_STATUS = "filtered"  # over budget: costed, never trained
-STATUSES = (COMPLETED, STOPPED, FAILED, NOT_RUN, FILTERED_STATUS)
 REQUIRED_COLUMNS = ("trial_id", "status")
 
 

@@ -23,7 +23,8 @@ from .reliability import kendall_tau_b
 def _completed(run_dir: str | Path, metric: str) -> pd.DataFrame:
     t = read_results(run_dir)
     if metric not in t:
-        raise RunDirError(f"{Path(run_dir) / RESULTS}: no column {metric!r}{did_you_mean(metric, t.columns)}")
+        raise RunDirError(f"{Path(run_dir) / RESULTS}: no column {metric!r}"
+                          f"{did_you_mean(metric, t.columns)}")
     t = t.assign(**{metric: numeric_column(t, metric, Path(run_dir) / RESULTS)})
     return t[(t["status"] == COMPLETED) & t[metric].notna()]
 

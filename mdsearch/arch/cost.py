@@ -148,10 +148,8 @@ class BlockCosts:
     stand-ins that return the cached counts. The totals equal the uncached count (tested)."""
 
     def __init__(self):
-        self.spec_fields = ""  # the global fields of the spec being costed (set by `cost`)
         self.params: dict[str, int] = {}
         self.macs: dict[tuple, tuple[Counter, tuple]] = {}  # -> (MACs by kind, output shape)
-        self.counter: MacCounter | None = None  # the count in progress
 
 
 def _fields(obj, skip=()) -> str:
@@ -160,20 +158,19 @@ def _fields(obj, skip=()) -> str:
 
 
 def _block_key(spec_fields: str, level, path, cin: int, cout: int) -> str:
-    """Everything a Block's construction reads: the spec's global fields (`_fields(spec,
-    ("name", "levels"))`, computed once per spec), its level's and path's fields, its
-    channels."""
+    """Everything a Block's construction reads: the spec's global fields (`spec_fields`), its
+    level's and path's fields, its channels."""
     return "|".join((spec_fields, _fields(level, ("down", "up")), _fields(path), str(cin),
                      str(cout)))
 
 
-def _cached_block(cache: BlockCosts):
+def _cached_block(cache: BlockCosts, spec_fields: str, counter: MacCounter):
     """A stand-in for unet.Block that counts from `cache`, building the real block on a miss."""
 
     class CachedBlock(torch.nn.Module):
         def __init__(self, spec, level, path, cin, cout):
             super().__init__()
-            self.key = _block_key(cache.spec_fields, level, path, cin, cout)
+            self.key = _block_key(spec_fields, level, path, cin, cout)
             self.args = (spec, level, path, cin, cout)
             if self.key not in cache.params:
                 cache.params[self.key] = sum(p.numel() for p in self.make().parameters())
@@ -186,12 +183,12 @@ def _cached_block(cache: BlockCosts):
         def forward(self, x, temb, context):
             key = (self.key, tuple(x.shape), tuple(temb.shape), tuple(context.shape))
             if key not in cache.macs:
-                before = Counter(cache.counter.macs)
+                before = Counter(counter.macs)
                 out = self.make()(x, temb, context)  # counted by the mode in progress
-                cache.macs[key] = (cache.counter.macs - before, tuple(out.shape))
+                cache.macs[key] = (counter.macs - before, tuple(out.shape))
                 return out
             macs, shape = cache.macs[key]
-            cache.counter.macs.update(macs)
+            counter.macs.update(macs)
             return x.new_empty(shape)
 
     return CachedBlock
@@ -201,16 +198,16 @@ def cost(spec: ArchSpec, resolution: int = 512, cache: BlockCosts | None = None)
     """Parameters and GMACs of one forward pass (batch 1) at an image `resolution`. With a
     `cache` (a BlockCosts shared across calls), blocks seen before are not rebuilt."""
     latent = latent_size(spec, resolution)
-    if cache is not None:
-        cache.spec_fields = _fields(spec, ("name", "levels"))
+    counter = MacCounter()
     with torch.device("meta"):
-        model = build(spec) if cache is None else UNet(spec, block=_cached_block(cache))
+        if cache is None:
+            model = build(spec)
+        else:  # the global fields' text once per spec: part of every block's key
+            block = _cached_block(cache, _fields(spec, ("name", "levels")), counter)
+            model = UNet(spec, block=block)
         args, kwargs = example_inputs(spec, latent, device="meta")
     params = sum(p.numel() for p in model.parameters())
     params += sum(m.num_params for m in model.modules() if hasattr(m, "num_params"))
-    counter = MacCounter()
-    if cache is not None:
-        cache.counter = counter
     with torch.no_grad(), counter:
         model(*args, **kwargs)
     by_kind = {k: counter.macs[k] / 1e9 for k in ("conv", "linear", "attention")}

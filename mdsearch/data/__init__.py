@@ -58,7 +58,8 @@ def make_dataset(cfg: dict, resolution: int, split: str = "train") -> Dataset:
         raise DataError(f"data config {cfg!r} has no 'kind': expected one of "
                         f"{', '.join(DATASET_KINDS)}")
     if kind not in DATASET_KINDS:
-        raise DataError(f"data config: unknown kind {kind!r}{did_you_mean(str(kind), DATASET_KINDS)}")
+        raise DataError(f"data config: unknown kind {kind!r}"
+                        f"{did_you_mean(str(kind), DATASET_KINDS)}")
     required, optional = DATASET_KINDS[kind]
     allowed = {"kind", *required, *optional}
     for key in cfg:

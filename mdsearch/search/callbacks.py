@@ -89,19 +89,17 @@ class MLflowSweepLogger(Callback):
         self._run_id(trial)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        run_id = self._run_id(trial)  # (opens the writer on first use)
         metrics = {k: v for k, v in result.items() if k not in TUNE_KEYS}
-        self._writer_for(trial).log_metrics(self._run_id(trial), metrics,
-                                            int(result.get("step", 0)))
+        self._writer.log_metrics(run_id, metrics, int(result.get("step", 0)))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self._writer_for(trial).finish(self._run_id(trial), ok=True)
+        run_id = self._run_id(trial)
+        self._writer.finish(run_id, ok=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._writer_for(trial).finish(self._run_id(trial), ok=False, reason=error_text(trial))
-
-    def _writer_for(self, trial):
-        self._run_id(trial)  # opens the writer on first use
-        return self._writer
+        run_id = self._run_id(trial)
+        self._writer.finish(run_id, ok=False, reason=error_text(trial))
 
     def on_experiment_end(self, trials, **info):
         filtered = Path(self.sweep_dir) / FILTERED

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -48,12 +46,6 @@ class GridSearch(Searcher):
 
     def set_state(self, state: dict) -> None:
         self.points, self.next = state["points"], state["next"]
-
-    def save(self, checkpoint_path: str) -> None:
-        Path(checkpoint_path).write_text(json.dumps(self.get_state()))
-
-    def restore(self, checkpoint_path: str) -> None:
-        self.set_state(json.loads(Path(checkpoint_path).read_text()))
 
 
 class BudgetedSearch(Searcher):
@@ -101,8 +93,8 @@ class BudgetedSearch(Searcher):
                 self.seen.add(key)
                 return config
             self.inner.on_trial_complete(inner_id, None, error=True)
-            record = {"trial_id": f"filtered_{len(self.filtered) + 1:04d}", "status": FILTERED_STATUS,
-                      "stop_reason": why, **config, **(c or {})}
+            record = {"trial_id": f"filtered_{len(self.filtered) + 1:04d}",
+                      "status": FILTERED_STATUS, "stop_reason": why, **config, **(c or {})}
             self.filtered.append(record)
             self._append_filtered(record)
             self.log(f"filtered ({len(self.filtered)}): "
@@ -128,13 +120,11 @@ class BudgetedSearch(Searcher):
 
     def save(self, checkpoint_path: str) -> None:
         """The state as JSON data (Tune names the file searcher-state-*.pkl), the inner
-        searcher's own JSON state inside it (the Optuna study itself is in its journal)."""
-        with tempfile.TemporaryDirectory() as d:
-            self.inner.save(os.path.join(d, "inner"))
-            inner = Path(d, "inner").read_bytes()
+        searcher's own state (`get_state`) inside it (the Optuna study itself is in its
+        journal)."""
         state = {"format": STATE_FORMAT, "filtered": self.filtered, "ids": self.ids,
                  "asked": self.asked, "seen": sorted(self.seen), "duplicates": self.duplicates,
-                 "inner": json.loads(inner)}
+                 "inner": self.inner.get_state()}
         Path(checkpoint_path).write_text(json.dumps(state))
         fault_point("searcher-state")  # (tests: a kill while Tune saves the sweep's state)
 
@@ -158,9 +148,7 @@ class BudgetedSearch(Searcher):
 
     def restore(self, checkpoint_path: str) -> None:
         state = self.read_state(checkpoint_path)
-        with tempfile.TemporaryDirectory() as d:
-            Path(d, "inner").write_text(json.dumps(state["inner"]))
-            self.inner.restore(os.path.join(d, "inner"))
+        self.inner.set_state(state["inner"])
         self.filtered, self.ids, self.asked = state["filtered"], state["ids"], state["asked"]
         self.seen, self.duplicates = set(state["seen"]), state["duplicates"]
         with open(Path(self.sweep_dir) / FILTERED, "w") as f:
@@ -240,12 +228,10 @@ class OptunaJournalSearch(Searcher):
             self.study.tell(number, state=optuna.trial.TrialState.FAIL if failed
                             else optuna.trial.TrialState.PRUNED)
 
-    def save(self, checkpoint_path: str) -> None:
-        Path(checkpoint_path).write_text(json.dumps({"journal": self.journal,
-                                                     "open_trials": self.numbers}))
+    def get_state(self) -> dict:
+        return {"open_trials": self.numbers}
 
-    def restore(self, checkpoint_path: str) -> None:
-        state = json.loads(Path(checkpoint_path).read_text())
+    def set_state(self, state: dict) -> None:
         self.numbers = {str(k): int(v) for k, v in state["open_trials"].items()}
 
 

@@ -64,7 +64,9 @@ def run_sweep(space: Space, trial: str | Path | None = None, *, name: str | None
     name = name or default_name(space, root, resume)
     sweep_dir = root / name
     recipe = sweep_recipe(space, trial)
-    if resume and not sweep_dir.is_dir():
+    from ray import tune
+
+    if resume and not (sweep_dir.is_dir() and tune.Tuner.can_restore(str(sweep_dir))):
         raise SweepError(f"{sweep_dir}: no sweep to resume here (run without --resume to start)")
     with locked(sweep_dir, f"sweep {name}"):
         return _run_sweep(space, recipe, name, sweep_dir, address, resume, num_samples, mlflow,
@@ -80,9 +82,6 @@ def _run_sweep(space: Space, recipe, name: str, sweep_dir: Path, address, resume
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")  # a killed driver loses <= 2 s
     from ray import tune
 
-    started = sweep_dir.is_dir() and tune.Tuner.can_restore(str(sweep_dir))
-    if resume and not started:
-        raise SweepError(f"{sweep_dir}: no sweep to resume here (run without --resume to start)")
     if resume:
         check_resumable(sweep_dir)
     if not resume and any(p.name != LOCK for p in sweep_dir.iterdir()):
@@ -95,7 +94,6 @@ def _run_sweep(space: Space, recipe, name: str, sweep_dir: Path, address, resume
             _check_grid(space, cache)
         else:
             space.check_feasible(cache)
-        sweep_dir.mkdir(parents=True, exist_ok=True)
         if Path(space.source).is_file():
             shutil.copy2(space.source, sweep_dir / SPACE)
         atomic_write(sweep_dir / RECIPE, yaml.safe_dump(recipe.to_dict(), sort_keys=False))
@@ -128,8 +126,9 @@ def _run_sweep(space: Space, recipe, name: str, sweep_dir: Path, address, resume
         callbacks = [Progress(space, total, shown), ResultsWriter(space, sweep_dir, recipe.steps)]
         if mlflow:
             callbacks.append(MLflowSweepLogger(name, tracking_uri, space, recipe, sweep_dir))
-        searcher = BudgetedSearch(make_inner_searcher(space, metric, mode, sweep_dir), space, sweep_dir,
-                                  metric, mode, progress=progress, cache=cache)
+        inner = make_inner_searcher(space, metric, mode, sweep_dir)
+        searcher = BudgetedSearch(inner, space, sweep_dir, metric, mode, progress=progress,
+                                  cache=cache)
         scheduler = make_scheduler(space.scheduler, quality.metric, quality.mode, recipe.steps,
                                    recipe.eval.every, sweep_dir / STOP_STATE)
         tuner = tune.Tuner(

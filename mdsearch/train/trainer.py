@@ -28,6 +28,7 @@ import json
 import math
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -148,19 +149,11 @@ def train_trial(spec: ArchSpec, recipe: Recipe, out_dir: str | Path, *,
     0; Ray Train's report hook); `tracker` (see mdsearch.track) receives params, metrics and
     artifacts. Only rank 0 evaluates, saves, tracks and shows progress."""
     check_out_dir(out_dir)
-    if world()[0] != 0:  # rank 0 holds the directory for all ranks
-        return _train(spec, recipe, out_dir, steps, seed, progress, on_eval, on_checkpoint,
-                      tracker, evaluator, device)
-    with locked(out_dir, f"training {spec.name}"):
-        return _train(spec, recipe, out_dir, steps, seed, progress, on_eval, on_checkpoint,
-                      tracker, evaluator, device)
-
-
-def _train(spec, recipe, out_dir, steps, seed, progress, on_eval, on_checkpoint, tracker,
-           evaluator, device) -> TrialResult:
-    run = Training(spec, recipe, out_dir, seed=seed, progress=progress, tracker=tracker,
-                   evaluator=evaluator, device=device)
-    return run.run(steps, on_eval=on_eval, on_checkpoint=on_checkpoint)
+    lead = world()[0] == 0  # rank 0 holds the directory for all ranks
+    with locked(out_dir, f"training {spec.name}") if lead else nullcontext():
+        run = Training(spec, recipe, out_dir, seed=seed, progress=progress, tracker=tracker,
+                       evaluator=evaluator, device=device)
+        return run.run(steps, on_eval=on_eval, on_checkpoint=on_checkpoint)
 
 
 class CompiledOrEager:
@@ -299,11 +292,13 @@ class Training:
             self.result.metrics = _metrics_of(self.result.history[-1])
         self.say(f"resumed from {self.ckpt_path} at step {self.step}")
 
-    def write_specs(self, attn: str) -> None:
+    def write_specs(self, attn: str) -> dict[str, str]:
         """spec.yaml (full size) and proxy_spec.yaml (what is trained), with the attention the
-        weights are trained for."""
-        for name, text in self.spec_texts(attn).items():
+        weights are trained for; returns their texts."""
+        texts = self.spec_texts(attn)
+        for name, text in texts.items():
             atomic_write(self.out / name, text)
+        return texts
 
     def spec_texts(self, attn: str) -> dict[str, str]:
         """spec.yaml and proxy_spec.yaml as text, with the attention the weights are trained
@@ -319,8 +314,7 @@ class Training:
         """The checkpoint, self-describing (nanoGPT-style: it carries the spec, proxy spec and
         recipe it was trained from; the YAML files beside it are readable copies), written
         atomically: a kill mid-save never leaves a torn checkpoint."""
-        self.write_specs(attn)
-        texts = self.spec_texts(attn)
+        texts = self.write_specs(attn)
         with atomic_path(self.ckpt_path) as tmp:
             torch.save({"model": self.model.state_dict(), "ema": self.ema.model.state_dict(),
                         "ema_updates": self.ema.updates, "optimizer": self.optimizer.state_dict(),
