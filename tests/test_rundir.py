@@ -98,3 +98,15 @@ def test_required_columns_are_named(tmp_path):
     write_results(table([["a", COMPLETED, 1.0, 0.5]]), tmp_path)
     with pytest.raises(RunDirError, match="lacks the column\\(s\\) params, steps"):
         read_results(tmp_path, required=("params", "gmacs", "steps"))
+
+
+def test_temporary_files_stay_out_of_the_folder_being_written(tmp_path):
+    """Ray Tune copies a sweep's trial folders while trials write: a temporary file that
+    vanishes mid-copy made it fail. atomic_path keeps the temporary file in the system temp
+    folder (same filesystem here, so the rename stays atomic)."""
+    target = tmp_path / "trial" / "checkpoint.pt"
+    target.parent.mkdir()
+    with atomic_path(target) as tmp:
+        tmp.write_text("new")
+        assert tmp.parent != target.parent and list(target.parent.iterdir()) == []
+    assert target.read_text() == "new" and not tmp.exists()
