@@ -133,7 +133,10 @@ def _mlflow(args, run_name: str) -> dict | None:
 
 def cmd_train(args) -> None:
     from .train.recipe import load_recipe
+    from .train.ufogen import is_ufogen_recipe
 
+    if args.init is not None or is_ufogen_recipe(args.trial):
+        return _train_ufogen(args)
     recipe = load_recipe(args.trial)
     if args.seed is not None:
         recipe = recipe.override({"seed": args.seed}, source="--seed")
@@ -152,6 +155,24 @@ def cmd_train(args) -> None:
         mlflow = _mlflow(args, spec.name)
         result = train_trial(spec, recipe, args.out, steps=args.steps, progress=log,
                              tracker=MLflowTracker(**mlflow) if mlflow else None)
+    _print_result(result, args.json)
+    if result.status != "ok":
+        raise SystemExit(1)
+
+
+def _train_ufogen(args) -> None:
+    """`train --init RUN_DIR --trial ufogen_cpu`: one-step fine-tuning of a trained run."""
+    from .train.ufogen import load_ufogen_recipe, ufogen_trial
+
+    if args.init is None:
+        raise ConfigError(f"--trial {args.trial} is a UFOGen recipe (kind: ufogen): it fine-tunes"
+                          " a trained run, given with --init RUN_DIR")
+    if args.spec or args.preset or args.overrides:
+        raise ConfigError("--init takes the spec from the run it starts from: drop --preset, "
+                          "--spec and --set")
+    recipe = load_ufogen_recipe(args.trial)
+    result = ufogen_trial(args.init, recipe, args.out, steps=args.steps, seed=args.seed,
+                          progress=prefixed("ufogen"))
     _print_result(result, args.json)
     if result.status != "ok":
         raise SystemExit(1)
@@ -311,6 +332,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="run directory (checkpoints, samples, spec)")
     p.add_argument("--steps", type=positive_int, default=None, help="override the recipe's steps")
     p.add_argument("--seed", type=int, default=None, help="override the recipe's seed")
+    p.add_argument("--init", metavar="RUN_DIR", default=None,
+                   help="fine-tune this trained run into a one-step generator (UFOGen; "
+                        "with --trial ufogen_cpu or another kind: ufogen recipe)")
     _add_run_args(p, experiment="mdsearch")
     p.set_defaults(func=cmd_train)
 

@@ -1,0 +1,153 @@
+"""UFOGen one-step fine-tuning: the recipe, LoRA as a no-op at start, the discriminator's logit,
+exact resume, a diverging discriminator, and the CLI contract."""
+
+import json
+
+import pytest
+import torch
+
+from mdsearch.arch import presets
+from mdsearch.arch.proxy import proxy_spec
+from mdsearch.arch.unet import build
+from mdsearch.cli import main
+from mdsearch.rundir import CHECKPOINT, RESULT
+from mdsearch.train.recipe import RecipeError
+from mdsearch.train.trainer import train_trial
+from mdsearch.train.ufogen import (Discriminator, LoRA, UFOGenRecipe, add_lora, merged_state,
+                                   ufogen_trial)
+from test_train import ImageStats, tiny_recipe
+
+UFO = {"name": "ufo-test", "steps": 4, "batch_size": 4, "eval_every": 2, "eval_prompts": 8,
+       "checkpoint_every": 2, "log_every": 1, "lr_g": 1e-3, "lr_d": 1e-3,
+       "timesteps": [999, 500]}
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("MDSEARCH_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture(scope="module")
+def start(tmp_path_factory):
+    """A trained diffusion run (the tiny md proxy, 6 steps) to fine-tune from."""
+    out = tmp_path_factory.mktemp("start") / "md"
+    assert train_trial(presets.get("md"), tiny_recipe(), out, evaluator=ImageStats()).status == "ok"
+    return out
+
+
+def recipe(**changes) -> UFOGenRecipe:
+    return UFOGenRecipe.from_dict({**UFO, **changes}, "test")
+
+
+def small_unet():
+    spec = proxy_spec(presets.get("md"), 0.0625, 3, 384, 8)
+    torch.manual_seed(0)
+    return build(spec)
+
+
+def inputs(batch=2):
+    g = torch.Generator().manual_seed(1)
+    return (torch.randn(batch, 3, 16, 16, generator=g), torch.tensor([999, 10][:batch]),
+            torch.randn(batch, 8, 384, generator=g))
+
+
+def test_lora_starts_as_a_no_op_and_trains_only_adapters():
+    base = small_unet()
+    x, t, c = inputs()
+    before = base(x, t, c)
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+    lora = add_lora(base, LoRA(rank=4, alpha=4, targets=["to_q", "to_v", "proj_in"]))
+    assert torch.equal(lora(x, t, c), before)
+    trainable = [n for n, p in lora.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    merged = merged_state(lora)
+    assert merged.keys() == state.keys()
+    assert all(torch.equal(merged[k], state[k]) for k in state)  # B = 0: merging adds nothing
+
+
+def test_lora_merge_equals_the_adapted_model():
+    model = add_lora(small_unet(), LoRA(rank=4, alpha=8, targets=["to_q", "to_out"]))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    x, t, c = inputs()
+    plain = small_unet()
+    plain.load_state_dict(merged_state(model))
+    assert torch.allclose(plain(x, t, c), model(x, t, c), atol=1e-5)
+
+
+def test_lora_targets_that_match_nothing_are_a_recipe_error():
+    with pytest.raises(RecipeError, match="lora.targets"):
+        add_lora(small_unet(), LoRA(targets=["no_such_module"]))
+
+
+def test_discriminator_gives_one_logit_per_sample():
+    x, t, c = inputs(2)
+    assert Discriminator(small_unet())(x, t, c).shape == (2,)
+
+
+@pytest.mark.parametrize("field,value", [("reconstruction", "l1"), ("adapter", "qlora"),
+                                         ("timesteps", [1000]), ("ema_distill_decay", 1.5),
+                                         ("kind", "diffusion")])
+def test_recipe_errors_name_the_field(field, value):
+    with pytest.raises(RecipeError, match=f"field {field}"):
+        recipe(**{field: value})
+
+
+def test_history_holds_the_start_in_one_step_and_ddim_then_the_one_step_model(start, tmp_path):
+    result = ufogen_trial(start, recipe(), tmp_path / "ufo", evaluator=ImageStats())
+    assert result.status == "ok" and result.steps == 4
+    samplers = [(r["step"], r["sampler"]) for r in result.history]
+    assert samplers == [(0, "ddim-2"), (0, "1-step"), (2, "1-step"), (4, "1-step")]
+    state = torch.load(tmp_path / "ufo" / CHECKPOINT, weights_only=True)
+    assert state["one_step"] and state["model"].keys() == small_unet().state_dict().keys()
+    saved = json.loads((tmp_path / "ufo" / RESULT).read_text())
+    assert saved["metrics"] == result.metrics
+
+
+@pytest.mark.parametrize("changes", [{}, {"reconstruction": "ema_distill", "adapter": "lora"}])
+def test_resumed_fine_tune_equals_an_uninterrupted_one(start, tmp_path, changes):
+    r = recipe(**changes)
+    whole = ufogen_trial(start, r, tmp_path / "whole", evaluator=ImageStats())
+    ufogen_trial(start, r, tmp_path / "split", steps=2, evaluator=ImageStats())
+    resumed = ufogen_trial(start, r, tmp_path / "split", evaluator=ImageStats())
+    assert resumed.history == whole.history
+    a = torch.load(tmp_path / "whole" / CHECKPOINT, weights_only=True)
+    b = torch.load(tmp_path / "split" / CHECKPOINT, weights_only=True)
+    for key in ("generator", "discriminator"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key])
+
+
+def test_distill_teacher_stays_the_starting_model(start, tmp_path):
+    from mdsearch.train.ufogen import UFOGen
+
+    run = UFOGen(start, recipe(reconstruction="distill"), tmp_path / "d", evaluator=ImageStats())
+    before = {k: v.clone() for k, v in run.teacher.state_dict().items()}
+    run.run()
+    assert all(torch.equal(before[k], v) for k, v in run.teacher.state_dict().items())
+    assert not all(torch.equal(before[k], v) for k, v in run.G.state_dict().items())
+
+
+def test_a_diverging_discriminator_fails_the_run_with_its_reason(start, tmp_path, monkeypatch):
+    monkeypatch.setattr(Discriminator, "forward",
+                        lambda self, x, t, c: torch.full((x.shape[0],), float("nan")))
+    result = ufogen_trial(start, recipe(), tmp_path / "nan", evaluator=ImageStats())
+    assert result.status == "failed" and "discriminator" in result.reason
+    assert json.loads((tmp_path / "nan" / RESULT).read_text())["status"] == "failed"
+
+
+def test_cli_ufogen_recipe_needs_init(tmp_path, capsys):
+    assert main(["train", "--trial", "ufogen_cpu", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "--init" in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_init_from_a_damaged_checkpoint_is_one_line(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / CHECKPOINT).write_bytes(b"not a checkpoint")
+    code = main(["train", "--init", str(run), "--trial", "ufogen_cpu",
+                 "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert code == 2 and str(run / CHECKPOINT) in err and len(err.strip().splitlines()) == 1
