@@ -1,7 +1,7 @@
 """Proxy fidelity study: which quality metric ranks architectures, at which proxy budget.
 
     python benchmarks/proxy_fidelity.py [--configs FILE] [--space quickstart] [--out DIR]
-                                        [--seeds 0,1] [--multiples 1,4] [--jobs 2]
+                                        [--seeds 0,1,2,3] [--multiples 1,2,4] [--jobs 2]
                                         [--set KEY=VALUE ...] [--redraws 3]
 
 Trains every configuration of FILE (default benchmarks/fidelity_configs.yaml: 10 points of the
@@ -21,7 +21,10 @@ seed's longest-budget ranking (xseed: what a one-seed sweep can predict, without
 shares with its own continuation); the training-seed std over the std across configurations
 (seed_ratio) and the seed-vs-seed tau, at the shortest budget; the evaluation std over the std
 across configurations (eval_ratio); and which configuration each metric picks at each budget.
-Goals (the proxy-fidelity issue): tau >= 0.6, seed_ratio <= 1/3, eval_ratio <= 1/10.
+Goals (the proxy-fidelity issue): tau >= 0.6, seed_ratio <= 1/3, eval_ratio <= 1/10. A second
+table gives, per budget, the seed std, the configurations' true spread (the spread of their
+means with the seed noise taken out; needs >= 2 seeds, better 4) and how many seeds per
+configuration a ranking needs for a seed std <= 1/3 of that spread.
 
 Resumable: every run keeps its checkpoint under OUT/runs, a finished run is read back, not
 retrained; rerun the same command after an interrupt. Ends with one JSON line.
@@ -129,8 +132,9 @@ def analyse(rows: list[dict], noise: list[dict], budgets: list[int]) -> dict:
         entry["cross_seed_tau"] = sum(cross) / len(cross) if cross else None
         pick = {}
         for b in budgets:
-            s = means.loc[b][m].dropna()
-            pick[str(b)] = str(s.idxmin() if direction(m) == "min" else s.idxmax())
+            s = means.loc[b][m].dropna()  # empty: a sampled metric not sampled at b
+            pick[str(b)] = ("-" if s.empty else
+                            str(s.idxmin() if direction(m) == "min" else s.idxmax()))
         entry["pick"] = pick
         entry["meets"] = bool(
             entry["tau"] and min(entry["tau"].values()) >= GOALS["tau"]
@@ -140,6 +144,12 @@ def analyse(rows: list[dict], noise: list[dict], budgets: list[int]) -> dict:
     long_table = noise_table(runs[runs["budget"] == longest], metrics)
     out["longest"] = {r["metric"]: {"seed_ratio": r["seed_ratio"], "seed_tau": r.get("seed_tau")}
                       for _, r in long_table.iterrows()}
+    # what averaging seeds buys, at every budget (the true spread: seed noise taken out)
+    for b in budgets:
+        for _, r in noise_table(runs[runs["budget"] == b], metrics).iterrows():
+            if r["metric"] in out["metrics"]:
+                out["metrics"][r["metric"]].setdefault("by_budget", {})[str(b)] = {
+                    k: r[k] for k in ("seed_std", "config_std_true", "seeds_needed")}
     return out
 
 
@@ -186,6 +196,22 @@ def show(result: dict) -> str:
                      f" {f(e.get('eval_ratio')):>8} {f(result['longest'][m]['seed_ratio']):>13}"
                      f"  {' -> '.join(e['pick'][str(x)] for x in b)}"
                      + ("   MEETS GOALS" if e["meets"] else ""))
+    head = (f"{'metric':<14} " + " ".join(f"{'seed@' + str(x):>10} {'cfg@' + str(x):>10} "
+                                           f"{'k@' + str(x):>6}" for x in b))
+    lines += ["", "Seeds per configuration for a seed std <= 1/3 of the configurations' true "
+                  "spread (k; seed: the pooled seed std, cfg: the spread of the means with "
+                  "the seed noise taken out):", head, "-" * len(head)]
+    for m, e in result["metrics"].items():
+        cells = []
+        for x in map(str, b):
+            at = e.get("by_budget", {}).get(x)
+            if at is None:
+                cells.append(f"{'-':>10} {'-':>10} {'-':>6}")
+                continue
+            k = at["seeds_needed"]
+            k = "-" if k != k else ("inf" if k == float("inf") else str(int(k)))
+            cells.append(f"{at['seed_std']:10.4g} {at['config_std_true']:10.4g} {k:>6}")
+        lines.append(f"{m:<14} " + " ".join(cells))
     return "\n".join(lines)
 
 
@@ -195,8 +221,8 @@ def main() -> None:
     ap.add_argument("--configs", type=Path, default=here / "fidelity_configs.yaml")
     ap.add_argument("--space", default="quickstart")
     ap.add_argument("--out", type=Path, default=Path("runs/fidelity"))
-    ap.add_argument("--seeds", default="0,1")
-    ap.add_argument("--multiples", default="1,4")
+    ap.add_argument("--seeds", default="0,1,2,3")  # 4: the seed noise can be taken out
+    ap.add_argument("--multiples", default="1,2,4")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--redraws", type=int, default=3)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -232,10 +258,15 @@ def main() -> None:
         every = gcd if shared else budget
         r = recipe.override({"steps": budget, "eval.every": every, "checkpoint_every": every},
                             source=f"budget {budget}")
-        for c in configs:
-            for seed in seeds:
+        for seed in seeds:  # seed-major: an interrupted study still has whole seeds
+            for c in configs:
                 run_dir = args.out / "runs" / f"b{budget}" / f"{c['name']}_s{seed}"
                 jobs.append((budget, c["name"], c["spec"], r.to_dict(), seed, str(run_dir)))
+    # Fill the text-embedding cache once here, or every worker would encode the captions.
+    from mdsearch.data.pipeline import DataPipeline
+
+    DataPipeline(recipe.data, recipe.text_encoder, recipe.autoencoder, recipe.resolution,
+                 recipe.eval.prompts, recipe.eval.bank)
     rows, started = [], time.time()
     with ProcessPoolExecutor(args.jobs) as pool:
         futures = {pool.submit(train_one, name, spec, rec, seed, d): (budget, d)

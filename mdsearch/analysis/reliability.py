@@ -7,8 +7,9 @@ first, from plain tables:
 
     noise_table(runs, metrics)   per metric: training-seed std (pooled within configurations),
                                  the std across configurations, their ratio, the evaluation std
-                                 (when redraws are given) and its ratio, and Kendall tau-b between
-                                 the rankings of two seeds
+                                 (when redraws are given) and its ratio, Kendall tau-b between
+                                 the rankings of two seeds, and how many seeds per configuration
+                                 a ranking needs (seeds_to_resolve)
     paired_delta(a, b)           a variant against a baseline, paired by seed: mean difference,
                                  its 95% t-interval, and a verdict (better / worse / no detectable
                                  difference / not enough seeds to tell)
@@ -65,15 +66,32 @@ def noise_table(runs: pd.DataFrame, metrics: list[str],
         row = {"metric": metric, "direction": direction(metric), "configs": len(means),
                "mean": float(runs[metric].mean()), "config_std": c_std, "seed_std": s_std,
                "seed_dof": dof, "seed_ratio": s_std / c_std if c_std else math.nan}
-        seeds = sorted(runs["seed"].dropna().unique())
-        if len(seeds) >= 2:
-            wide = runs.pivot_table(index="config", columns="seed", values=metric).dropna()
-            row["seed_tau"] = kendall_tau_b(wide[seeds[0]], wide[seeds[1]])
+        row.update(seeds_to_resolve(runs, metric, s_std, c_std))
+        wide = runs.pivot_table(index="config", columns="seed", values=metric).dropna()
+        if wide.shape[1] >= 2:  # a metric measured at this budget, with at least two seeds
+            row["seed_tau"] = kendall_tau_b(wide[wide.columns[0]], wide[wide.columns[1]])
         if eval_std and metric in eval_std:
             row["eval_std"] = eval_std[metric]
             row["eval_ratio"] = eval_std[metric] / c_std if c_std else math.nan
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def seeds_to_resolve(runs: pd.DataFrame, metric: str, s_std: float, c_std: float,
+                     goal: float = 1 / 3) -> dict:
+    """What averaging seeds per configuration buys. The spread of the per-configuration means
+    (`c_std`) holds the configurations' true spread plus s_std^2 / k of seed noise (k seeds per
+    configuration); `config_std_true` is that true spread, and `seeds_needed` the number of seeds
+    whose mean has a seed std of at most `goal` x the true spread (inf when the configurations
+    show no spread beyond their seed noise)."""
+    k = float(runs.dropna(subset=[metric]).groupby("config").size().mean())
+    if not (k >= 2 and math.isfinite(s_std) and math.isfinite(c_std)):
+        return {"config_std_true": math.nan, "seeds_needed": math.nan}
+    true_var = c_std ** 2 - s_std ** 2 / k
+    if true_var <= 0:
+        return {"config_std_true": 0.0, "seeds_needed": math.inf}
+    true = math.sqrt(true_var)
+    return {"config_std_true": true, "seeds_needed": math.ceil((s_std / (goal * true)) ** 2)}
 
 
 def _t95(dof: int) -> float:
