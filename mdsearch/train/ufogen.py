@@ -71,6 +71,7 @@ class LoRA:
     alpha: float = 4.0
     # nn.Linear / nn.Conv2d module names (PEFT matches name suffixes): attention projections
     targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out"])
+    lr: float | None = None  # the generator's learning rate under LoRA (None: lr_g)
 
 
 @dataclass
@@ -117,6 +118,8 @@ class UFOGenRecipe:
             fail("lora.rank", f"must be positive, got {self.lora.rank}")
         if not self.lora.targets:
             fail("lora.targets", "name at least one module")
+        if self.lora.lr is not None and not self.lora.lr > 0:
+            fail("lora.lr", f"must be positive (or null: lr_g), got {self.lora.lr}")
         for key in ("lr_g", "lr_d", "recon_weight", "adv_weight", "grad_clip"):
             if not getattr(self, key) >= 0:
                 fail(key, f"must be >= 0, got {getattr(self, key)}")
@@ -245,8 +248,9 @@ class UFOGen:
         elif recipe.reconstruction == "ema_distill":
             self.teacher = copy.deepcopy(self.G).eval().requires_grad_(False)
         betas = tuple(recipe.betas)
+        lr_g = recipe.lora.lr if recipe.adapter == "lora" and recipe.lora.lr else recipe.lr_g
         self.opt_g = torch.optim.Adam([p for p in self.G.parameters() if p.requires_grad],
-                                      lr=recipe.lr_g, betas=betas)
+                                      lr=lr_g, betas=betas)
         self.opt_d = torch.optim.Adam(self.D.parameters(), lr=recipe.lr_d, betas=betas)
         self.full = cost(self.spec, 512)
         trainable = sum(p.numel() for p in self.G.parameters() if p.requires_grad)
