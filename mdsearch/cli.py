@@ -251,9 +251,13 @@ def cmd_export(args) -> None:
     from .export.onnx import check_unet_exportable, load_checkpoint, random_model
     from .train.checkpoint import checkpoint_path
 
+    one_step = False  # a UFOGen generator: one UNet call per image, no guidance
     if args.checkpoint:
+        from .train.checkpoint import read_checkpoint
+
         spec, model = load_checkpoint(args.checkpoint)
         source = str(checkpoint_path(args.checkpoint))
+        one_step = bool(read_checkpoint(args.checkpoint).get("one_step"))
     else:
         spec = _load_spec(args)
         model = random_model(spec)
@@ -281,8 +285,10 @@ def cmd_export(args) -> None:
     result = export_models(spec, model, args.out, latent, encoder, format=args.format,
                            fp16=args.fp16, progress=log)
     if args.json:
-        print(json.dumps(result.to_dict()))
+        print(json.dumps({**result.to_dict(), "one_step": one_step}))
     else:
+        if one_step:
+            print("one-step generator (UFOGen): an image is one UNet call, without guidance")
         for r, call in ((result.unet, "UNet"), (result.text_encoder, "text encoder")):
             if r is None:
                 continue

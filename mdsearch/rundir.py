@@ -45,6 +45,7 @@ CHECKPOINT = "checkpoint.pt"
 SPEC = "spec.yaml"
 PROXY_SPEC = "proxy_spec.yaml"
 RECIPE = "recipe.yaml"
+UFOGEN_RECIPE = "ufogen.yaml"  # a one-step (UFOGen) run's own recipe; recipe.yaml: its start's
 RESULT = "trial_result.json"
 TUNE_HISTORY = "result.json"  # Ray Tune's own file in a sweep's trial: one JSON line per report
 

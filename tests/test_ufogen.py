@@ -151,3 +151,13 @@ def test_cli_init_from_a_damaged_checkpoint_is_one_line(tmp_path, capsys):
                  "--out", str(tmp_path / "x")])
     err = capsys.readouterr().err
     assert code == 2 and str(run / CHECKPOINT) in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_one_step_run_exports_its_generator_and_says_it_is_one_step(start, tmp_path, capsys):
+    run = tmp_path / "ufo"
+    ufogen_trial(start, recipe(adapter="lora", steps=2), run, evaluator=ImageStats())
+    assert main(["export", "--checkpoint", str(run), "--no-text-encoder",
+                 "--out", str(tmp_path / "onnx"), "--json"]) == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["one_step"] is True and last["within_tolerance"]  # LoRA merged, ORT = PyTorch
+    assert last["latent_size"] == 16  # the start's resolution, from the run's recipe.yaml

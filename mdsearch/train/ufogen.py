@@ -32,7 +32,9 @@ the history holds all three side by side (`sampler`: "1-step" or "ddim-N"). Chec
 networks, both optimisers and the EMA teacher; a run resumes exactly (every step's batch, times
 and noise come from a generator seeded by (seed, step)). A non-finite G or D loss ends the run as
 `failed` with the reason. The checkpoint's `model`/`ema` entries are G with any adapters merged,
-so `mdsearch export --checkpoint` exports the one-step generator.
+so `mdsearch export --checkpoint` exports the one-step generator. The run directory's recipe.yaml
+is the starting run's recipe (what the weights are: data, resolution, text encoder), ufogen.yaml
+the fine-tuning's.
 """
 
 from __future__ import annotations
@@ -54,8 +56,8 @@ from ..arch.cost import cost
 from ..arch.unet import build
 from ..paths import TRIALS
 from ..progress import quiet
-from ..rundir import (CHECKPOINT, PROXY_SPEC, RECIPE, RESULT, SPEC, atomic_path, atomic_write,
-                      check_out_dir, locked, samples_file)
+from ..rundir import (CHECKPOINT, PROXY_SPEC, RECIPE, RESULT, SPEC, UFOGEN_RECIPE, atomic_path,
+                      atomic_write, check_out_dir, locked, samples_file)
 from .checkpoint import CheckpointError, checkpoint_path, described, read_checkpoint
 from .diffusion import NoiseSchedule
 from .recipe import Recipe, RecipeError
@@ -347,7 +349,10 @@ class UFOGen:
     def run(self, steps: int | None = None, on_eval=None) -> TrialResult:
         r = self.recipe
         total = r.steps if steps is None else min(steps, r.steps)
-        atomic_write(self.out / RECIPE, yaml.safe_dump(self.recipe.to_dict(), sort_keys=False))
+        # recipe.yaml: what the weights are (data, resolution, text encoder: export reads it)
+        atomic_write(self.out / RECIPE, yaml.safe_dump(self.base.to_dict(), sort_keys=False))
+        atomic_write(self.out / UFOGEN_RECIPE,
+                     yaml.safe_dump(self.recipe.to_dict(), sort_keys=False))
         if not self.result.history:
             self.baseline()
         self.G.train()
