@@ -129,6 +129,17 @@ def test_paired_delta_verdicts_respect_direction_and_seeds():
     assert paired_delta(base[:1] + 0.01, base[:1], "val_loss", floor=0.001)["verdict"] == "worse"
 
 
+def test_intervals_read_together_are_simultaneous():
+    base = pd.Series([0.100, 0.102, 0.101], index=[0, 1, 2])
+    variant = base + pd.Series([0.004, 0.003, 0.0035], index=[0, 1, 2])  # +0.0035 +- 0.0005
+    alone = paired_delta(variant, base, "val_loss")
+    in_a_table = paired_delta(variant, base, "val_loss", comparisons=11)
+    assert alone["verdict"] == "worse"  # one 95% interval excludes 0 ...
+    assert in_a_table["verdict"] == "no detectable difference"  # ... one of 11 read together not
+    assert in_a_table["high"] - in_a_table["low"] > alone["high"] - alone["low"]
+    assert in_a_table["delta"] == alone["delta"]
+
+
 def test_noise_table_and_resolvable_winner():
     runs = pd.DataFrame({"config": list("aabbcc"), "seed": [0, 1] * 3,
                          "val_loss": [1.0, 1.02, 2.0, 2.02, 3.0, 3.02]})

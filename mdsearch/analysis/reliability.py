@@ -94,16 +94,23 @@ def seeds_to_resolve(runs: pd.DataFrame, metric: str, s_std: float, c_std: float
     return {"config_std_true": true, "seeds_needed": math.ceil((s_std / (goal * true)) ** 2)}
 
 
-def _t95(dof: int) -> float:
-    from scipy.stats import t
+def _t95(dof: int, comparisons: int = 1) -> float:
+    """The t quantile of a two-sided 95% interval, Bonferroni-adjusted for `comparisons`
+    intervals read together (each at 1 - 0.05 / comparisons); dof=inf: the normal one."""
+    from scipy.stats import norm, t
 
-    return float(t.ppf(0.975, dof))
+    q = 1 - 0.025 / max(1, comparisons)
+    return float(norm.ppf(q) if math.isinf(dof) else t.ppf(q, dof))
 
 
 def paired_delta(variant: pd.Series, baseline: pd.Series, metric: str,
-                 floor: float | None = None, pooled: tuple[float, int] | None = None) -> dict:
+                 floor: float | None = None, pooled: tuple[float, int] | None = None,
+                 comparisons: int = 1) -> dict:
     """`variant - baseline` paired by index (the seed): mean, std, n, the 95% t-interval and a
-    verdict in the metric's direction. `pooled` = (std of one paired difference, its degrees of
+    verdict in the metric's direction. `comparisons`: how many such intervals are read together
+    (an ablation table's variants); the interval is then simultaneous (Bonferroni: each at
+    1 - 0.05 / comparisons), so a table of 11 variants that all equal the baseline shows a
+    spurious "better" or "worse" with probability 5%, not 11 x 5%. `pooled` = (std of one paired difference, its degrees of
     freedom) pooled over several comparisons (see `pooled_std`) replaces this pair's own spread:
     with 2 seeds a difference's own std has 1 degree of freedom (t = 12.7), pooled over an
     ablation's variants it has one per variant. With one pair and nothing pooled, `floor` (the
@@ -117,11 +124,11 @@ def paired_delta(variant: pd.Series, baseline: pd.Series, metric: str,
     if n >= 2:
         out["delta_std"] = float(d.std(ddof=1))
     if n >= 1 and pooled is not None and pooled[1] >= 1 and math.isfinite(pooled[0]):
-        half = _t95(pooled[1]) * pooled[0] / math.sqrt(n)
+        half = _t95(pooled[1], comparisons) * pooled[0] / math.sqrt(n)
     elif n >= 2:
-        half = _t95(n - 1) * out["delta_std"] / math.sqrt(n)
+        half = _t95(n - 1, comparisons) * out["delta_std"] / math.sqrt(n)
     elif n == 1 and floor is not None and math.isfinite(floor) and floor > 0:
-        half = difference_band(floor)
+        half = difference_band(floor) * _t95(math.inf, comparisons) / _t95(math.inf)
     else:
         return out
     out["low"], out["high"] = out["delta"] - half, out["delta"] + half

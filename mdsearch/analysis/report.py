@@ -181,7 +181,8 @@ def build_report(run_dir: str | Path | None = None, out: str | Path | None = Non
         ablation = ablation_display(ab, quality=metric, extra=extra)
         paths = write_table(ablation, report.out / "ablation", raw=ab,
                             caption=f"Ablations against md ({name}); mean ± std over seeds, "
-                                    "95% interval of the paired change and its verdict")
+                                    "95% interval of the paired change (simultaneous over the "
+                                    "variants) and its verdict")
         report.files.update({f"ablation_{k}": v for k, v in paths.items()})
 
     summary = _summary(table, space, recipe, name, metric, mode, report, ablation, floors)
@@ -228,9 +229,11 @@ def _summary(table, space, recipe, name, metric, mode, report, ablation, floors)
         tests = max(0, len(ablation) - 1)
         lines += ["## Ablations (against md; mean ± std over seeds, Δ paired by seed)", "",
                   ablation.to_markdown(index=False), "",
-                  f"Intervals: 95% t-intervals of the paired Δ, its spread pooled over the "
-                  f"variants. {tests} comparisons per metric: when nothing differs, about "
-                  f"{0.05 * tests:.1f} of them per metric still read better or worse by chance.",
+                  f"Intervals: t-intervals of the paired Δ, its spread pooled over the "
+                  f"variants, simultaneous over the {tests} comparisons of each metric "
+                  f"(Bonferroni: each at {100 - 5 / max(tests, 1):.2f}%), so when nothing "
+                  f"differs a metric's column shows a spurious better or worse with "
+                  f"probability 5% at most.",
                   "",
                   "Files: [ablation.md](ablation.md), [ablation.tex](ablation.tex), "
                   "[ablation.csv](ablation.csv)", ""]

@@ -35,7 +35,8 @@ def ablation_table(table: pd.DataFrame, variant: str = "variant", baseline: str 
                    floors: dict[str, dict] | None = None,
                    extra: tuple[str, ...] = ()) -> pd.DataFrame:
     """One row per variant: its metrics and their change against `baseline`, mean and standard
-    deviation over the seeds that completed (n), the 95% interval of the change and its verdict
+    deviation over the seeds that completed (n), the 95% interval of the change (simultaneous
+    over the table's variants, per metric: Bonferroni) and its verdict
     (better / worse / no detectable difference / not enough seeds to tell; see
     `reliability.paired_delta`), and the full-size cost change.
 
@@ -81,7 +82,7 @@ def ablation_table(table: pd.DataFrame, variant: str = "variant", baseline: str 
             if len(pairs):
                 floor = (floors or {}).get(metric, {}).get("seed_std")
                 d = paired_delta(pairs[metric], pairs[f"{metric}_base"], metric, floor=floor,
-                                 pooled=pools[metric])
+                                 pooled=pools[metric], comparisons=len(order) - 1)
                 row[f"d_{metric}"], row[f"d_{metric}_std"] = d["delta"], d["delta_std"]
                 if name != baseline:
                     row[f"d_{metric}_low"], row[f"d_{metric}_high"] = d["low"], d["high"]
