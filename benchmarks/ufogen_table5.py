@@ -27,11 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-RECONSTRUCTIONS = ["diffusion", "distill", "ema_distill"]
-ADAPTERS = ["full", "lora"]
 METRICS = ["fid_proxy", "kid_proxy", "align"]
-PAPER_ROWS = {"diffusion": "Diffusion loss", "distill": "Distill loss",
-              "ema_distill": "EMA distill loss"}
 
 
 def fine_tune(init: str, recipe: dict, seed: int, out_dir: str) -> dict:
@@ -40,6 +36,15 @@ def fine_tune(init: str, recipe: dict, seed: int, out_dir: str) -> dict:
     torch.set_num_threads(1)
     from mdsearch.train.ufogen import UFOGenRecipe, ufogen_trial
 
+    from mdsearch.rundir import RESULT
+
+    done = Path(out_dir) / RESULT
+    if done.is_file():  # a finished run is read back, not retrained
+        result = json.loads(done.read_text())
+        if result["status"] != "ok" or result["steps"] == recipe["steps"]:
+            return {"status": result["status"], "reason": result["reason"],
+                    "history": result["history"], "seconds": result["seconds"],
+                    **result["metrics"]}
     started = time.time()
     result = ufogen_trial(init, UFOGenRecipe.from_dict(recipe, "table5"), out_dir, seed=seed)
     return {"status": result.status, "reason": result.reason, "history": result.history,
@@ -62,52 +67,28 @@ def redraw(init: str, recipe: dict, seed: int, run_dir: str, sample_seeds: list[
             for s in sample_seeds}
 
 
-def table(runs, noise: dict, paper: dict) -> tuple[str, dict]:
+def table(runs, noise: dict) -> tuple[str, dict]:
     import pandas as pd
 
-    from mdsearch.analysis.reliability import paired_delta, verdict_text
-    from mdsearch.quality import pooled_std
+    from mdsearch.analysis.reliability import verdict_text
+    from mdsearch.analysis.tables import lora_vs_full, ufogen_table
 
-    df = pd.DataFrame(runs)
-    ok = df[df["status"] == "ok"]
-    base = ok[(ok["reconstruction"] == "diffusion") & (ok["adapter"] == "full")] \
-        .set_index("seed")
-    cells, lines = {}, []
-    head = ("| reconstruction | fine-tuning | fid_proxy (ours) | paper FID | kid_proxy | align "
-            "| fid_proxy vs diffusion + full |")
-    lines += [head, "|" + "---|" * 7]
-    groups = {(r, a): ok[(ok["reconstruction"] == r) & (ok["adapter"] == a)].set_index("seed")
-              for r in RECONSTRUCTIONS for a in ADAPTERS}
-    diffs = [g["fid_proxy"] - base["fid_proxy"] for key, g in groups.items()
-             if len(g) and key != ("diffusion", "full")]
-    pooled = pooled_std(diffs)
-    for (r, a), g in groups.items():
-        def ms(m):
-            v = g[m].astype(float)
-            return (f"{v.mean():.4g} ± {v.std(ddof=1):.2g}" if len(v) > 1 else
-                    f"{v.mean():.4g}" if len(v) else "failed")
-        if (r, a) == ("diffusion", "full"):
-            verdict = "(the reference: the paper's choice)"
-        elif len(g):
-            d = paired_delta(g["fid_proxy"], base["fid_proxy"], "fid_proxy", pooled=pooled)
-            verdict = verdict_text(d)
-            cells[f"{r}/{a}"] = d
-        else:
-            verdict = "; ".join(df[(df["reconstruction"] == r) & (df["adapter"] == a)]
-                                ["reason"].dropna().astype(str)) or "no run"
-        cells.setdefault(f"{r}/{a}", {})["fid_proxy"] = (float(g["fid_proxy"].mean())
-                                                         if len(g) else math.nan)
-        lines.append(f"| {PAPER_ROWS[r]} | {'full' if a == 'full' else 'LoRA'} | "
-                     f"{ms('fid_proxy')} | {paper[(r, a)]} | {ms('kid_proxy')} | {ms('align')} "
-                     f"| {verdict} |")
-    lines.append("")
-    lines.append(f"Seeds: {sorted(int(s) for s in ok['seed'].unique())}; paired differences "
-                 f"pooled over the {len(diffs)} comparisons ({pooled[1]} degrees of freedom, std "
-                 f"{pooled[0]:.3g}). Evaluation noise of fid_proxy (the same generator, "
-                 f"{len(noise.get('fid_proxy', []))} sampler seeds): std "
-                 f"{_std(noise.get('fid_proxy', [])):.3g}; kid_proxy "
-                 f"{_std(noise.get('kid_proxy', [])):.3g}; align {_std(noise.get('align', [])):.3g}.")
-    return "\n".join(lines), cells
+    df = pd.DataFrame(runs).assign(status=lambda d: d["status"].replace({"ok": "completed"}))
+    shown, raw = ufogen_table(df)
+    lora = lora_vs_full(df)
+    n = {m: len(noise.get(m, [])) for m in METRICS}
+    text = (shown.to_markdown(index=False) + "\n\nLoRA against full fine-tuning, paired by "
+            f"reconstruction term and seed ({lora['n']} pairs): fid_proxy {lora['delta']:+.4g}, "
+            f"{verdict_text(lora)}.\n\nIntervals: 95%, simultaneous over the 5 "
+            "comparisons, the paired spread pooled over them. Evaluation noise (the diffusion + "
+            f"full seed-{runs[0]['seed'] if runs else 0} generator under {n['fid_proxy']} other "
+            f"sampler seeds): fid_proxy std {_std(noise.get('fid_proxy', [])):.3g}, kid_proxy "
+            f"{_std(noise.get('kid_proxy', [])):.3g}, align {_std(noise.get('align', [])):.3g}.")
+    cells = {f"{r['reconstruction']}/{r['adapter']}": {k: v for k, v in r.items()
+                                                       if k not in ("reconstruction", "adapter")}
+             for r in raw.to_dict("records")}
+    cells["lora_minus_full"] = lora
+    return text, cells
 
 
 def _std(values) -> float:
@@ -128,17 +109,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/ufogen_table5"))
     args = ap.parse_args()
 
-    import yaml
-
-    from mdsearch.paths import ANALYSIS
+    from mdsearch.analysis.tables import ADAPTERS, RECONSTRUCTIONS
     from mdsearch.train.ufogen import load_ufogen_recipe
 
     base = load_ufogen_recipe(args.trial)
     seeds = [int(s) for s in args.seeds.split(",")]
-    paper_rows = yaml.safe_load((ANALYSIS / "paper_tables.yaml").read_text())["table5"]["rows"]
-    paper = {}
-    for r, row in zip(RECONSTRUCTIONS, paper_rows):
-        paper[(r, "full")], paper[(r, "lora")] = row[1], row[2]
     jobs = [(r, a, s) for s in seeds for r in RECONSTRUCTIONS for a in ADAPTERS]
     print(f"UFOGen Table 5: {len(jobs)} fine-tunes of {args.init} ({args.trial}, "
           f"{base.steps} steps each, {args.jobs} jobs)", flush=True)
@@ -167,7 +142,7 @@ def main() -> None:
             noise = {m: [d[m] for d in draws.values()] for m in METRICS}
             noise_file.write_text(json.dumps(noise))
     start = runs[0]["history"][:2] if runs else []
-    text, cells = table(runs, noise, paper)
+    text, cells = table(runs, noise)
     before = "\n".join(f"- the starting model, {h['sampler']}: fid_proxy {h['fid_proxy']:.4g}, "
                        f"kid_proxy {h['kid_proxy']:.4g}, align {h['align']:.3f}" for h in start)
     text = before + "\n\n" + text

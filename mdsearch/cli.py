@@ -207,7 +207,7 @@ def cmd_sweep(args) -> None:
     space = load_space(args.space)
     result = run_sweep(space, args.trial, name=args.name, storage=args.storage,
                        address=args.address, resume=args.resume, num_samples=args.num_samples,
-                       mlflow=not args.no_mlflow)
+                       mlflow=not args.no_mlflow, init=args.init)
     sweep_plot(result, space)
     print(summary(result, space))
 
@@ -381,6 +381,8 @@ def main(argv: list[str] | None = None) -> int:
                         "ones continue from their last evaluation)")
     p.add_argument("--num-samples", type=positive_int, default=None,
                    help="trained trials (default: the space's search.num_samples)")
+    p.add_argument("--init", metavar="RUN_DIR", default=None,
+                   help="a UFOGen space (base: init): the trained run every trial fine-tunes")
     p.add_argument("--no-mlflow", action="store_true", help="do not log trials to MLflow")
     p.set_defaults(func=cmd_sweep)
 

@@ -57,6 +57,7 @@ def samples_file(step: int, event: str = "") -> str:
 
 # sweep files
 RESULTS = "results.csv"
+SWEEP_INIT = "init.txt"  # a UFOGen sweep: the run directory every trial fine-tunes
 PLOT = "pareto.png"
 SPACE = "space.yaml"
 FILTERED = "filtered.jsonl"

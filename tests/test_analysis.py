@@ -12,8 +12,8 @@ import yaml
 from mdsearch.analysis.fidelity import fidelity, kendall_tau_b
 from mdsearch.rundir import pareto_mask
 from mdsearch.analysis.report import build_report
-from mdsearch.analysis.tables import ablation_table, comparison_table, write_table
-from mdsearch.paths import ANALYSIS, SEARCH_SPACES
+from mdsearch.analysis.tables import ablation_table, write_table
+from mdsearch.paths import SEARCH_SPACES
 from mdsearch.search.space import sweep_recipe
 from mdsearch.search.space import load_space
 
@@ -91,19 +91,33 @@ def test_ablation_table_pairs_seeds_and_reports_spread():
         ablation_table(t[t["variant"] != "baseline"], quality="fid_proxy")
 
 
-def test_table5_shape_renders_the_papers_table(tmp_path):
-    paper = yaml.safe_load((ANALYSIS / "paper_tables.yaml").read_text())["table5"]
-    long = pd.DataFrame([{"loss": r[0], "tuning": col, "fid": v}
-                         for r in paper["rows"] for col, v in zip(("full", "LoRA"), r[1:])])
-    grid = comparison_table(long, "loss", "tuning", "fid", column_order=["full", "LoRA"])
-    assert grid.loc["Distill loss", "full"] == "11.2" and grid.loc["EMA distill loss",
-                                                                     "LoRA"] == "14.1"
-    paths = write_table(grid, tmp_path / "table5", caption="Table 5")
+def test_table5_from_ufogen_trials(tmp_path):
+    from mdsearch.analysis.tables import ufogen_table
+
+    rows = []
+    for (r, a), (fid, noise) in {("diffusion", "full"): (200, [0, 3, -3]),
+                                 ("diffusion", "lora"): (400, [2, -2, 1]),
+                                 ("distill", "full"): (202, [-3, 2, 0]),
+                                 ("distill", "lora"): (420, [1, 0, -2]),
+                                 ("ema_distill", "full"): (210, [3, -1, 1])}.items():
+        for seed in range(3):  # (ema_distill + LoRA failed)
+            rows.append({"status": "completed", "reconstruction": r, "adapter": a,
+                         "seed": seed, "fid_proxy": fid + noise[seed], "align": 0.5})
+    rows.append({"status": "failed", "reconstruction": "ema_distill", "adapter": "lora",
+                 "seed": 0, "fid_proxy": None, "align": None})
+    shown, raw = ufogen_table(pd.DataFrame(rows), extra=("align",))
+    raw = raw.set_index(["reconstruction", "adapter"])
+    assert raw.loc[("distill", "full"), "paper_fid"] == 11.20  # the paper's figure, beside ours
+    assert raw.loc[("diffusion", "lora"), "verdict"] == "worse"  # +200 with noise of a few
+    assert raw.loc[("distill", "full"), "verdict"] == "no detectable difference"
+    assert raw.loc[("ema_distill", "lora"), "n"] == 0
+    row = shown.set_index(["reconstruction loss", "fine-tuning"])
+    assert row.loc[("EMA distill loss", "LoRA"), "Δ fid_proxy vs diffusion + full"] == \
+        "no completed trial"
+    assert row.loc[("Diffusion loss", "full"), "fid_proxy (ours)"] == "200 ± 3"
+    paths = write_table(shown, tmp_path / "table5", raw=raw.reset_index(), caption="Table 5")
     assert "| Distill loss" in paths["md"].read_text()
     assert "\\begin{tabular}" in paths["tex"].read_text()
-    repeats = pd.concat([long, long.assign(fid=long["fid"] + 1)])
-    cell = comparison_table(repeats, "loss", "tuning", "fid").loc["Diffusion loss", "full"]
-    assert cell.startswith("12.2 ± 0.71")
 
 
 def sweep_dir(tmp_path, table, space="quickstart"):

@@ -17,7 +17,7 @@ from mdsearch.train.ufogen import (Discriminator, LoRA, UFOGenRecipe, add_lora, 
                                    ufogen_trial)
 from test_train import ImageStats, tiny_recipe
 
-UFO = {"name": "ufo-test", "steps": 4, "batch_size": 4, "eval_every": 2, "eval_prompts": 8,
+UFO = {"name": "ufo-test", "steps": 4, "batch_size": 4, "eval": {"every": 2, "prompts": 8},
        "checkpoint_every": 2, "log_every": 1, "lr_g": 1e-3, "lr_d": 1e-3,
        "timesteps": [999, 500]}
 
@@ -161,3 +161,48 @@ def test_a_one_step_run_exports_its_generator_and_says_it_is_one_step(start, tmp
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert last["one_step"] is True and last["within_tolerance"]  # LoRA merged, ORT = PyTorch
     assert last["latent_size"] == 16  # the start's resolution, from the run's recipe.yaml
+
+
+def test_table5_space_sweeps_recipe_fields_of_fine_tunes_of_one_run(start, tmp_path):
+    import ray
+    import yaml
+
+    from mdsearch.analysis.report import build_report
+    from mdsearch.search.space import SpaceError, load_space
+    from mdsearch.search.sweep import SweepError, run_sweep
+
+    recipe_file = tmp_path / "ufo.yaml"
+    recipe_file.write_text(yaml.safe_dump({**UFO, "kind": "ufogen"}))
+    space = {"name": "t5", "base": "init", "trial": str(recipe_file),
+             "dimensions": {"reconstruction": {"field": "recipe.reconstruction",
+                                               "values": ["diffusion", "distill"]},
+                            "adapter": {"field": "recipe.adapter", "values": ["full"]}},
+             "objectives": [{"fid_proxy": "min"}],
+             "search": {"algorithm": "grid", "max_concurrent": 2}}
+    space_file = tmp_path / "space.yaml"
+    space_file.write_text(yaml.safe_dump(space))
+    with pytest.raises(SweepError, match="--init"):
+        run_sweep(load_space(space_file), name="no_init", storage=tmp_path / "s", mlflow=False)
+    bad = tmp_path / "bad.yaml"
+    bad_dims = {**space["dimensions"], "reconstruction": {"field": "recipe.reconstruction",
+                                                          "values": ["diffusion", "l1"]}}
+    bad.write_text(yaml.safe_dump({**space, "dimensions": bad_dims}))
+    with pytest.raises(SpaceError, match="dimensions.reconstruction: value 'l1'"):
+        run_sweep(load_space(bad), name="bad", storage=tmp_path / "s", mlflow=False,
+                  init=str(start))
+    try:
+        result = run_sweep(load_space(space_file), name="t5", storage=tmp_path / "sweeps",
+                           mlflow=False, init=str(start))
+    finally:
+        ray.shutdown()
+    table = result.table
+    assert sorted(table["reconstruction"]) == ["diffusion", "distill"]
+    assert (table["status"] == "completed").all() and table["fid_proxy"].notna().all()
+    sweep = tmp_path / "sweeps" / "t5"
+    trials = sorted(sweep.glob("run_trial_*"))
+    assert len(trials) == 2
+    for trial in trials:  # each trial fine-tuned with its own point's recipe
+        ufo = yaml.safe_load((trial / "ufogen.yaml").read_text())
+        assert f"reconstruction={ufo['reconstruction']}" in trial.name
+    report = build_report(sweep)
+    assert "Distill loss" in report.files["table5_md"].read_text()

@@ -1,5 +1,5 @@
 """Tables from sweep results: ablation tables (variant vs baseline, mean +- std over seeds) and
-comparison grids shaped like the paper's Table 5, rendered to Markdown, LaTeX and CSV by pandas.
+the paper's Table 5 from UFOGen trials, rendered to Markdown, LaTeX and CSV by pandas.
 """
 
 from __future__ import annotations
@@ -124,18 +124,79 @@ def ablation_display(ab: pd.DataFrame, quality: str = DEFAULT_QUALITY,
     return out
 
 
-def comparison_table(table: pd.DataFrame, rows: str, columns: str, value: str,
-                     row_order=None, column_order=None) -> pd.DataFrame:
-    """A grid of `value` (mean ± std over repeats) by `rows` x `columns`: the shape of the
-    paper's Table 5 (reconstruction loss x full fine-tuning / LoRA)."""
-    grouped = table.groupby([rows, columns], sort=False)[value]
-    cells = grouped.apply(lambda v: _cell(*_mean_std(v)[:2])).unstack(columns)
-    if row_order is not None:
-        cells = cells.reindex(row_order)
-    if column_order is not None:
-        cells = cells.reindex(columns=column_order)
-    cells.index.name = rows
-    return cells.fillna("-")
+RECONSTRUCTIONS = ("diffusion", "distill", "ema_distill")  # Table 5's rows, the paper's order
+ADAPTERS = ("full", "lora")  # its columns
+PAPER_ROWS = {"diffusion": "Diffusion loss", "distill": "Distill loss",
+              "ema_distill": "EMA distill loss"}
+
+
+def paper_table5() -> dict[tuple[str, str], float]:
+    """The paper's Table 5 FIDs by (reconstruction, adapter), from analysis/paper_tables.yaml."""
+    import yaml
+
+    from ..paths import ANALYSIS
+
+    rows = yaml.safe_load((ANALYSIS / "paper_tables.yaml").read_text())["table5"]["rows"]
+    by_name = {row[0]: row for row in rows}
+    return {(r, a): by_name[PAPER_ROWS[r]][1 + i]
+            for r in RECONSTRUCTIONS for i, a in enumerate(ADAPTERS)}
+
+
+def ufogen_table(table: pd.DataFrame, quality: str = "fid_proxy",
+                 extra: tuple[str, ...] = ("kid_proxy", "align")) -> tuple[pd.DataFrame,
+                                                                           pd.DataFrame]:
+    """The paper's Table 5 from UFOGen trials (columns `reconstruction`, `adapter`, `seed`):
+    (display, raw). Per (reconstruction, adapter): mean ± std over the seeds that completed,
+    the paper's FID beside it under its own name, and the change of `quality` against the
+    paper's choice (diffusion loss, full fine-tuning) paired by seed, with a 95% interval
+    simultaneous over the 5 comparisons (its spread pooled over them) and a verdict."""
+    from ..quality import pooled_std
+    from .reliability import paired_delta, verdict_text
+
+    done = table[table["status"].isin(MEASURED)]
+    cell = {(r, a): done[(done["reconstruction"] == r) & (done["adapter"] == a)]
+            .set_index("seed") for r in RECONSTRUCTIONS for a in ADAPTERS}
+    base = cell[("diffusion", "full")]
+    others = [key for key in cell if key != ("diffusion", "full")]
+    pooled = pooled_std([cell[k][quality] - base[quality] for k in others if len(cell[k])])
+    paper = paper_table5()
+    raw, shown = [], []
+    for (r, a), runs in cell.items():
+        row = {"reconstruction": r, "adapter": a, "n": len(runs), "paper_fid": paper[(r, a)]}
+        for metric in (quality, *extra):
+            if metric in runs:
+                row[metric], row[f"{metric}_std"], _ = _mean_std(runs[metric])
+        verdict = "reference (the paper's choice)"
+        if (r, a) != ("diffusion", "full"):
+            if len(runs) and len(base):
+                d = paired_delta(runs[quality], base[quality], quality, pooled=pooled,
+                                 comparisons=len(others))
+                row.update({f"d_{quality}": d["delta"], f"d_{quality}_low": d["low"],
+                            f"d_{quality}_high": d["high"], "verdict": d["verdict"]})
+                verdict = verdict_text(d)
+            else:
+                verdict = "no completed trial"
+        raw.append(row)
+        shown.append({"reconstruction loss": PAPER_ROWS[r],
+                      "fine-tuning": "full" if a == "full" else "LoRA", "seeds": len(runs),
+                      f"{quality} (ours)": _cell(row.get(quality, math.nan),
+                                                 row.get(f"{quality}_std", math.nan)),
+                      "FID (paper, COCO 30K)": row["paper_fid"],
+                      **{m: _cell(row.get(m, math.nan), row.get(f"{m}_std", math.nan))
+                         for m in extra if m in done},
+                      f"Δ {quality} vs diffusion + full": verdict})
+    return pd.DataFrame(shown), pd.DataFrame(raw)
+
+
+def lora_vs_full(table: pd.DataFrame, quality: str = "fid_proxy") -> dict:
+    """The paper's first Table 5 claim, tested directly: LoRA minus full fine-tuning of
+    `quality`, paired by (reconstruction, seed) over every reconstruction term (a
+    `reliability.paired_delta` dict: delta, 95% interval, verdict, n pairs)."""
+    from .reliability import paired_delta
+
+    done = table[table["status"].isin(MEASURED)].set_index(["reconstruction", "seed"])
+    return paired_delta(done[done["adapter"] == "lora"][quality],
+                        done[done["adapter"] == "full"][quality], quality)
 
 
 def write_table(df: pd.DataFrame, stem: str | Path, raw: pd.DataFrame | None = None,

@@ -19,6 +19,9 @@
         when: {conv: separable}       # only sampled when dimension `conv` has this value (or list)
       variant:                        # named bundles of changes (one-factor ablations)
         variants: {baseline: {}, no_kv_share: {kv_share: false}}
+      lr:                             # `recipe.` fields change the trial recipe, not the spec
+        field: recipe.optimizer.lr
+        values: [5.0e-4, 1.0e-3]
     ties: {levels.1.up.layers: levels.1.down.layers}   # field <- dimension name or field
     constraints: {resolution: 512, max_params: 400_000_000, max_gmacs: 200}
     objectives: [{fid_proxy: min}, {gmacs: min}]
@@ -28,6 +31,12 @@
 
 Everything is checked when the file is loaded: unknown keys, unknown fields, values a field cannot
 take, conditions on unknown dimensions. Errors name the file, the key path and the reason.
+`recipe.` fields are checked against the trial recipe when a sweep starts (`check_recipe_fields`).
+
+`base: init` with a UFOGen recipe as `trial` (kind: ufogen) is a space of one-step fine-tunes of
+the run given at sweep time (`mdsearch sweep SPACE --init RUN_DIR`): its spec is that run's, and
+its dimensions may only be `recipe.` fields (search_space/ufogen_ablation.yaml: the paper's
+Table 5).
 Costs are always of the full-size spec; `Budget.check` is what keeps a configuration from training.
 """
 
@@ -38,7 +47,7 @@ import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .. import config
 from ..errors import did_you_mean
@@ -48,9 +57,8 @@ from ..arch.cost import BlockCosts, cost
 from ..arch.spec import ArchSpec, SpecError
 from ..paths import SEARCH_SPACES
 
-if TYPE_CHECKING:
-    from ..train.recipe import Recipe
-
+RECIPE_PREFIX = "recipe."  # a dimension field that changes the trial recipe, not the spec
+INIT_BASE = "init"  # `base: init`: the spec of the run given with --init (UFOGen spaces)
 ALGORITHMS = ("tpe", "nsga2", "random", "grid")
 SCHEDULERS = ("paper", "asha", "none")
 COST_METRICS = ("params", "gmacs")  # objectives known before training
@@ -139,7 +147,7 @@ class Objective:
 class Space:
     name: str
     source: str
-    base: ArchSpec
+    base: ArchSpec | None  # None for `base: init` until a sweep binds the --init run's spec
     trial: str
     trial_overrides: dict[str, Any]
     dimensions: list[Dimension]
@@ -164,12 +172,22 @@ class Space:
         names = {d.name for d in self.dimensions}
         return {k: v for k, v in config.items() if k in names}
 
-    def changes(self, point: dict[str, Any]) -> dict[str, Any]:
-        """The field changes a point (dimension name -> value) makes to the base spec."""
+    def _all_changes(self, point: dict[str, Any]) -> dict[str, Any]:
         changes: dict[str, Any] = {}
         for dim in self.dimensions:
             if dim.name in point and point[dim.name] is not None:
                 changes.update(dim.changes(point[dim.name]))
+        return changes
+
+    def recipe_changes(self, point: dict[str, Any]) -> dict[str, Any]:
+        """The dotted trial-recipe changes a point makes (its `recipe.` fields)."""
+        return {k[len(RECIPE_PREFIX):]: v for k, v in self._all_changes(point).items()
+                if k.startswith(RECIPE_PREFIX)}
+
+    def changes(self, point: dict[str, Any]) -> dict[str, Any]:
+        """The field changes a point (dimension name -> value) makes to the base spec."""
+        changes = {k: v for k, v in self._all_changes(point).items()
+                   if not k.startswith(RECIPE_PREFIX)}
         if self.ties:
             data = self.base.to_dict()
             for key, value in changes.items():
@@ -315,13 +333,17 @@ def parse_space(data: Any, source: str = "space", base_dir: Path | None = None) 
         if key not in data:
             fail(key, "missing (required)")
 
-    base = _load_base(data["base"], base_dir, fail)
+    base = None if data["base"] == INIT_BASE else _load_base(data["base"], base_dir, fail)
     if data.get("set"):
+        if base is None:
+            fail("set", "`base: init` takes the --init run's spec as it is")
         base = base.override(_mapping(data["set"], "set", fail), source=f"{source}: set")
     name = str(data.get("name") or Path(source).stem)
 
     dims = _parse_dimensions(data["dimensions"], base, fail)
     ties = _mapping(data.get("ties") or {}, "ties", fail)
+    if base is None and ties:
+        fail("ties", "`base: init` spaces vary only recipe fields")
     dim_names = {d.name for d in dims}
     for target, src in ties.items():
         _check_exists(base, target, f"ties.{target}", fail)
@@ -432,8 +454,14 @@ def _parse_dimensions(raw: Any, base: ArchSpec, fail) -> list[Dimension]:
                 fail(f"{at}.variants", "needs at least one variant")
             for vname, changes in variants.items():
                 changes = _mapping(changes or {}, f"{at}.variants.{vname}", fail)
+                spec_changes = {k: v for k, v in changes.items()
+                                if not str(k).startswith(RECIPE_PREFIX)}
+                if spec_changes and base is None:
+                    fail(f"{at}.variants.{vname}", "`base: init` spaces vary only `recipe.` "
+                                                   "fields")
                 try:
-                    base.override(changes, source="")
+                    if spec_changes:
+                        base.override(spec_changes, source="")
                 except SpecError as err:
                     fail(f"{at}.variants.{vname}", str(err).split(": ", 1)[-1].lstrip(": "))
                 variants[vname] = changes
@@ -455,6 +483,10 @@ def _parse_dimensions(raw: Any, base: ArchSpec, fail) -> list[Dimension]:
         if len(set(map(repr, values))) != len(values):
             fail(f"{at}.values", f"has duplicates: {values!r}")
         for f in fields:
+            if str(f).startswith(RECIPE_PREFIX):
+                continue  # checked against the trial recipe when a sweep starts
+            if base is None:
+                fail(at, f"field {f}: `base: init` spaces vary only `recipe.` fields")
             for v in values:
                 _check_field(base, str(f), v, f"{at}", fail)
         dims.append(Dimension(str(name), [str(f) for f in fields], values))
@@ -614,7 +646,8 @@ def _parse_scheduler(raw: Any, objectives: list[Objective], fail) -> dict:
 def describe(space: Space) -> str:
     dims = "; ".join(f"{d.name} in {d.values}" + (f" when {d.when}" if d.when else "")
                      for d in space.dimensions)
-    return (f"{space.name}: base {space.base.name}, {len(space.grid())} configurations "
+    base = space.base.name if space.base is not None else "the --init run"
+    return (f"{space.name}: base {base}, {len(space.grid())} configurations "
             f"({dims}); {space.budget.describe()}; objectives "
             + ", ".join(f"{o.mode} {o.metric}" for o in space.objectives))
 
@@ -624,13 +657,31 @@ def product(space: Space) -> list[dict[str, Any]]:
     return [{**p, "seed": s} for p, s in itertools.product(space.grid(), space.seeds)]
 
 
-def sweep_recipe(space: Space, trial: str | Path | None = None) -> "Recipe":
-    """The space's default recipe with its `trial_overrides`, or another recipe as it is."""
+def sweep_recipe(space: Space, trial: str | Path | None = None):
+    """The space's default recipe with its `trial_overrides`, or another recipe as it is: a
+    Recipe, or a UFOGenRecipe for a recipe of kind: ufogen."""
     from ..train.recipe import load_recipe
+    from ..train.ufogen import is_ufogen_recipe, load_ufogen_recipe
 
-    if trial is not None:
-        return load_recipe(trial)
-    recipe = load_recipe(space.trial)
-    if space.trial_overrides:
+    name = trial if trial is not None else space.trial
+    recipe = (load_ufogen_recipe if is_ufogen_recipe(name) else load_recipe)(name)
+    if trial is None and space.trial_overrides:
         recipe = recipe.override(space.trial_overrides, source=f"{space.source}: trial_overrides")
     return recipe
+
+
+def check_recipe_fields(space: Space, recipe) -> None:
+    """Every value of every `recipe.` field is one the recipe accepts (a SpaceError naming the
+    space file, the dimension and the recipe's reason otherwise)."""
+    from ..train.recipe import RecipeError
+
+    for dim in space.dimensions:
+        for value in dim.values:
+            changes = space.recipe_changes({dim.name: value})
+            if not changes:
+                continue
+            try:
+                recipe.override(changes, source=f"{space.source}: dimensions.{dim.name}")
+            except RecipeError as err:
+                raise SpaceError(f"{space.source}: dimensions.{dim.name}: value {value!r}: "
+                                 f"{str(err).split(': ', 1)[-1]}") from None

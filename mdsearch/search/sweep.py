@@ -35,14 +35,14 @@ import yaml
 
 from ..config import ConfigError
 from ..quality import noise_floors
-from ..rundir import (FILTERED_STATUS, LOCK, RECIPE, SPACE, STOP_STATE, atomic_write, locked,
-                      write_results)
+from ..rundir import (FILTERED_STATUS, LOCK, RECIPE, SPACE, STOP_STATE, SWEEP_INIT, atomic_write,
+                      locked, write_results)
 from ..raylocal import start_ray
 from ..progress import say
 from .callbacks import MLflowSweepLogger, Progress
 from .results import ResultsWriter, SweepResult, best_trials, results_table
 from .searchers import BudgetedSearch, make_inner_searcher
-from .space import CostCache, Space, SpaceError, product, sweep_recipe
+from .space import CostCache, Space, SpaceError, check_recipe_fields, product, sweep_recipe
 from .trainable import run_trial
 
 
@@ -53,10 +53,12 @@ class SweepError(ConfigError):
 def run_sweep(space: Space, trial: str | Path | None = None, *, name: str | None = None,
               storage: str | Path = "runs/sweeps", address: str | None = None,
               resume: bool = False, num_samples: int | None = None,
-              mlflow: bool = True, tracking_uri: str | None = None,
+              mlflow: bool = True, tracking_uri: str | None = None, init: str | None = None,
               progress: Callable[[str], None] = say) -> SweepResult:
     """Run (or with resume=True, continue) a sweep; returns its results table. The sweep
-    directory is locked for the duration: a second sweep on it fails at once."""
+    directory is locked for the duration: a second sweep on it fails at once. `init`: the
+    trained run a UFOGen space (`base: init`, a trial recipe of kind: ufogen) fine-tunes; a
+    resumed UFOGen sweep remembers it."""
     if str(storage).startswith(("s3://", "gs://", "abfs://", "hdfs://")):
         raise SweepError(f"--storage {storage}: give a filesystem path (local, or a shared mount "
                          "such as NFS, EFS or a GCS/S3 FUSE mount); see docs/clusters.md")
@@ -64,17 +66,48 @@ def run_sweep(space: Space, trial: str | Path | None = None, *, name: str | None
     name = name or default_name(space, root, resume)
     sweep_dir = root / name
     recipe = sweep_recipe(space, trial)
+    if resume and init is None and (sweep_dir / SWEEP_INIT).is_file():
+        init = (sweep_dir / SWEEP_INIT).read_text().strip()
+    init = bind_init(space, recipe, init)
+    check_recipe_fields(space, recipe)
     from ray import tune
 
     if resume and not (sweep_dir.is_dir() and tune.Tuner.can_restore(str(sweep_dir))):
         raise SweepError(f"{sweep_dir}: no sweep to resume here (run without --resume to start)")
     with locked(sweep_dir, f"sweep {name}"):
         return _run_sweep(space, recipe, name, sweep_dir, address, resume, num_samples, mlflow,
-                          tracking_uri, progress)
+                          tracking_uri, progress, init)
+
+
+def bind_init(space: Space, recipe, init: str | None) -> str | None:
+    """A UFOGen sweep: check --init and give the space that run's spec; returns the run's
+    absolute path (None for a diffusion sweep)."""
+    from ..train.checkpoint import described
+    from ..train.ufogen import UFOGenRecipe
+
+    if not isinstance(recipe, UFOGenRecipe):
+        if init is not None:
+            raise SweepError(f"--init {init}: only a UFOGen sweep (a trial recipe of kind: "
+                             f"ufogen) starts from a trained run; {recipe.name} is not one")
+        if space.base is None:
+            raise SweepError(f"{space.source}: base: init fine-tunes a trained run: it needs a "
+                             f"trial recipe of kind: ufogen (not {recipe.name}) and --init")
+        return None
+    if init is None:
+        raise SweepError(f"{space.source}: trial {recipe.name} is a UFOGen recipe (kind: ufogen):"
+                         " give the trained run every trial fine-tunes with --init RUN_DIR")
+    if space.base is not None:
+        raise SweepError(f"{space.source}: a UFOGen space takes its spec from --init: write "
+                         "base: init")
+    spec = described(init)["spec"]  # a CheckpointError (one line) for a damaged run
+    if spec is None:
+        raise SweepError(f"{init}: its checkpoint does not say which spec it trained")
+    space.base = spec
+    return str(Path(init).resolve())
 
 
 def _run_sweep(space: Space, recipe, name: str, sweep_dir: Path, address, resume, num_samples,
-               mlflow, tracking_uri, progress) -> SweepResult:
+               mlflow, tracking_uri, progress, init=None) -> SweepResult:
     if num_samples is not None:
         space.num_samples = num_samples
 
@@ -97,6 +130,8 @@ def _run_sweep(space: Space, recipe, name: str, sweep_dir: Path, address, resume
         if Path(space.source).is_file():
             shutil.copy2(space.source, sweep_dir / SPACE)
         atomic_write(sweep_dir / RECIPE, yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+        if init is not None:
+            atomic_write(sweep_dir / SWEEP_INIT, init + "\n")
 
     if mlflow and not resume:
         from ..track import check_reachable, default_tracking_uri
@@ -115,7 +150,7 @@ def _run_sweep(space: Space, recipe, name: str, sweep_dir: Path, address, resume
                                             "fid_proxy", "fid", "clip_score")
                                 if m != quality.metric]
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, space=space, recipe=recipe),
+        tune.with_parameters(run_trial, space=space, recipe=recipe, init=init),
         {"cpu": recipe.resources.get("cpu", 1), "gpu": recipe.resources.get("gpu", 0)})
 
     if resume:

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 from ..rundir import CHECKPOINT
-from ..train.recipe import Recipe
 from .space import Space
 
 
@@ -22,8 +21,11 @@ class TrialFailed(RuntimeError):
     """A trial that ended without a usable result (e.g. a non-finite loss); the reason is kept."""
 
 
-def run_trial(config: dict, space: Space, recipe: Recipe) -> None:
-    """One Tune trial: build the spec of `config`, train its proxy, report every evaluation."""
+def run_trial(config: dict, space: Space, recipe, init: str | None = None) -> None:
+    """One Tune trial: build the spec of `config`, train its proxy, report every evaluation.
+    `recipe` is the sweep's Recipe, or its UFOGenRecipe with `init` the run every trial
+    fine-tunes into a one-step generator. The config's `recipe.` fields and seed change the
+    recipe."""
     import ray
     import torch
     from ray import tune
@@ -63,7 +65,13 @@ def run_trial(config: dict, space: Space, recipe: Recipe) -> None:
             shutil.copy2(work / CHECKPOINT, Path(d) / CHECKPOINT)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
 
-    result = train_trial(spec, recipe.override({"seed": seed}, source="sweep seed"), work,
-                         on_eval=report)
+    trial_recipe = recipe.override({**space.recipe_changes(point), "seed": seed},
+                                   source="sweep point")
+    if init is not None:
+        from ..train.ufogen import ufogen_trial
+
+        result = ufogen_trial(init, trial_recipe, work, on_eval=report)
+    else:
+        result = train_trial(spec, trial_recipe, work, on_eval=report)
     if result.status != "ok":
         raise TrialFailed(result.reason)

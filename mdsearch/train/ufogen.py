@@ -77,6 +77,12 @@ class LoRA:
 
 
 @dataclass
+class Evaluation:
+    every: int = 100  # steps between one-step evaluations (and always at the last step)
+    prompts: int = 144  # fixed prompts sampled per evaluation
+
+
+@dataclass
 class UFOGenRecipe:
     name: str
     kind: str = "ufogen"
@@ -95,11 +101,11 @@ class UFOGenRecipe:
     grad_clip: float = 1.0
     timesteps: list[int] = field(default_factory=lambda: [999])  # G's input times t
     gap: int = 250  # t' = t - gap: where real and fake are compared
-    eval_every: int = 100
-    eval_prompts: int = 144
+    eval: Evaluation = field(default_factory=Evaluation)
     checkpoint_every: int = 100
     log_every: int = 25
     seed: int = 0
+    resources: dict[str, float] = field(default_factory=lambda: {"cpu": 1, "gpu": 0})  # a trial's
 
     def validate(self, source: str) -> None:
         def fail(key, why):
@@ -112,10 +118,13 @@ class UFOGenRecipe:
                                    f"{', '.join(RECONSTRUCTIONS)}")
         if self.adapter not in ADAPTERS:
             fail("adapter", f"{self.adapter!r} is not one of {', '.join(ADAPTERS)}")
-        for key in ("steps", "batch_size", "d_updates", "eval_every", "eval_prompts",
-                    "checkpoint_every", "log_every"):
-            if getattr(self, key) <= 0:
-                fail(key, f"must be positive, got {getattr(self, key)}")
+        for key, value in (("steps", self.steps), ("batch_size", self.batch_size),
+                           ("d_updates", self.d_updates), ("eval.every", self.eval.every),
+                           ("eval.prompts", self.eval.prompts),
+                           ("checkpoint_every", self.checkpoint_every),
+                           ("log_every", self.log_every)):
+            if value <= 0:
+                fail(key, f"must be positive, got {value}")
         if self.lora.rank <= 0:
             fail("lora.rank", f"must be positive, got {self.lora.rank}")
         if not self.lora.targets:
@@ -231,7 +240,7 @@ class UFOGen:
         from ..data.pipeline import DataPipeline
 
         self.data = DataPipeline(self.base.data, self.base.text_encoder, self.base.autoencoder,
-                                 self.base.final_resolution, recipe.eval_prompts, 0)
+                                 self.base.final_resolution, recipe.eval.prompts, 0)
         self.evaluator = evaluator  # built on first use; tests pass a cheap stand-in
 
         def unet():
@@ -403,10 +412,10 @@ class UFOGen:
                          f"  d_loss {sum(d_losses) / len(d_losses):.4f}  {rate:.2f} steps/s")
                 g_losses, d_losses = [], []
             record = None
-            if self.step % r.eval_every == 0 or self.step == total:
+            if self.step % r.eval.every == 0 or self.step == total:
                 record = self.evaluate_with(self.G, 1, 1.0, "1-step")
-            if self.step % r.checkpoint_every == 0 or self.step == total:
-                self.save()
+            if record is not None or self.step % r.checkpoint_every == 0 or self.step == total:
+                self.save()  # at every evaluation too: a sweep reports it with its checkpoint
             if record is not None and on_eval is not None:
                 on_eval(record)
         self.result.metrics = _last_one_step(self.result.history)
