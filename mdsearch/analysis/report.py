@@ -220,12 +220,15 @@ def _summary(table, space, recipe, name, metric, mode, report, ablation, floors)
     trained = table[table["status"] != FILTERED_STATUS]
     lines = [f"# Sweep report: {name}", ""]
     if space is not None:
+        r = recipe or {}
+        detail = (f"{r.get('steps', '?')} steps of UFOGen one-step fine-tuning"
+                  if r.get("kind") == "ufogen" else
+                  f"{r.get('steps', '?')} steps, {r.get('resolution', '?')}px, width "
+                  f"{r.get('width', '?')}")
         lines += [f"Space `{space.name}`: {space.description or ''}", "",
                   f"Budget: {space.budget.describe()}. Searcher: {space.algorithm}. "
-                  f"Stopping: {space.scheduler['kind']}. Recipe: "
-                  f"`{(recipe or {}).get('name', '?')}` ({(recipe or {}).get('steps', '?')} "
-                  f"steps, {(recipe or {}).get('resolution', '?')}px, width "
-                  f"{(recipe or {}).get('width', '?')}).", ""]
+                  f"Stopping: {space.scheduler['kind']}. Recipe: `{r.get('name', '?')}` "
+                  f"({detail}).", ""]
     lines += ["## Counts", "",
               f"- trained: {len(trained)} (" + ", ".join(
                   f"{counts.get(s, 0)} {s}" for s in (COMPLETED, STOPPED, FAILED)) + ")",
