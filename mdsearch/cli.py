@@ -162,8 +162,12 @@ def cmd_train(args) -> None:
 
 def _train_ufogen(args) -> None:
     """`train --init RUN_DIR --trial ufogen_cpu`: one-step fine-tuning of a trained run."""
-    from .train.ufogen import load_ufogen_recipe, ufogen_trial
+    from .train.ufogen import is_ufogen_recipe, load_ufogen_recipe, ufogen_trial
 
+    if not is_ufogen_recipe(args.trial):
+        raise ConfigError(f"--init fine-tunes a trained run into a one-step generator with a "
+                          f"UFOGen recipe (kind: ufogen, e.g. --trial ufogen_cpu); --trial "
+                          f"{args.trial} is a diffusion recipe")
     if args.init is None:
         raise ConfigError(f"--trial {args.trial} is a UFOGen recipe (kind: ufogen): it fine-tunes"
                           " a trained run, given with --init RUN_DIR")

@@ -143,6 +143,13 @@ def test_cli_ufogen_recipe_needs_init(tmp_path, capsys):
     assert "--init" in err and len(err.strip().splitlines()) == 1
 
 
+def test_cli_init_needs_a_ufogen_recipe(start, tmp_path, capsys):
+    assert main(["train", "--init", str(start), "--trial", "cpu_quick",
+                 "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "kind: ufogen" in err and len(err.strip().splitlines()) == 1
+
+
 def test_cli_init_from_a_damaged_checkpoint_is_one_line(tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
