@@ -20,6 +20,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -70,19 +71,15 @@ def redraw(init: str, recipe: dict, seed: int, run_dir: str, sample_seeds: list[
 def table(runs, noise: dict) -> tuple[str, dict]:
     import pandas as pd
 
-    from mdsearch.analysis.reliability import verdict_text
-    from mdsearch.analysis.tables import lora_vs_full, ufogen_table
+    from mdsearch.analysis.tables import lora_vs_full, table5_markdown, ufogen_table
 
     df = pd.DataFrame(runs).assign(status=lambda d: d["status"].replace({"ok": "completed"}))
     shown, raw = ufogen_table(df)
     lora = lora_vs_full(df)
     n = {m: len(noise.get(m, [])) for m in METRICS}
-    text = (shown.to_markdown(index=False) + "\n\nLoRA against full fine-tuning, paired by "
-            f"reconstruction term and seed ({lora['n']} pairs): fid_proxy {lora['delta']:+.4g}, "
-            f"{verdict_text(lora)}.\n\nIntervals: 95%, simultaneous over the 5 "
-            "comparisons, the paired spread pooled over them. Evaluation noise (the diffusion + "
-            f"full seed-{runs[0]['seed'] if runs else 0} generator under {n['fid_proxy']} other "
-            f"sampler seeds): fid_proxy std {_std(noise.get('fid_proxy', [])):.3g}, kid_proxy "
+    text = (table5_markdown(shown, lora) + " Evaluation noise (the diffusion + full seed-"
+            f"{runs[0]['seed'] if runs else 0} generator under {n['fid_proxy']} other sampler "
+            f"seeds): fid_proxy std {_std(noise.get('fid_proxy', [])):.3g}, kid_proxy "
             f"{_std(noise.get('kid_proxy', [])):.3g}, align {_std(noise.get('align', [])):.3g}.")
     cells = {f"{r['reconstruction']}/{r['adapter']}": {k: v for k, v in r.items()
                                                        if k not in ("reconstruction", "adapter")}
@@ -92,11 +89,9 @@ def table(runs, noise: dict) -> tuple[str, dict]:
 
 
 def _std(values) -> float:
+    """The sample std of the redraws; nan with fewer than two."""
     values = [float(v) for v in values]
-    if len(values) < 2:
-        return math.nan
-    mean = sum(values) / len(values)
-    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    return statistics.stdev(values) if len(values) > 1 else math.nan
 
 
 def main() -> None:

@@ -132,12 +132,11 @@ def _mlflow(args, run_name: str) -> dict | None:
 
 
 def cmd_train(args) -> None:
-    from .train.recipe import load_recipe
-    from .train.ufogen import is_ufogen_recipe
+    from .train.ufogen import UFOGenRecipe, load_any_recipe
 
-    if args.init is not None or is_ufogen_recipe(args.trial):
-        return _train_ufogen(args)
-    recipe = load_recipe(args.trial)
+    recipe = load_any_recipe(args.trial)
+    if args.init is not None or isinstance(recipe, UFOGenRecipe):
+        return _train_ufogen(args, recipe)
     if args.seed is not None:
         recipe = recipe.override({"seed": args.seed}, source="--seed")
     spec = _load_spec(args)
@@ -160,11 +159,11 @@ def cmd_train(args) -> None:
         raise SystemExit(1)
 
 
-def _train_ufogen(args) -> None:
+def _train_ufogen(args, recipe) -> None:
     """`train --init RUN_DIR --trial ufogen_cpu`: one-step fine-tuning of a trained run."""
-    from .train.ufogen import is_ufogen_recipe, load_ufogen_recipe, ufogen_trial
+    from .train.ufogen import UFOGenRecipe, ufogen_trial
 
-    if not is_ufogen_recipe(args.trial):
+    if not isinstance(recipe, UFOGenRecipe):
         raise ConfigError(f"--init fine-tunes a trained run into a one-step generator with a "
                           f"UFOGen recipe (kind: ufogen, e.g. --trial ufogen_cpu); --trial "
                           f"{args.trial} is a diffusion recipe")
@@ -174,7 +173,6 @@ def _train_ufogen(args) -> None:
     if args.spec or args.preset or args.overrides:
         raise ConfigError("--init takes the spec from the run it starts from: drop --preset, "
                           "--spec and --set")
-    recipe = load_ufogen_recipe(args.trial)
     result = ufogen_trial(args.init, recipe, args.out, steps=args.steps, seed=args.seed,
                           progress=prefixed("ufogen"))
     _print_result(result, args.json)

@@ -198,16 +198,11 @@ def build_report(run_dir: str | Path | None = None, out: str | Path | None = Non
 
     summary = _summary(table, space, recipe, name, metric, mode, report, ablation, floors)
     if table5 is not None:
-        from .reliability import verdict_text
-        from .tables import lora_vs_full
+        from .tables import lora_vs_full, table5_markdown
 
-        lora = lora_vs_full(table, metric)
         summary += ("\n## The paper's Table 5 (UFOGen reconstruction term x fine-tuning)\n\n"
-                    + table5.to_markdown(index=False) + "\n\nLoRA against full fine-tuning, "
-                    f"paired by reconstruction term and seed ({lora['n']} pairs): Δ {metric} "
-                    f"{lora['delta']:+.4g}, {verdict_text(lora)}.\n\nIntervals: 95%, simultaneous "
-                    "over the 5 comparisons (Bonferroni), the paired spread pooled over them. "
-                    "The paper's FIDs are COCO FID-30K of the full model; ours are "
+                    + table5_markdown(table5, lora_vs_full(table, metric), metric)
+                    + " The paper's FIDs are COCO FID-30K of the full model; ours are "
                     f"{metric} of the proxy: compare directions, never values.\n")
     (report.out / "summary.md").write_text(summary)
     report.files["summary"] = report.out / "summary.md"

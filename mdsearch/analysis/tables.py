@@ -199,6 +199,17 @@ def lora_vs_full(table: pd.DataFrame, quality: str = "fid_proxy") -> dict:
                         done[done["adapter"] == "full"][quality], quality)
 
 
+def table5_markdown(shown: pd.DataFrame, lora: dict, quality: str = "fid_proxy") -> str:
+    """Table 5 (`ufogen_table`'s display frame) in Markdown, with the LoRA-against-full test
+    (`lora_vs_full`) and how its intervals are built."""
+    from .reliability import verdict_text
+
+    return (shown.to_markdown(index=False) + "\n\nLoRA against full fine-tuning, paired by "
+            f"reconstruction term and seed ({lora['n']} pairs): Δ {quality} "
+            f"{lora['delta']:+.4g}, {verdict_text(lora)}.\n\nIntervals: 95%, simultaneous over "
+            "the 5 comparisons (Bonferroni), the paired spread pooled over them.")
+
+
 def write_table(df: pd.DataFrame, stem: str | Path, raw: pd.DataFrame | None = None,
                 caption: str = "") -> dict[str, Path]:
     """STEM.md, STEM.tex (from the display frame) and STEM.csv (from `raw`, full precision)."""

@@ -660,11 +660,9 @@ def product(space: Space) -> list[dict[str, Any]]:
 def sweep_recipe(space: Space, trial: str | Path | None = None):
     """The space's default recipe with its `trial_overrides`, or another recipe as it is: a
     Recipe, or a UFOGenRecipe for a recipe of kind: ufogen."""
-    from ..train.recipe import load_recipe
-    from ..train.ufogen import is_ufogen_recipe, load_ufogen_recipe
+    from ..train.ufogen import load_any_recipe
 
-    name = trial if trial is not None else space.trial
-    recipe = (load_ufogen_recipe if is_ufogen_recipe(name) else load_recipe)(name)
+    recipe = load_any_recipe(trial if trial is not None else space.trial)
     if trial is None and space.trial_overrides:
         recipe = recipe.override(space.trial_overrides, source=f"{space.source}: trial_overrides")
     return recipe

@@ -159,10 +159,13 @@ class UFOGenRecipe:
         return recipe
 
 
-def is_ufogen_recipe(path_or_name: str | Path) -> bool:
-    """Whether a recipe file (or name in trials/) is a UFOGen recipe (`kind: ufogen`)."""
-    data = config.load_yaml(config.named_file(path_or_name, TRIALS), error=RecipeError)
-    return isinstance(data, dict) and data.get("kind") == "ufogen"
+def load_any_recipe(path_or_name: str | Path) -> Recipe | UFOGenRecipe:
+    """A recipe file (or a name in trials/), read once: a UFOGenRecipe for `kind: ufogen`,
+    else a diffusion Recipe."""
+    path = config.named_file(path_or_name, TRIALS)
+    data = config.load_yaml(path, error=RecipeError)
+    ufogen = isinstance(data, dict) and data.get("kind") == "ufogen"
+    return (UFOGenRecipe if ufogen else Recipe).from_dict(data, source=str(path))
 
 
 def load_ufogen_recipe(path_or_name: str | Path) -> UFOGenRecipe:
@@ -260,8 +263,8 @@ class UFOGen:
             self.teacher = copy.deepcopy(self.G).eval().requires_grad_(False)
         betas = tuple(recipe.betas)
         lr_g = recipe.lora.lr if recipe.adapter == "lora" and recipe.lora.lr else recipe.lr_g
-        self.opt_g = torch.optim.Adam([p for p in self.G.parameters() if p.requires_grad],
-                                      lr=lr_g, betas=betas)
+        self.g_params = [p for p in self.G.parameters() if p.requires_grad]  # LoRA: adapters
+        self.opt_g = torch.optim.Adam(self.g_params, lr=lr_g, betas=betas)
         self.opt_d = torch.optim.Adam(self.D.parameters(), lr=recipe.lr_d, betas=betas)
         self.full = cost(self.spec, 512)
         trainable = sum(p.numel() for p in self.G.parameters() if p.requires_grad)
@@ -376,27 +379,16 @@ class UFOGen:
             for _ in range(r.d_updates):
                 d_loss = (F.softplus(-self.D(real, t_prev, context)).mean()
                           + F.softplus(self.D(fake.detach(), t_prev, context)).mean())
-                if not torch.isfinite(d_loss):
+                if not self.descend(d_loss, self.opt_d, self.D.parameters()):
                     return self.fail(f"non-finite discriminator loss ({d_loss.item()}) at step "
                                      f"{self.step + 1}")
-                self.opt_d.zero_grad(set_to_none=True)
-                d_loss.backward()
-                if r.grad_clip > 0:
-                    nn.utils.clip_grad_norm_(self.D.parameters(), r.grad_clip)
-                self.opt_d.step()
             self.D.requires_grad_(False)
             adv = F.softplus(-self.D(fake, t_prev, context)).mean()
             self.D.requires_grad_(True)
             g_loss = r.adv_weight * adv + r.recon_weight * recon
-            if not torch.isfinite(g_loss):
+            if not self.descend(g_loss, self.opt_g, self.g_params):
                 return self.fail(f"non-finite generator loss ({g_loss.item()}) at step "
                                  f"{self.step + 1}")
-            self.opt_g.zero_grad(set_to_none=True)
-            g_loss.backward()
-            if r.grad_clip > 0:
-                nn.utils.clip_grad_norm_([p for p in self.G.parameters() if p.requires_grad],
-                                         r.grad_clip)
-            self.opt_g.step()
             if r.reconstruction == "ema_distill":
                 with torch.no_grad():
                     for e, p in zip(self.teacher.parameters(), self.G.parameters()):
@@ -420,6 +412,17 @@ class UFOGen:
                 on_eval(record)
         self.result.metrics = _last_one_step(self.result.history)
         return self.finish()
+
+    def descend(self, loss: torch.Tensor, optimizer, params) -> bool:
+        """One clipped optimiser step on `loss`; False (and no step) when it is not finite."""
+        if not torch.isfinite(loss):
+            return False
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.recipe.grad_clip > 0:
+            nn.utils.clip_grad_norm_(params, self.recipe.grad_clip)
+        optimizer.step()
+        return True
 
     def fail(self, reason: str) -> TrialResult:
         self.result.status, self.result.reason = "failed", reason
