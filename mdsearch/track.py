@@ -145,17 +145,24 @@ class MLflowTracker:
         self.run_name, self.run_id = run_name, None
 
     def start(self, spec, proxy, recipe, full_cost, proxy_params: int, out_dir: Path) -> None:
-        id_file = Path(out_dir) / RUN_ID_FILE
-        if id_file.is_file():  # a resumed trial continues its run
-            self.run_id = self.writer.resume_run(id_file.read_text().strip())
-            return
         params = {**flatten(spec.to_dict(), "spec"), **flatten(proxy.to_dict(), "proxy"),
                   **flatten(recipe.to_dict(), "recipe")}
-        self.run_id = self.writer.create_run(self.run_name or spec.name, params=params)
+        if self.start_run(spec.name, params, {"params": full_cost.params,
+                                              "gmacs": full_cost.gmacs,
+                                              "proxy_params": proxy_params}, out_dir):
+            self.log_artifact(Path(out_dir) / SPEC)
+
+    def start_run(self, name: str, params: dict, metrics: dict, out_dir: Path) -> bool:
+        """Create the run (params, and `metrics` at step 0); False when the run directory
+        already has one (a resumed run continues it)."""
+        id_file = Path(out_dir) / RUN_ID_FILE
+        if id_file.is_file():
+            self.run_id = self.writer.resume_run(id_file.read_text().strip())
+            return False
+        self.run_id = self.writer.create_run(self.run_name or name, params=params)
         id_file.write_text(self.run_id)
-        self.log_metrics({"params": full_cost.params, "gmacs": full_cost.gmacs,
-                          "proxy_params": proxy_params}, 0)
-        self.log_artifact(Path(out_dir) / SPEC)
+        self.log_metrics(metrics, 0)
+        return True
 
     def log_metrics(self, metrics: dict[str, Any], step: int) -> None:
         self.writer.log_metrics(self.run_id, metrics, step)

@@ -10,11 +10,13 @@ The platform targets latent diffusion (the paper: a VAE with f=8, c=8). Two kind
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 
 from ..errors import did_you_mean
+from ..rundir import DIFFUSERS_CONFIG
 from .errors import DataError
 
 
@@ -29,22 +31,41 @@ class IdentityAutoencoder:
 
 
 class DiffusersAutoencoder:
-    """A local diffusers AutoencoderKL, frozen."""
+    """A local diffusers autoencoder folder, frozen: an `AutoencoderKL` (SD's VAE, or a run of
+    `mdsearch vae train`) or an `AsymmetricAutoencoderKL` (a lightweight-decoder run)."""
 
     name = "diffusers"
+    CLASSES = ("AutoencoderKL", "AsymmetricAutoencoderKL")
 
     def __init__(self, path: str | Path):
         path = Path(path)
-        if not (path / "config.json").is_file():
-            raise DataError(f"autoencoder path {path}: no diffusers AutoencoderKL there (expected "
-                            "config.json and weights, e.g. the vae/ folder of an SD checkpoint)")
-        from diffusers import AutoencoderKL
+        config_file = path / DIFFUSERS_CONFIG
+        if not config_file.is_file():
+            raise DataError(f"autoencoder path {path}: no diffusers autoencoder there (expected "
+                            "config.json and weights: an `mdsearch vae train` run directory, or "
+                            "the vae/ folder of an SD checkpoint)")
+        try:
+            kind = json.loads(config_file.read_text()).get("_class_name", "AutoencoderKL")
+        except (ValueError, AttributeError) as err:
+            raise DataError(f"autoencoder {config_file}: not a JSON object ({err})") from None
+        if kind not in self.CLASSES:
+            raise DataError(f"autoencoder {config_file}: field _class_name: {kind!r} is not one "
+                            f"of {', '.join(self.CLASSES)}")
+        import diffusers
 
-        self.vae = AutoencoderKL.from_pretrained(path, local_files_only=True).eval()
-        self.vae.requires_grad_(False)
-        self.channels = self.vae.config.latent_channels
-        self.factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        self.scale = self.vae.config.scaling_factor
+        try:
+            self.vae = getattr(diffusers, kind).from_pretrained(path, local_files_only=True)
+        except Exception as err:  # noqa: BLE001 - damaged weights or config: name the folder
+            reason = " ".join(str(err).split())[:300]
+            raise DataError(f"autoencoder path {path}: cannot load it as a diffusers {kind} "
+                            f"({type(err).__name__}: {reason})") from None
+        self.vae.eval().requires_grad_(False)
+        cfg = self.vae.config
+        self.channels = cfg.latent_channels
+        widths = cfg.get("block_out_channels") or cfg.get("down_block_out_channels")
+        self.factor = 2 ** (len(widths) - 1)
+        self.scale = cfg.scaling_factor
+        self.path = path
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
@@ -64,3 +85,14 @@ def make_autoencoder(cfg: dict):
             raise DataError("autoencoder kind 'diffusers' needs a 'path' to a local folder")
         return DiffusersAutoencoder(cfg["path"])
     raise DataError(f"autoencoder kind {kind!r}: unknown{did_you_mean(kind, ['identity', 'diffusers'])}")
+
+
+def check_latent_channels(autoencoder, channels: int, what: str) -> None:
+    """DataError unless a UNet taking `channels`-channel latents (`what` names it) can denoise
+    the latents of `autoencoder`."""
+    if autoencoder.channels != channels:
+        where = getattr(autoencoder, "path", autoencoder.name)
+        raise DataError(f"{what}: field latent_channels: the UNet takes {channels}-channel "
+                        f"latents but autoencoder {where} encodes {autoencoder.channels} "
+                        f"channels; train the UNet in this latent space (a new run) or use "
+                        f"the autoencoder it was trained with")

@@ -43,6 +43,30 @@ class RecipeError(config.ConfigError):
     """A malformed trial recipe."""
 
 
+class RecipeData:
+    """What every recipe dataclass (diffusion, UFOGen, autoencoder) does with its data: as a dict,
+    changed by dotted fields, and built from a dict strictly and validated (`validate(source)`)."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def override(self, changes: dict[str, Any], source: str = "overrides"):
+        data = self.to_dict()
+        for key, value in changes.items():
+            config.set_path(data, key, value, source, error=RecipeError)
+        return type(self).from_dict(self.changed(data, changes), f"{self.name} + {source}")
+
+    def changed(self, data: dict, changes: dict[str, Any]) -> dict:
+        """The overridden data, adjusted where a change implies another (default: none)."""
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "recipe"):
+        recipe = config.from_dict(cls, data, source, error=RecipeError)
+        recipe.validate(source)
+        return recipe
+
+
 @dataclass
 class Optimizer:
     """AdamW, as the paper trains (lr 1e-3, betas 0.9/0.999, weight decay 0.01)."""
@@ -97,7 +121,7 @@ PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass
-class Recipe:
+class Recipe(RecipeData):
     name: str
     data: dict[str, Any] = field(default_factory=lambda: {"kind": "synthetic"})
     text_encoder: dict[str, Any] = field(default_factory=lambda: {"name": "minilm"})
@@ -197,25 +221,17 @@ class Recipe:
                 fail(f"stages ({st.name}).batch_size" if self.stages else "batch_size",
                      f"{st.batch_size} does not split over {self.workers} workers")
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def override(self, overrides: dict[str, Any], source: str = "overrides") -> "Recipe":
-        data = self.to_dict()
-        for key, value in overrides.items():
-            config.set_path(data, key, value, source, error=RecipeError)
-        if data["stages"] and "steps" not in overrides:  # stage lengths changed: new total
+    def changed(self, data: dict, changes: dict[str, Any]) -> dict:
+        if data["stages"] and "steps" not in changes:  # stage lengths changed: a new total
             data.pop("steps")
-        return Recipe.from_dict(data, f"{self.name} + {source}")
+        return data
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "recipe") -> "Recipe":
         if isinstance(data, dict) and data.get("stages") and "steps" not in data:
             data = {**data, "steps": sum(int(st.get("steps", 0)) for st in data["stages"]
                                          if isinstance(st, dict))}
-        recipe = config.from_dict(cls, data, source, error=RecipeError)
-        recipe.validate(source)
-        return recipe
+        return super().from_dict(data, source)
 
 
 def load_recipe(path_or_name: str | Path) -> Recipe:

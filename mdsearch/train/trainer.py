@@ -45,9 +45,10 @@ from ..arch.proxy import proxy_spec
 from ..arch.spec import ArchSpec
 from ..arch.unet import build
 from ..config import ConfigError
-from .checkpoint import read_checkpoint
+from .checkpoint import described, read_checkpoint
 from ..rundir import (CHECKPOINT, PROXY_SPEC, RECIPE, RESULT, SPEC, atomic_path, atomic_write,
                       check_out_dir, locked, samples_file)
+from ..data.autoencoder import check_latent_channels
 from ..data.pipeline import DataPipeline
 from .diffusion import NoiseSchedule, ddim_sample
 from .heldout import EvalBank, heldout_metrics
@@ -272,6 +273,10 @@ class Training:
 
     def load(self) -> None:
         state = read_checkpoint(self.ckpt_path)
+        saved = described(self.ckpt_path, state)["proxy_spec"]
+        if saved is not None:  # the same UNet, but another autoencoder's latents
+            check_latent_channels(self.pipeline(self.plan[0].resolution).autoencoder,
+                                  saved.latent_channels, str(self.ckpt_path))
         try:
             self.model.load_state_dict(state["model"])
         except (KeyError, RuntimeError) as err:  # another spec's (or recipe's) checkpoint
@@ -489,6 +494,12 @@ def make_evaluator(recipe: Recipe, data: DataPipeline):
                      seed=JUDGE_SEED)
 
 
+def x0_clip(autoencoder) -> float | None:
+    """How far sampling clamps its x0 estimate: to [-1, 1] in pixel space (the images' range),
+    not at all for VAE latents (their range is the VAE's)."""
+    return 1.0 if autoencoder.name == "identity" else None
+
+
 @torch.no_grad()
 def evaluate(model, data: DataPipeline, schedule: NoiseSchedule, recipe: Recipe, evaluator,
              grid: Path | None = None, sample_seed: int = SAMPLE_SEED) -> dict[str, float]:
@@ -502,7 +513,7 @@ def evaluate(model, data: DataPipeline, schedule: NoiseSchedule, recipe: Recipe,
                           data.null_context.to(device), data.latent_shape(len(data.prompts)),
                           steps=ev.sample_steps, guidance=ev.guidance,
                           generator=torch.Generator().manual_seed(sample_seed),
-                          clip_x0=1.0 if data.autoencoder.name == "identity" else None)
+                          clip_x0=x0_clip(data.autoencoder))
     images = data.autoencoder.decode(latents.cpu())
     if grid is not None:
         save_grid(images[:32], data.prompts[:32], grid)
