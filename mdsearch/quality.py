@@ -36,7 +36,13 @@ DIRECTIONS: dict[str, str] = {
     "fid": "min",
     "clip_score": "max",
     "align": "max",
-    # costs of the full-size spec
+    # autoencoders (mdsearch.train.vae): reconstructions of held-out images
+    "psnr": "max",
+    "ssim": "max",
+    "rfid_proxy": "min",
+    "rkid_proxy": "min",
+    "ralign": "max",
+    # costs of the full-size spec (an autoencoder's: params of both halves, decoder GMACs)
     "params": "min",
     "gmacs": "min",
     # training

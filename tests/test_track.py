@@ -79,3 +79,28 @@ def test_an_unreachable_tracking_server_is_one_clear_error(tmp_path, capsys, mon
     err = capsys.readouterr().err
     assert "MLflow tracking server http://127.0.0.1:1 does not answer" in err
     assert "--no-mlflow" in err and not (tmp_path / "run").exists()
+
+
+def test_autoencoder_and_one_step_runs_log_to_the_server(mlflow_server, tmp_path, monkeypatch):
+    from mdsearch.train.ufogen import ufogen_trial
+    from mdsearch.train.vae import vae_train
+    from test_ufogen import recipe as ufogen_recipe
+    from test_vae import Stats, recipe as vae_recipe
+
+    monkeypatch.setenv("MDSEARCH_CACHE_DIR", str(tmp_path / "cache"))
+    client = MlflowClient(mlflow_server)
+    vae = MLflowTracker(experiment="test-vae", tracking_uri=mlflow_server)
+    vae_train(vae_recipe(), tmp_path / "vae", evaluator=Stats(), tracker=vae)
+    run = client.get_run(vae.run_id)
+    assert run.info.status == "FINISHED" and run.data.params["recipe.arch.latent_channels"] == "4"
+    assert [m.step for m in client.get_metric_history(vae.run_id, "psnr")] == [2, 4]
+    assert run.data.metrics["decoder_gmacs"] > 0
+
+    start = tmp_path / "start"
+    train_trial(presets.get("md"), tiny_recipe(), start, evaluator=ImageStats())
+    ufo = MLflowTracker(experiment="test-ufogen", tracking_uri=mlflow_server)
+    ufogen_trial(start, ufogen_recipe(), tmp_path / "ufo", evaluator=ImageStats(), tracker=ufo)
+    run = client.get_run(ufo.run_id)
+    assert run.info.status == "FINISHED" and run.data.params["ufogen.adapter"] == "full"
+    assert [m.step for m in client.get_metric_history(ufo.run_id, "sample_std")] == [2, 4]
+    assert len(client.get_metric_history(ufo.run_id, "g_loss")) == 4

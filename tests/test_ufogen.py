@@ -213,3 +213,13 @@ def test_table5_space_sweeps_recipe_fields_of_fine_tunes_of_one_run(start, tmp_p
         assert f"reconstruction={ufo['reconstruction']}" in trial.name
     report = build_report(sweep)
     assert "Distill loss" in report.files["table5_md"].read_text()
+
+
+def test_bf16_autocast_fine_tune_runs_on_the_cpu(start, tmp_path):
+    bf16 = ufogen_trial(start, recipe(precision="bf16", steps=2, eval={"every": 2, "prompts": 8}),
+                        tmp_path / "bf16", evaluator=ImageStats())
+    fp32 = ufogen_trial(start, recipe(steps=2, eval={"every": 2, "prompts": 8}),
+                        tmp_path / "fp32", evaluator=ImageStats())
+    assert bf16.status == "ok" and fp32.status == "ok"
+    # the autocast is in effect: the fine-tuned weights differ from fp32's
+    assert bf16.history[-1]["sample_std"] != fp32.history[-1]["sample_std"]

@@ -196,6 +196,18 @@ def build_report(run_dir: str | Path | None = None, out: str | Path | None = Non
                                     "change against diffusion loss + full fine-tuning")
         report.files.update({f"table5_{k}": v for k, v in paths.items()})
 
+    channels = None
+    if "latent_channels" in table and "psnr" in table:
+        from .tables import autoencoder_table
+
+        channels, raw_c = autoencoder_table(table)
+        paths = write_table(channels, report.out / "latent_channels", raw=raw_c,
+                            caption=f"Latent channels of an f=8 autoencoder ({name}); mean ± "
+                                    "std over seeds; the change of PSNR from the c before, "
+                                    "paired by seed")
+        report.files.update({f"latent_channels_{k}": v for k, v in paths.items()})
+        report.files.update(_reconstruction_grids(table, report.out))
+
     summary = _summary(table, space, recipe, name, metric, mode, report, ablation, floors)
     if table5 is not None:
         from .tables import lora_vs_full, table5_markdown
@@ -204,10 +216,34 @@ def build_report(run_dir: str | Path | None = None, out: str | Path | None = Non
                     + table5_markdown(table5, lora_vs_full(table, metric), metric)
                     + " The paper's FIDs are COCO FID-30K of the full model; ours are "
                     f"{metric} of the proxy: compare directions, never values.\n")
+    if channels is not None:
+        grids = [k for k in report.files if k.startswith("reconstructions_c")]
+        summary += ("\n## Latent channels (the paper's section 3.5)\n\n" + channels.to_markdown(
+            index=False) + "\n\nΔ: the 95% interval of the paired change of PSNR from the "
+            "c before, simultaneous over the steps; the paper's claim (more channels reconstruct "
+            "better, at more cost) holds where every step says better. rfid_proxy is FID on the "
+            "attribute classifier's features, not Inception FID.\n\n"
+            + "".join(f"![{k}]({report.files[k].name})\n" for k in grids))
     (report.out / "summary.md").write_text(summary)
     report.files["summary"] = report.out / "summary.md"
     report.files["html"] = _html(summary, report)
     return report
+
+
+def _reconstruction_grids(table: pd.DataFrame, out: Path) -> dict[str, Path]:
+    """For each latent-channel count, the last reconstruction grid (originals over
+    reconstructions) of its first completed seed, copied into the report."""
+    import shutil
+
+    grids = {}
+    done = table[table["status"] == COMPLETED].sort_values("seed")
+    for c, rows in done.groupby("latent_channels"):
+        found = sorted(Path(rows["path"].iloc[0]).glob("samples_*.png")) if "path" in rows else []
+        if found:
+            target = out / f"reconstructions_c{int(c)}.png"
+            shutil.copyfile(found[-1], target)  # samples_STEP.png, zero-padded: the last
+            grids[f"reconstructions_c{int(c)}"] = target
+    return grids
 
 
 def _summary(table, space, recipe, name, metric, mode, report, ablation, floors) -> str:
@@ -218,6 +254,8 @@ def _summary(table, space, recipe, name, metric, mode, report, ablation, floors)
         r = recipe or {}
         detail = (f"{r.get('steps', '?')} steps of UFOGen one-step fine-tuning"
                   if r.get("kind") == "ufogen" else
+                  f"{r.get('steps', '?')} steps of autoencoder training at "
+                  f"{r.get('resolution', '?')}px" if r.get("kind") == "vae" else
                   f"{r.get('steps', '?')} steps, {r.get('resolution', '?')}px, width "
                   f"{r.get('width', '?')}")
         lines += [f"Space `{space.name}`: {space.description or ''}", "",

@@ -1,5 +1,6 @@
-"""Tables from sweep results: ablation tables (variant vs baseline, mean +- std over seeds) and
-the paper's Table 5 from UFOGen trials, rendered to Markdown, LaTeX and CSV by pandas.
+"""Tables from sweep results: ablation tables (variant vs baseline, mean +- std over seeds), the
+paper's Table 5 from UFOGen trials and its section 3.5 latent-channel study from autoencoder
+trials, rendered to Markdown, LaTeX and CSV by pandas.
 """
 
 from __future__ import annotations
@@ -208,6 +209,53 @@ def table5_markdown(shown: pd.DataFrame, lora: dict, quality: str = "fid_proxy")
             f"reconstruction term and seed ({lora['n']} pairs): Δ {quality} "
             f"{lora['delta']:+.4g}, {verdict_text(lora)}.\n\nIntervals: 95%, simultaneous over "
             "the 5 comparisons (Bonferroni), the paired spread pooled over them.")
+
+
+AUTOENCODER_METRICS = ("psnr", "ssim", "rfid_proxy", "kl")
+PAPER_CHANNELS = 8  # the paper's choice of latent channels (section 3.5)
+
+
+def autoencoder_table(table: pd.DataFrame, dimension: str = "latent_channels",
+                      quality: str = "psnr") -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The latent-channel study from autoencoder trials (a `dimension` column, `seed`):
+    (display, raw). Per value: mean ± std over the seeds that completed of the reconstruction
+    metrics, the encoder's and decoder's cost, and the change of `quality` from each value to the
+    next larger one, paired by seed, with a 95% interval simultaneous over those steps (its
+    spread pooled over them) and a verdict: the paper's claim (more channels reconstruct
+    better) is one "better" per step."""
+    from ..quality import pooled_std
+    from .reliability import paired_delta, verdict_text
+
+    done = table[table["status"].isin(MEASURED)]
+    values = sorted(done[dimension].dropna().unique())
+    runs = {v: done[done[dimension] == v].set_index("seed") for v in values}
+    steps = list(zip(values, values[1:]))
+    pooled = pooled_std([runs[b][quality] - runs[a][quality] for a, b in steps])
+    raw, shown = [], []
+    for i, v in enumerate(values):
+        r = runs[v]
+        row = {dimension: v, "n": len(r)}
+        for metric in (*AUTOENCODER_METRICS, "encoder_params", "decoder_params",
+                       "encoder_gmacs", "decoder_gmacs"):
+            if metric in r:
+                row[metric], row[f"{metric}_std"], _ = _mean_std(r[metric])
+        step = "-"
+        if i > 0:
+            d = paired_delta(r[quality], runs[values[i - 1]][quality], quality, pooled=pooled,
+                             comparisons=len(steps))
+            row.update({f"d_{quality}": d["delta"], f"d_{quality}_low": d["low"],
+                        f"d_{quality}_high": d["high"], "verdict": d["verdict"]})
+            step = verdict_text(d)
+        raw.append(row)
+        shown.append({
+            "c": f"{v:g}" + (" (paper)" if v == PAPER_CHANNELS else ""), "seeds": len(r),
+            **{m: _cell(row.get(m, math.nan), row.get(f"{m}_std", math.nan), 4)
+               for m in AUTOENCODER_METRICS if m in done},
+            "encoder / decoder params": f"{row.get('encoder_params', math.nan) / 1e6:.2f}M / "
+                                        f"{row.get('decoder_params', math.nan) / 1e6:.2f}M",
+            "decoder GMACs (512 px)": f"{row.get('decoder_gmacs', math.nan):.1f}",
+            f"Δ {quality} vs the c before": step})
+    return pd.DataFrame(shown), pd.DataFrame(raw)
 
 
 def write_table(df: pd.DataFrame, stem: str | Path, raw: pd.DataFrame | None = None,

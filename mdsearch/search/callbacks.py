@@ -79,7 +79,7 @@ class MLflowSweepLogger(Callback):
             self._writer.tag_experiment(tags)
         if trial.trial_id not in self._runs:
             found = self._writer.find_run("trial_id", trial.trial_id)
-            params = {**trial.config, "recipe": self.recipe_name, "base": self.space.base.name}
+            params = {**trial.config, "recipe": self.recipe_name, "base": self.space.base_label}
             self._runs[trial.trial_id] = self._writer.resume_run(found) if found else \
                 self._writer.create_run(trial.trial_id, {"trial_id": trial.trial_id,
                                                          "sweep": self.experiment}, params)

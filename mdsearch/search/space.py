@@ -36,7 +36,11 @@ take, conditions on unknown dimensions. Errors name the file, the key path and t
 `base: init` with a UFOGen recipe as `trial` (kind: ufogen) is a space of one-step fine-tunes of
 the run given at sweep time (`mdsearch sweep SPACE --init RUN_DIR`): its spec is that run's, and
 its dimensions may only be `recipe.` fields (search_space/ufogen_ablation.yaml: the paper's
-Table 5).
+Table 5). `base: autoencoder` with an autoencoder recipe (kind: vae) is a space of autoencoder
+trainings (search_space/vae_channels.yaml: the paper's latent-channel study): no UNet at all,
+only `recipe.` fields vary, and a configuration's costs are its autoencoder's
+(`mdsearch.train.vae.cost_of`: params of encoder and decoder, GMACs of the decoder, which is what
+runs on the phone).
 Costs are always of the full-size spec; `Budget.check` is what keeps a configuration from training.
 """
 
@@ -59,6 +63,8 @@ from ..paths import SEARCH_SPACES
 
 RECIPE_PREFIX = "recipe."  # a dimension field that changes the trial recipe, not the spec
 INIT_BASE = "init"  # `base: init`: the spec of the run given with --init (UFOGen spaces)
+AUTOENCODER_BASE = "autoencoder"  # `base: autoencoder`: autoencoder trainings (no UNet spec)
+RECIPE_ONLY_BASES = (INIT_BASE, AUTOENCODER_BASE)
 ALGORITHMS = ("tpe", "nsga2", "random", "grid")
 SCHEDULERS = ("paper", "asha", "none")
 COST_METRICS = ("params", "gmacs")  # objectives known before training
@@ -147,7 +153,8 @@ class Objective:
 class Space:
     name: str
     source: str
-    base: ArchSpec | None  # None for `base: init` until a sweep binds the --init run's spec
+    base: ArchSpec | None  # None for `base: init` until a sweep binds the --init run's spec,
+    #                        and for `base: autoencoder`
     trial: str
     trial_overrides: dict[str, Any]
     dimensions: list[Dimension]
@@ -161,6 +168,14 @@ class Space:
     seeds: list[int] = field(default_factory=lambda: [0])
     scheduler: dict[str, Any] = field(default_factory=lambda: {"kind": "none"})
     description: str = ""
+    base_name: str = ""  # as written: a preset, a spec file, init or autoencoder
+    autoencoder: Any = None  # `base: autoencoder`: the sweep's VAERecipe (bound by the sweep)
+
+    @property
+    def base_label(self) -> str:
+        if self.base is not None:
+            return self.base.name
+        return "the --init run" if self.base_name == INIT_BASE else "an autoencoder recipe"
 
     # ---- configurations ------------------------------------------------------------------
     def dimension(self, name: str) -> Dimension:
@@ -227,11 +242,15 @@ class Space:
     # ---- budget --------------------------------------------------------------------------
     def screen(self, point: dict[str, Any], cache: "CostCache") -> tuple[dict | None, str | None]:
         """Cost a point's full-size spec: (cost summary, None) or (summary|None, why filtered)."""
-        try:
-            spec = self.spec_for(point)
-        except SpecError as err:
-            return None, f"invalid spec: {err}"
-        c = cache.get(spec, self.budget.resolution)
+        if self.autoencoder is not None:
+            recipe = self.autoencoder.override(self.recipe_changes(point), source="sweep point")
+            c = cache.get_autoencoder(recipe, self.budget.resolution)
+        else:
+            try:
+                spec = self.spec_for(point)
+            except SpecError as err:
+                return None, f"invalid spec: {err}"
+            c = cache.get(spec, self.budget.resolution)
         broken = self.budget.violations(c["params"], c["gmacs"])
         return c, ("over budget: " + ", ".join(broken)) if broken else None
 
@@ -311,6 +330,17 @@ class CostCache:
             self._cache[key] = {"params": c.params, "gmacs": round(c.gmacs, 3)}
         return self._cache[key]
 
+    def get_autoencoder(self, recipe, resolution: int) -> dict:
+        """An autoencoder recipe's costs: params of encoder + decoder, GMACs of the decoder."""
+        from ..train.vae import cost_of
+
+        key = (json.dumps(recipe.arch.__dict__, sort_keys=True), resolution)
+        if key not in self._cache:
+            c = cost_of(recipe, resolution)
+            self._cache[key] = {"params": c.encoder_params + c.decoder_params,
+                                "gmacs": round(c.decoder_gmacs, 3)}
+        return self._cache[key]
+
 
 # ---- loading ---------------------------------------------------------------------------------
 def load_space(path_or_name: str | Path) -> Space:
@@ -333,17 +363,18 @@ def parse_space(data: Any, source: str = "space", base_dir: Path | None = None) 
         if key not in data:
             fail(key, "missing (required)")
 
-    base = None if data["base"] == INIT_BASE else _load_base(data["base"], base_dir, fail)
+    base_name = str(data["base"])
+    base = None if base_name in RECIPE_ONLY_BASES else _load_base(data["base"], base_dir, fail)
     if data.get("set"):
         if base is None:
-            fail("set", "`base: init` takes the --init run's spec as it is")
+            fail("set", f"`base: {base_name}` has no spec to change: vary `recipe.` fields")
         base = base.override(_mapping(data["set"], "set", fail), source=f"{source}: set")
     name = str(data.get("name") or Path(source).stem)
 
-    dims = _parse_dimensions(data["dimensions"], base, fail)
+    dims = _parse_dimensions(data["dimensions"], base, fail, base_name)
     ties = _mapping(data.get("ties") or {}, "ties", fail)
     if base is None and ties:
-        fail("ties", "`base: init` spaces vary only recipe fields")
+        fail("ties", f"`base: {base_name}` spaces vary only recipe fields")
     dim_names = {d.name for d in dims}
     for target, src in ties.items():
         _check_exists(base, target, f"ties.{target}", fail)
@@ -381,7 +412,8 @@ def parse_space(data: Any, source: str = "space", base_dir: Path | None = None) 
                  trial_overrides=trial_overrides, dimensions=dims, ties=ties, budget=budget,
                  objectives=objectives, algorithm=algorithm, num_samples=num_samples,
                  search_seed=int(search.get("seed", 0)), max_concurrent=max_conc, seeds=seeds,
-                 scheduler=scheduler, description=str(data.get("description", "")).strip())
+                 scheduler=scheduler, description=str(data.get("description", "")).strip(),
+                 base_name=base_name)
 
 
 def _load_base(base: Any, base_dir: Path | None, fail) -> ArchSpec:
@@ -430,7 +462,8 @@ def _check_field(base: ArchSpec, key: str, value: Any, where: str, fail) -> None
         fail(where, f"value {value!r} for {key}: {str(err).split(': ', 2)[-1]}")
 
 
-def _parse_dimensions(raw: Any, base: ArchSpec, fail) -> list[Dimension]:
+def _parse_dimensions(raw: Any, base: ArchSpec | None, fail,
+                      base_name: str = "") -> list[Dimension]:
     if not isinstance(raw, dict) or not raw:
         fail("dimensions", "must be a non-empty mapping of dimension name -> definition")
     dims: list[Dimension] = []
@@ -457,8 +490,8 @@ def _parse_dimensions(raw: Any, base: ArchSpec, fail) -> list[Dimension]:
                 spec_changes = {k: v for k, v in changes.items()
                                 if not str(k).startswith(RECIPE_PREFIX)}
                 if spec_changes and base is None:
-                    fail(f"{at}.variants.{vname}", "`base: init` spaces vary only `recipe.` "
-                                                   "fields")
+                    fail(f"{at}.variants.{vname}", f"`base: {base_name}` spaces vary only "
+                                                   "`recipe.` fields")
                 try:
                     if spec_changes:
                         base.override(spec_changes, source="")
@@ -486,7 +519,7 @@ def _parse_dimensions(raw: Any, base: ArchSpec, fail) -> list[Dimension]:
             if str(f).startswith(RECIPE_PREFIX):
                 continue  # checked against the trial recipe when a sweep starts
             if base is None:
-                fail(at, f"field {f}: `base: init` spaces vary only `recipe.` fields")
+                fail(at, f"field {f}: `base: {base_name}` spaces vary only `recipe.` fields")
             for v in values:
                 _check_field(base, str(f), v, f"{at}", fail)
         dims.append(Dimension(str(name), [str(f) for f in fields], values))
@@ -646,8 +679,7 @@ def _parse_scheduler(raw: Any, objectives: list[Objective], fail) -> dict:
 def describe(space: Space) -> str:
     dims = "; ".join(f"{d.name} in {d.values}" + (f" when {d.when}" if d.when else "")
                      for d in space.dimensions)
-    base = space.base.name if space.base is not None else "the --init run"
-    return (f"{space.name}: base {base}, {len(space.grid())} configurations "
+    return (f"{space.name}: base {space.base_label}, {len(space.grid())} configurations "
             f"({dims}); {space.budget.describe()}; objectives "
             + ", ".join(f"{o.mode} {o.metric}" for o in space.objectives))
 
@@ -659,7 +691,7 @@ def product(space: Space) -> list[dict[str, Any]]:
 
 def sweep_recipe(space: Space, trial: str | Path | None = None):
     """The space's default recipe with its `trial_overrides`, or another recipe as it is: a
-    Recipe, or a UFOGenRecipe for a recipe of kind: ufogen."""
+    Recipe, a UFOGenRecipe for a recipe of kind: ufogen, a VAERecipe for kind: vae."""
     from ..train.ufogen import load_any_recipe
 
     recipe = load_any_recipe(trial if trial is not None else space.trial)

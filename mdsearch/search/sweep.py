@@ -42,7 +42,8 @@ from ..progress import say
 from .callbacks import MLflowSweepLogger, Progress
 from .results import ResultsWriter, SweepResult, best_trials, results_table
 from .searchers import BudgetedSearch, make_inner_searcher
-from .space import CostCache, Space, SpaceError, check_recipe_fields, product, sweep_recipe
+from .space import (AUTOENCODER_BASE, CostCache, Space, SpaceError, check_recipe_fields, product,
+                    sweep_recipe)
 from .trainable import run_trial
 
 
@@ -80,11 +81,24 @@ def run_sweep(space: Space, trial: str | Path | None = None, *, name: str | None
 
 
 def bind_init(space: Space, recipe, init: str | None) -> str | None:
-    """A UFOGen sweep: check --init and give the space that run's spec; returns the run's
-    absolute path (None for a diffusion sweep)."""
+    """Give a recipe-only space what it lacks: a UFOGen space the spec of the --init run, an
+    autoencoder space (`base: autoencoder`) its recipe, which costs its configurations. Checks
+    --init; returns the run's absolute path (None where the trials start from scratch)."""
     from ..train.checkpoint import described
     from ..train.ufogen import UFOGenRecipe
+    from ..train.vae import VAERecipe
 
+    if (space.base_name == AUTOENCODER_BASE) != isinstance(recipe, VAERecipe):
+        raise SweepError(f"{space.source}: base: autoencoder goes with an autoencoder trial "
+                         f"recipe (kind: vae, e.g. vae_cpu) and only with one; the trial is "
+                         f"{recipe.name} and the base {space.base_name}")
+    if isinstance(recipe, VAERecipe):
+        space.autoencoder = recipe
+        if (init is None) != (recipe.train == "all"):
+            raise SweepError(f"{space.source}: trial {recipe.name} has train: {recipe.train}: "
+                             + ("give the autoencoder whose encoder it keeps with --init VAE_DIR"
+                                if init is None else "it trains from scratch; drop --init"))
+        return None if init is None else str(Path(init).resolve())
     if not isinstance(recipe, UFOGenRecipe):
         if init is not None:
             raise SweepError(f"--init {init}: only a UFOGen sweep (a trial recipe of kind: "

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from ..rundir import CHECKPOINT
-from .space import Space
+from .space import CostCache, Space
 
 
 class TrialFailed(RuntimeError):
@@ -24,8 +24,9 @@ class TrialFailed(RuntimeError):
 def run_trial(config: dict, space: Space, recipe, init: str | None = None) -> None:
     """One Tune trial: build the spec of `config`, train its proxy, report every evaluation.
     `recipe` is the sweep's Recipe, or its UFOGenRecipe with `init` the run every trial
-    fine-tunes into a one-step generator. The config's `recipe.` fields and seed change the
-    recipe."""
+    fine-tunes into a one-step generator, or its VAERecipe (an autoencoder space; `init`: the
+    autoencoder whose encoder a `train: decoder` recipe keeps). The config's `recipe.` fields
+    and seed change the recipe."""
     import ray
     import torch
     from ray import tune
@@ -38,7 +39,8 @@ def run_trial(config: dict, space: Space, recipe, init: str | None = None) -> No
     torch.set_num_threads(max(1, int(recipe.resources.get("cpu", 1))))
     point = space.point_of(config)
     seed = config.get("seed", recipe.seed)
-    spec = space.spec_for(point)
+    trial_recipe = recipe.override({**space.recipe_changes(point), "seed": seed},
+                                   source="sweep point")
     work = Path(tune.get_context().get_trial_dir())
     work.mkdir(parents=True, exist_ok=True)
 
@@ -50,7 +52,12 @@ def run_trial(config: dict, space: Space, recipe, init: str | None = None) -> No
         with restored.as_directory() as d:
             shutil.copy2(Path(d) / CHECKPOINT, work / CHECKPOINT)
 
-    full = cost(spec, 512)
+    if space.autoencoder is not None:
+        full = space.screen(point, CostCache())[0]  # the autoencoder's params, decoder GMACs
+    else:
+        spec = space.spec_for(point)
+        c = cost(spec, 512)
+        full = {"params": c.params, "gmacs": round(c.gmacs, 3)}
     node = ray.get_runtime_context().get_node_id()[:12]
     before = 0.0  # training seconds already spent by the run this one resumes
     if (work / CHECKPOINT).is_file():
@@ -59,15 +66,17 @@ def run_trial(config: dict, space: Space, recipe, init: str | None = None) -> No
 
     def report(record: dict) -> None:
         metrics = {k: v for k, v in record.items() if isinstance(v, (int, float))}
-        metrics.update(params=full.params, gmacs=round(full.gmacs, 3), steps_total=recipe.steps,
+        metrics.update(params=full["params"], gmacs=full["gmacs"], steps_total=recipe.steps,
                        seconds=round(before + time.time() - started, 2), node_id=node)
         with tempfile.TemporaryDirectory() as d:
             shutil.copy2(work / CHECKPOINT, Path(d) / CHECKPOINT)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
 
-    trial_recipe = recipe.override({**space.recipe_changes(point), "seed": seed},
-                                   source="sweep point")
-    if init is not None:
+    if space.autoencoder is not None:
+        from ..train.vae import vae_train
+
+        result = vae_train(trial_recipe, work, init=init, on_eval=report)
+    elif init is not None:
         from ..train.ufogen import ufogen_trial
 
         result = ufogen_trial(init, trial_recipe, work, on_eval=report)

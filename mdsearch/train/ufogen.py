@@ -42,7 +42,7 @@ from __future__ import annotations
 import copy
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -56,12 +56,15 @@ from ..arch.cost import cost
 from ..arch.unet import build
 from ..paths import TRIALS
 from ..progress import quiet
-from ..rundir import (CHECKPOINT, PROXY_SPEC, RECIPE, RESULT, SPEC, UFOGEN_RECIPE, atomic_path,
+from ..track import flatten
+from ..data.autoencoder import check_latent_channels
+from ..rundir import (CHECKPOINT, PROXY_SPEC, RECIPE, SPEC, UFOGEN_RECIPE, atomic_path,
                       atomic_write, check_out_dir, locked, samples_file)
+from .gan import AdversarialRun
 from .checkpoint import CheckpointError, checkpoint_path, described, read_checkpoint
 from .diffusion import NoiseSchedule
-from .recipe import Recipe, RecipeError
-from .trainer import TrialResult, _step_generator, evaluate, make_evaluator
+from .recipe import DEVICES, PRECISIONS, Recipe, RecipeData, RecipeError
+from .trainer import TrialResult, _step_generator, evaluate, make_evaluator, pick_device
 
 RECONSTRUCTIONS = ("diffusion", "distill", "ema_distill")
 ADAPTERS = ("full", "lora")
@@ -83,7 +86,7 @@ class Evaluation:
 
 
 @dataclass
-class UFOGenRecipe:
+class UFOGenRecipe(RecipeData):
     name: str
     kind: str = "ufogen"
     steps: int = 300
@@ -106,6 +109,8 @@ class UFOGenRecipe:
     log_every: int = 25
     seed: int = 0
     resources: dict[str, float] = field(default_factory=lambda: {"cpu": 1, "gpu": 0})  # a trial's
+    device: str = "auto"  # auto: this process's GPU if it has one, else the CPU
+    precision: str = "fp32"  # or bf16 (autocast of the G and D forward passes)
 
     def validate(self, source: str) -> None:
         def fail(key, why):
@@ -142,30 +147,22 @@ class UFOGenRecipe:
             fail("gap", f"must be in 1..999, got {self.gap}")
         if len(self.betas) != 2:
             fail("betas", f"two numbers, got {self.betas}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def override(self, changes: dict, source: str = "overrides") -> "UFOGenRecipe":
-        data = self.to_dict()
-        for key, value in changes.items():
-            config.set_path(data, key, value, source, error=RecipeError)
-        return UFOGenRecipe.from_dict(data, f"{self.name} + {source}")
-
-    @classmethod
-    def from_dict(cls, data, source: str = "recipe") -> "UFOGenRecipe":
-        recipe = config.from_dict(cls, data, source, error=RecipeError)
-        recipe.validate(source)
-        return recipe
+        if self.device not in DEVICES:
+            fail("device", f"{self.device!r} is not one of {', '.join(DEVICES)}")
+        if self.precision not in PRECISIONS:
+            fail("precision", f"{self.precision!r} is not one of {', '.join(PRECISIONS)}")
 
 
-def load_any_recipe(path_or_name: str | Path) -> Recipe | UFOGenRecipe:
-    """A recipe file (or a name in trials/), read once: a UFOGenRecipe for `kind: ufogen`,
-    else a diffusion Recipe."""
+def load_any_recipe(path_or_name: str | Path):
+    """A recipe file (or a name in trials/), read once: a UFOGenRecipe for `kind: ufogen`, a
+    VAERecipe for `kind: vae` (mdsearch.train.vae), else a diffusion Recipe."""
+    from .vae import VAERecipe
+
     path = config.named_file(path_or_name, TRIALS)
     data = config.load_yaml(path, error=RecipeError)
-    ufogen = isinstance(data, dict) and data.get("kind") == "ufogen"
-    return (UFOGenRecipe if ufogen else Recipe).from_dict(data, source=str(path))
+    kind = data.get("kind") if isinstance(data, dict) else None
+    cls = {"ufogen": UFOGenRecipe, "vae": VAERecipe}.get(kind, Recipe)
+    return cls.from_dict(data, source=str(path))
 
 
 def load_ufogen_recipe(path_or_name: str | Path) -> UFOGenRecipe:
@@ -217,12 +214,16 @@ def merged_state(model: nn.Module) -> dict:
     return state
 
 
-class UFOGen:
+class UFOGen(AdversarialRun):
     """The state of one UFOGen run: G, D, the teacher, both optimisers, data and history."""
 
     def __init__(self, init_dir: str | Path, recipe: UFOGenRecipe, out_dir: str | Path, *,
-                 seed: int | None = None, progress=None, evaluator=None):
+                 seed: int | None = None, progress=None, evaluator=None, tracker=None):
         self.out = Path(out_dir)
+        self.tracker = tracker
+        self.device = pick_device(recipe.device)
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                       enabled=recipe.precision == "bf16")
         self.out.mkdir(parents=True, exist_ok=True)
         self.init = Path(init_dir)
         self.recipe, self.say = recipe, progress or quiet
@@ -244,12 +245,14 @@ class UFOGen:
 
         self.data = DataPipeline(self.base.data, self.base.text_encoder, self.base.autoencoder,
                                  self.base.final_resolution, recipe.eval.prompts, 0)
+        check_latent_channels(self.data.autoencoder, self.proxy.latent_channels,
+                              str(checkpoint_path(self.init)))
         self.evaluator = evaluator  # built on first use; tests pass a cheap stand-in
 
         def unet():
             model = build(self.proxy)
             model.load_state_dict(weights)
-            return model
+            return model.to(self.device)
 
         torch.manual_seed(self.seed)
         self.G = unet()
@@ -344,18 +347,22 @@ class UFOGen:
         times = torch.tensor(r.timesteps)
         t = times[torch.randint(len(times), (size,), generator=g)]
         t_prev = (t - r.gap).clamp_(min=0)
-        noise, noise_real, noise_fake = (torch.randn(x0.shape, generator=g) for _ in range(3))
+        # drawn on the CPU from the step's generator, so a run is the same on any device
+        noise, noise_real, noise_fake = (torch.randn(x0.shape, generator=g).to(self.device)
+                                         for _ in range(3))
+        t, t_prev = t.to(self.device), t_prev.to(self.device)
         x_t = self.schedule.add_noise(x0, noise, t)
-        pred = self.G(x_t, t, context)
+        with self.autocast:
+            pred = self.G(x_t, t, context).float()
         fake_x0 = self.schedule.to_x0_eps(x_t, pred, t)[0]
         real = self.schedule.add_noise(x0, noise_real, t_prev)
         fake = self.schedule.add_noise(fake_x0, noise_fake, t_prev)
         if r.reconstruction == "diffusion":
             target = self.schedule.target(x0, noise, t)
         else:
-            with torch.no_grad():
+            with torch.no_grad(), self.autocast:
                 target = self.teacher(x_t, t, context)
-        recon = F.mse_loss(pred.float(), target.float())
+        recon = F.mse_loss(pred, target.float())
         return real, fake, t_prev, recon
 
     def run(self, steps: int | None = None, on_eval=None) -> TrialResult:
@@ -365,6 +372,11 @@ class UFOGen:
         atomic_write(self.out / RECIPE, yaml.safe_dump(self.base.to_dict(), sort_keys=False))
         atomic_write(self.out / UFOGEN_RECIPE,
                      yaml.safe_dump(self.recipe.to_dict(), sort_keys=False))
+        if self.tracker is not None:
+            self.tracker.start_run(f"{self.init.name}-ufogen", {
+                **flatten(self.recipe.to_dict(), "ufogen"), "init": str(self.init),
+                **flatten(self.proxy.to_dict(), "proxy")},
+                {"params": self.full.params, "gmacs": self.full.gmacs}, self.out)
         if not self.result.history:
             self.baseline()
         self.G.train()
@@ -374,16 +386,18 @@ class UFOGen:
             g = _step_generator(self.seed, self.step)
             idx = torch.randint(len(self.data.train), (r.batch_size,), generator=g)
             x0, captions = self.data.batch(idx.tolist())
-            context = self.data.context(captions)
+            x0, context = x0.to(self.device), self.data.context(captions).to(self.device)
             real, fake, t_prev, recon = self.losses(g, x0, context)
             for _ in range(r.d_updates):
-                d_loss = (F.softplus(-self.D(real, t_prev, context)).mean()
-                          + F.softplus(self.D(fake.detach(), t_prev, context)).mean())
+                with self.autocast:
+                    d_loss = (F.softplus(-self.D(real, t_prev, context).float()).mean()
+                              + F.softplus(self.D(fake.detach(), t_prev, context).float()).mean())
                 if not self.descend(d_loss, self.opt_d, self.D.parameters()):
                     return self.fail(f"non-finite discriminator loss ({d_loss.item()}) at step "
                                      f"{self.step + 1}")
             self.D.requires_grad_(False)
-            adv = F.softplus(-self.D(fake, t_prev, context)).mean()
+            with self.autocast:
+                adv = F.softplus(-self.D(fake, t_prev, context).float()).mean()
             self.D.requires_grad_(True)
             g_loss = r.adv_weight * adv + r.recon_weight * recon
             if not self.descend(g_loss, self.opt_g, self.g_params):
@@ -400,39 +414,25 @@ class UFOGen:
             if self.step % r.log_every == 0 or self.step == total:
                 rate = len(g_losses) / max(time.time() - last_log, 1e-9)
                 last_log = time.time()
-                self.say(f"step {self.step}/{total}  g_loss {sum(g_losses) / len(g_losses):.4f}"
-                         f"  d_loss {sum(d_losses) / len(d_losses):.4f}  {rate:.2f} steps/s")
+                means = {"g_loss": sum(g_losses) / len(g_losses),
+                         "d_loss": sum(d_losses) / len(d_losses)}
+                self.say(f"step {self.step}/{total}  g_loss {means['g_loss']:.4f}"
+                         f"  d_loss {means['d_loss']:.4f}  {rate:.2f} steps/s")
+                if self.tracker is not None:
+                    self.tracker.log_metrics(means, self.step)
                 g_losses, d_losses = [], []
             record = None
             if self.step % r.eval.every == 0 or self.step == total:
                 record = self.evaluate_with(self.G, 1, 1.0, "1-step")
+                if self.tracker is not None:
+                    self.tracker.log_metrics({k: v for k, v in record.items()
+                                              if isinstance(v, (int, float))}, self.step)
             if record is not None or self.step % r.checkpoint_every == 0 or self.step == total:
                 self.save()  # at every evaluation too: a sweep reports it with its checkpoint
             if record is not None and on_eval is not None:
                 on_eval(record)
         self.result.metrics = _last_one_step(self.result.history)
         return self.finish()
-
-    def descend(self, loss: torch.Tensor, optimizer, params) -> bool:
-        """One clipped optimiser step on `loss`; False (and no step) when it is not finite."""
-        if not torch.isfinite(loss):
-            return False
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.recipe.grad_clip > 0:
-            nn.utils.clip_grad_norm_(params, self.recipe.grad_clip)
-        optimizer.step()
-        return True
-
-    def fail(self, reason: str) -> TrialResult:
-        self.result.status, self.result.reason = "failed", reason
-        self.say(f"FAILED: {reason}")
-        return self.finish()
-
-    def finish(self) -> TrialResult:
-        self.result.seconds = self.elapsed_before + time.time() - self.started
-        atomic_write(self.out / RESULT, json.dumps(self.result.to_dict(), indent=1))
-        return self.result
 
 
 def _last_one_step(history: list[dict]) -> dict:
@@ -445,10 +445,11 @@ def _last_one_step(history: list[dict]) -> dict:
 def ufogen_trial(init_dir: str | Path, recipe: UFOGenRecipe, out_dir: str | Path, *,
                  steps: int | None = None, seed: int | None = None,
                  progress: Callable[[str], None] | None = None, on_eval=None,
-                 evaluator=None) -> TrialResult:
+                 evaluator=None, tracker=None) -> TrialResult:
     """Fine-tune the run in `init_dir` into a one-step generator per `recipe`, in `out_dir`
     (resumed from its checkpoint if there is one). `steps` stops early."""
     check_out_dir(out_dir)
     with locked(out_dir, f"UFOGen fine-tuning of {init_dir}"):
-        run = UFOGen(init_dir, recipe, out_dir, seed=seed, progress=progress, evaluator=evaluator)
+        run = UFOGen(init_dir, recipe, out_dir, seed=seed, progress=progress, evaluator=evaluator,
+                     tracker=tracker)
         return run.run(steps, on_eval)
