@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from .arch import presets
 from .arch.cost import cost
@@ -173,11 +174,48 @@ def _train_ufogen(args, recipe) -> None:
     if args.spec or args.preset or args.overrides:
         raise ConfigError("--init takes the spec from the run it starts from: drop --preset, "
                           "--spec and --set")
+    from .track import MLflowTracker
+
+    mlflow = _mlflow(args, f"{Path(args.init).name}-ufogen")
     result = ufogen_trial(args.init, recipe, args.out, steps=args.steps, seed=args.seed,
-                          progress=prefixed("ufogen"))
+                          progress=prefixed("ufogen"),
+                          tracker=MLflowTracker(**mlflow) if mlflow else None)
     _print_result(result, args.json)
     if result.status != "ok":
         raise SystemExit(1)
+
+
+def cmd_vae_train(args) -> None:
+    from .track import MLflowTracker
+    from .train.vae import load_vae_recipe, vae_train
+
+    recipe = load_vae_recipe(args.recipe)
+    changes = parse_set(args.overrides)
+    if args.seed is not None:
+        changes["seed"] = args.seed
+    if changes:
+        recipe = recipe.override(changes, source="--set")
+    mlflow = _mlflow(args, recipe.name)
+    result = vae_train(recipe, args.out, init=args.init, steps=args.steps,
+                       progress=prefixed(recipe.name),
+                       tracker=MLflowTracker(**mlflow) if mlflow else None)
+    _print_result(result, args.json)
+    if result.status != "ok":
+        raise SystemExit(1)
+
+
+def cmd_vae_cost(args) -> None:
+    from .train.vae import cost_of, load_vae_recipe
+
+    recipe = load_vae_recipe(args.recipe)
+    c = cost_of(recipe, args.resolution)
+    if args.json:
+        print(json.dumps(c.to_dict()))
+        return
+    print(f"{recipe.name}: f={recipe.factor}, c={recipe.arch.latent_channels}, at "
+          f"{c.resolution}x{c.resolution}")
+    print(f"encoder: {c.encoder_params / 1e6:.2f}M params, {c.encoder_gmacs:.1f} GMACs")
+    print(f"decoder: {c.decoder_params / 1e6:.2f}M params, {c.decoder_gmacs:.1f} GMACs")
 
 
 def cmd_promote(args) -> None:
@@ -249,26 +287,42 @@ def cmd_reliability(args) -> None:
 
 def cmd_export(args) -> None:
     from .arch.cost import latent_size
-    from .export.bundle import export_models, pair_text_encoder, trained_resolution
-    from .export.onnx import check_unet_exportable, load_checkpoint, random_model
+    from .export.bundle import (export_models, pair_text_encoder, trial_recipe,
+                                write_bundle_manifest)
+    from .export.onnx import ExportError, check_unet_exportable, load_checkpoint, random_model
     from .train.checkpoint import checkpoint_path
 
     one_step = False  # a UFOGen generator: one UNet call per image, no guidance
+    recipe = autoencoder = None  # a trained run's: its decoder and manifest are exported too
     if args.checkpoint:
         from .train.checkpoint import read_checkpoint
 
         spec, model = load_checkpoint(args.checkpoint)
         source = str(checkpoint_path(args.checkpoint))
         one_step = bool(read_checkpoint(args.checkpoint).get("one_step"))
+        recipe = trial_recipe(args.checkpoint)
     else:
         spec = _load_spec(args)
         model = random_model(spec)
         source = args.spec or f"--preset {args.preset or 'md'}"
+    if recipe is not None and not args.no_decoder:
+        from .data.autoencoder import make_autoencoder
+
+        try:
+            autoencoder = make_autoencoder(recipe.autoencoder)
+        except DataError as err:
+            raise DataError(f"{err} (--no-decoder exports without the decoder, and without "
+                            f"manifest.json)") from None
     resolution = args.resolution
     if resolution is None:  # what the checkpoint was trained at, else the paper's 512
-        resolution = (trained_resolution(args.checkpoint) if args.checkpoint else None) or 512
+        resolution = (recipe.final_resolution if recipe else None) or 512
     if args.latent_size:
         latent = args.latent_size
+    elif autoencoder is not None:  # the run's own: pixel space (cpu_quick) has factor 1
+        if resolution % autoencoder.factor:
+            raise ExportError(f"--resolution {resolution}: not a multiple of the autoencoder's "
+                              f"factor {autoencoder.factor}")
+        latent = resolution // autoencoder.factor
     elif args.checkpoint and spec.latent_channels == 3:  # a pixel-space proxy (cpu_quick)
         latent = resolution
     else:
@@ -285,13 +339,19 @@ def cmd_export(args) -> None:
                             f"alone)") from None
     log = prefixed("export")
     result = export_models(spec, model, args.out, latent, encoder, format=args.format,
-                           fp16=args.fp16, progress=log)
+                           fp16=args.fp16, progress=log, autoencoder=autoencoder)
+    manifest = None
+    if autoencoder is not None:
+        manifest = write_bundle_manifest(args.out, result, recipe, autoencoder, one_step,
+                                         source, progress=log)
     if args.json:
-        print(json.dumps({**result.to_dict(), "one_step": one_step}))
+        print(json.dumps({**result.to_dict(), "one_step": one_step,
+                          "manifest": str(manifest) if manifest else None}))
     else:
         if one_step:
             print("one-step generator (UFOGen): an image is one UNet call, without guidance")
-        for r, call in ((result.unet, "UNet"), (result.text_encoder, "text encoder")):
+        for r, call in ((result.unet, "UNet"), (result.text_encoder, "text encoder"),
+                        (result.decoder, "decoder")):
             if r is None:
                 continue
             if r.max_abs_err is None:
@@ -302,8 +362,26 @@ def cmd_export(args) -> None:
                 print(f"{r.path}: {r.size_bytes / 1e6:.1f} MB, max abs error vs PyTorch "
                       f"{r.max_abs_err:.3g} (relative {r.rel_err:.3g}), {runtime} CPU latency "
                       f"{r.latency_ms:.1f} ms per {call} call")
+        if manifest is not None:
+            print(f"{manifest}: a bundle for mdsearch generate --bundle {args.out}")
     if result.failures:
         raise SystemExit("parity check failed: " + "; ".join(result.failures))
+
+
+def cmd_generate(args) -> None:
+    from .export.pipeline import generate, latency_table
+
+    result = generate(args.bundle, args.prompt, out=args.image, seed=args.seed, steps=args.steps,
+                      guidance=args.guidance, check=args.check, progress=prefixed("generate"))
+    if args.json:
+        print(json.dumps(result.to_dict()))
+        return
+    height, width = result.pixels.shape[1:]
+    print(f"{result.path}: {width}x{height}, {result.sampler}, {result.describe()}")
+    if result.max_abs_diff is not None:
+        print(f"max abs pixel difference ONNX Runtime vs PyTorch ({args.check}): "
+              f"{result.max_abs_diff:.3g} (pixels in [-1, 1])")
+    print(latency_table([result]))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -345,6 +423,34 @@ def main(argv: list[str] | None = None) -> int:
                         "with --trial ufogen_cpu or another kind: ufogen recipe)")
     _add_run_args(p, experiment="mdsearch")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("vae", help="autoencoders for latent diffusion (the paper's section 3.5)")
+    vae = p.add_subparsers(dest="vae_command", required=True)
+    p = vae.add_parser("train", help="train an f=8 KL autoencoder, or (train: decoder) a "
+                                     "lightweight decoder for a trained one's frozen encoder")
+    p.add_argument("--recipe", default="vae_cpu",
+                   help="an autoencoder recipe (kind: vae) file, or a name in trials/ "
+                        "(default: vae_cpu)")
+    p.add_argument("--out", required=True,
+                   help="run directory; also a diffusers model folder, usable as "
+                        "`autoencoder: {kind: diffusers, path: DIR}` in any trial recipe")
+    p.add_argument("--init", metavar="VAE_DIR", default=None,
+                   help="the trained autoencoder whose encoder a `train: decoder` recipe keeps "
+                        "frozen (e.g. --recipe vae_light_cpu)")
+    p.add_argument("--steps", type=positive_int, default=None, help="stop after this step")
+    p.add_argument("--seed", type=int, default=None, help="override the recipe's seed")
+    p.add_argument("--set", dest="overrides", action="append", metavar="FIELD=VALUE",
+                   help="override a recipe field, e.g. arch.latent_channels=16 (repeatable)")
+    p.add_argument("--experiment", default="mdsearch-vae", help="MLflow experiment name")
+    p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    p.add_argument("--json", action="store_true", help="last stdout line: the result as JSON")
+    p.set_defaults(func=cmd_vae_train)
+
+    p = vae.add_parser("cost", help="parameters and GMACs of a recipe's encoder and decoder")
+    p.add_argument("--recipe", default="vae_cpu", help="an autoencoder recipe file or name")
+    p.add_argument("--resolution", type=positive_int, default=512, help="image side (512)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_vae_cost)
 
     p = sub.add_parser("promote", help="full training of a sweep's best trial under a budget")
     p.add_argument("run_dir", help="a sweep directory (runs/sweeps/NAME)")
@@ -442,9 +548,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="image resolution (default: the checkpoint's last training resolution "
                         "when its recipe.yaml is there, else 512)")
     p.add_argument("--latent-size", type=positive_int, default=None,
-                   help="latent size (default: resolution/8; a pixel-space checkpoint: "
-                        "the resolution)")
+                   help="latent size (default: a checkpoint's resolution / its autoencoder's "
+                        "factor, which is 1 in pixel space; else resolution/8)")
     p.add_argument("--no-text-encoder", action="store_true", help="export the UNet alone")
+    p.add_argument("--no-decoder", action="store_true",
+                   help="a latent-space run: export without its autoencoder's decoder (and so "
+                        "without manifest.json)")
     p.add_argument("--text-encoder", default=None, choices=["minilm", "clip"],
                    help="the text encoder exported beside the UNet (default: the trial's "
                         "recipe.yaml if there is one, else by the UNet's context_dim: 384 "
@@ -454,9 +563,30 @@ def main(argv: list[str] | None = None) -> int:
                         "$MDSEARCH_CLIP_PATH)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--json", action="store_true",
-                   help="last stdout line: the result as JSON (the UNet's fields, and the "
-                        "text encoder's under text_encoder)")
+                   help="last stdout line: the result as JSON (the UNet's fields, the text "
+                        "encoder's under text_encoder, the decoder's under decoder, and the "
+                        "manifest's path)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("generate", help="a caption to a PNG through an exported bundle, in ONNX "
+                                        "Runtime alone (text encoder, UNet sampler, decoder)")
+    p.add_argument("--bundle", required=True, metavar="DIR",
+                   help="a folder written by mdsearch export --checkpoint RUN (manifest.json)")
+    p.add_argument("--prompt", required=True, help="the caption")
+    p.add_argument("--out", dest="image", required=True, metavar="PNG",
+                   help="the image file to write")
+    p.add_argument("--seed", type=int, default=0, help="the starting noise's seed (default 0)")
+    p.add_argument("--steps", type=positive_int, default=None,
+                   help="sampling steps (default: the manifest's, the run's evaluation steps; "
+                        "1 for a one-step generator)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale; 1: none (default: the manifest's)")
+    p.add_argument("--check", metavar="RUN_DIR", default=None,
+                   help="also make the image through PyTorch from the run it was exported from "
+                        "and report the largest pixel difference")
+    p.add_argument("--json", action="store_true",
+                   help="last stdout line: the result as JSON (latency in ms per component)")
+    p.set_defaults(func=cmd_generate)
 
     args = parser.parse_args(argv)
     try:

@@ -97,6 +97,41 @@ def onnx_size(path: Path) -> int:
     return path.stat().st_size + sum(f.stat().st_size for f in extra)
 
 
+def check_opset(opset: int) -> None:
+    if opset < 17:
+        raise ExportError(f"opset {opset}: mobile targets need >= 17")
+
+
+def needs_external_data(params: int, fp16: bool) -> bool:
+    """Whether a model's weights pass protobuf's 2 GB limit (with margin), so that they must be
+    written beside the .onnx file."""
+    return params * (2 if fp16 else 4) > 1.8e9
+
+
+def write_graph(module: torch.nn.Module, inputs: tuple, path: Path, input_names: list[str],
+                output_names: list[str], opset: int, large: bool) -> float:
+    """Export `module` on `inputs` to `path` through torch's export-based ONNX exporter
+    (external data beside it when `large`) and check the file; the export's seconds."""
+    import onnx
+
+    started = time.time()
+    program = torch.onnx.export(module, inputs, dynamo=True, opset_version=opset,
+                                input_names=input_names, output_names=output_names,
+                                verbose=False)
+    program.save(str(path), external_data=large)
+    seconds = time.time() - started
+    del program
+    onnx.checker.check_model(str(path) if large else onnx.load(str(path)))
+    return seconds
+
+
+def cpu_session(path: str | Path):
+    """An ONNX Runtime session of the graph at `path` on the CPU provider."""
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
 def load_checkpoint(path: str | Path) -> tuple[ArchSpec, torch.nn.Module]:
     """A trained trial (its directory or checkpoint.pt): the proxy spec it trained (carried by
     the checkpoint; proxy_spec.yaml beside it for older runs) and its EMA weights (what
@@ -150,12 +185,8 @@ def export_unet(spec: ArchSpec, model: torch.nn.Module, out_dir: str | Path, lat
                 fp16: bool = False, opset: int = OPSET, latency_runs: int = 5,
                 progress=None) -> ExportResult:
     """Export `model` to OUT_DIR/unet.onnx (unet_fp16.onnx), check it in ONNX Runtime."""
-    import onnx
-    import onnxruntime as ort
-
     check_unet_exportable(spec)
-    if opset < 17:
-        raise ExportError(f"opset {opset}: mobile targets need >= 17")
+    check_opset(opset)
     say = progress or quiet
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -164,21 +195,16 @@ def export_unet(spec: ArchSpec, model: torch.nn.Module, out_dir: str | Path, lat
 
     exported = copy.deepcopy(model).half() if fp16 else model  # the caller's model stays fp32
     inputs = (x.half(), t.half(), ctx.half()) if fp16 else (x, t, ctx)
-    large = params * (2 if fp16 else 4) > 1.8e9  # protobuf's 2 GB limit, with margin
+    large = needs_external_data(params, fp16)
     say(f"exporting {spec.name} ({params / 1e6:.1f}M params) at latent {latent_size}x"
         f"{latent_size} to {path}")
-    started = time.time()
-    program = torch.onnx.export(exported, inputs, dynamo=True, opset_version=opset,
-                                input_names=["latents", "timesteps", "context"],
-                                output_names=["prediction"], verbose=False)
-    program.save(str(path), external_data=large)
-    export_seconds = time.time() - started
-    del exported, program
-    onnx.checker.check_model(str(path) if large else onnx.load(str(path)))
+    export_seconds = write_graph(exported, inputs, path, ["latents", "timesteps", "context"],
+                                 ["prediction"], opset, large)
+    del exported
     size = onnx_size(path)
 
     say("checking parity in ONNX Runtime")
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = cpu_session(path)
     feed = {"latents": inputs[0].numpy(), "timesteps": inputs[1].numpy(),
             "context": inputs[2].numpy()}
     max_abs, rel = compare(session.run(None, feed)[0], reference)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import json
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -33,8 +32,8 @@ import torch
 
 from ..progress import quiet
 from ..data.text import TextEncoder
-from .onnx import (FP32_REL_TOLERANCE, OPSET, PARITY_ORT, ExportError, compare, median_ms,
-                   onnx_size)
+from .onnx import (FP32_REL_TOLERANCE, OPSET, PARITY_ORT, ExportError, check_opset, compare,
+                   cpu_session, median_ms, needs_external_data, onnx_size, write_graph)
 
 PARITY_CAPTION = "a small red circle above a large blue square"
 
@@ -135,11 +134,7 @@ def export_text_encoder(encoder: TextEncoder, out_dir: str | Path, fp16: bool = 
                         progress=None) -> TextExportResult:
     """Export `encoder` to OUT_DIR/text_encoder.onnx (text_encoder_fp16.onnx) with its
     tokenizer, check it in ONNX Runtime."""
-    import onnx
-    import onnxruntime as ort
-
-    if opset < 17:
-        raise ExportError(f"opset {opset}: mobile targets need >= 17")
+    check_opset(opset)
     say = progress or quiet
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -147,21 +142,16 @@ def export_text_encoder(encoder: TextEncoder, out_dir: str | Path, fp16: bool = 
     names, graph, inputs, reference, params = prepare(encoder)
 
     exported = copy.deepcopy(graph).half() if fp16 else graph  # the caller's model stays fp32
-    large = params * (2 if fp16 else 4) > 1.8e9  # protobuf's 2 GB limit, with margin
+    large = needs_external_data(params, fp16)
     say(f"exporting text encoder {encoder.name} ({params / 1e6:.1f}M params, {len(names)} "
         f"inputs of 1x{encoder.max_length} tokens) to {path}")
-    started = time.time()
-    program = torch.onnx.export(exported, inputs[0][:len(names)], dynamo=True,
-                                opset_version=opset, input_names=names,
-                                output_names=["context"], verbose=False)
-    program.save(str(path), external_data=large)
-    export_seconds = time.time() - started
-    del exported, program
-    onnx.checker.check_model(str(path) if large else onnx.load(str(path)))
+    export_seconds = write_graph(exported, inputs[0][:len(names)], path, names, ["context"],
+                                 opset, large)
+    del exported
     tokenizer = save_tokenizer(encoder, out)
 
     say("checking the text encoder's parity in ONNX Runtime")
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = cpu_session(path)
     feeds = [dict(zip(names, (ids.numpy(), mask.numpy()))) for ids, mask in inputs]
     errors = [compare(session.run(None, feed)[0], ref) for feed, ref in zip(feeds, reference)]
     max_abs, rel = max(e[0] for e in errors), max(e[1] for e in errors)
