@@ -53,16 +53,21 @@ class DiffusersAutoencoder:
                             f"of {', '.join(self.CLASSES)}")
         import diffusers
 
+        verbosity = diffusers.utils.logging.get_verbosity()
+        # (AsymmetricAutoencoderKL records two fields it then warns about on every load)
+        diffusers.utils.logging.set_verbosity_error()
         try:
             self.vae = getattr(diffusers, kind).from_pretrained(path, local_files_only=True)
         except Exception as err:  # noqa: BLE001 - damaged weights or config: name the folder
             reason = " ".join(str(err).split())[:300]
             raise DataError(f"autoencoder path {path}: cannot load it as a diffusers {kind} "
                             f"({type(err).__name__}: {reason})") from None
+        finally:
+            diffusers.utils.logging.set_verbosity(verbosity)
         self.vae.eval().requires_grad_(False)
         cfg = self.vae.config
         self.channels = cfg.latent_channels
-        widths = cfg.get("block_out_channels") or cfg.get("down_block_out_channels")
+        widths = cfg.get("down_block_out_channels") or cfg.get("block_out_channels")
         self.factor = 2 ** (len(widths) - 1)
         self.scale = cfg.scaling_factor
         self.path = path
