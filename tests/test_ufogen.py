@@ -223,3 +223,14 @@ def test_bf16_autocast_fine_tune_runs_on_the_cpu(start, tmp_path):
     assert bf16.status == "ok" and fp32.status == "ok"
     # the autocast is in effect: the fine-tuned weights differ from fp32's
     assert bf16.history[-1]["sample_std"] != fp32.history[-1]["sample_std"]
+
+
+def test_evaluations_sample_the_one_step_model_with_every_asked_number_of_steps(start, tmp_path):
+    result = ufogen_trial(start, recipe(steps=2, eval={"every": 2, "prompts": 8, "steps": [1, 3]}),
+                          tmp_path / "steps", evaluator=ImageStats())
+    samplers = [(r["step"], r["sampler"]) for r in result.history]
+    assert samplers == [(0, "ddim-2"), (0, "1-step"), (2, "1-step"), (2, "ddim-3")]
+    one_step = result.history[2]
+    assert result.metrics == {k: v for k, v in one_step.items() if k not in ("step", "sampler")}
+    with pytest.raises(RecipeError, match="eval.steps"):
+        recipe(eval={"every": 2, "prompts": 8, "steps": [4]})

@@ -20,14 +20,16 @@ X_AXES = {"gmacs": ("full-size GMACs at 512x512 (multiply-accumulates)", "{:g} G
 def pareto_plot(table: pd.DataFrame, metric: str, out: str | Path, mode: str = "min",
                 budget: float | None = None, title: str = "",
                 references: dict[str, float] | None = None, x: str = "gmacs",
-                noise: float | None = None) -> Path:
+                noise: float | None = None, xlabel: str | None = None) -> Path:
     """Every trained trial at (full-size cost `x`, `metric`), the front of the completed ones
     drawn and labelled, stopped-early trials hollow, failed ones as crosses on the top edge, the
     budget and the reference models' costs as vertical lines (all in `x`'s units: GMACs, or
     parameters, plotted in millions). `noise` (the metric's noise floor, one std) draws error
     bars on the completed trials and shades the band within which a trial cannot be told from
-    the best (1.96 * sqrt 2 * noise). Writes `out` (.png) and .svg."""
-    xlabel, budget_label, scale = X_AXES[x]
+    the best (1.96 * sqrt 2 * noise). `xlabel` names a cost other than a UNet's (an
+    autoencoder's). Writes `out` (.png) and .svg."""
+    default_label, budget_label, scale = X_AXES[x]
+    xlabel = xlabel or default_label
     table = table.assign(gmacs=table[x] * scale)  # the plotted x, whatever the cost
     budget = budget * scale if budget is not None else None
     references = {k: v * scale for k, v in (references or {}).items()}

@@ -20,6 +20,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..quality import DEFAULT_QUALITY, direction
+from ..search.space import AUTOENCODER_BASE
 from ..quality import is_quality, noise_floors, winner_statement
 from ..rundir import (COMPLETED, FAILED, FILTERED_STATUS, NOT_RUN, RECIPE, SPACE, STOPPED,
                       PLOT, RESULTS, RunDirError, front, numeric_column, read_results,
@@ -154,14 +155,19 @@ def build_report(run_dir: str | Path | None = None, out: str | Path | None = Non
     noise = floors.get(metric, {}).get("floor")
     if metric in table:
         refs = reference_costs()
+        labels = {"gmacs": None, "params": None}
+        if space is not None and space.base_name == AUTOENCODER_BASE:  # not UNets: no references
+            refs = {"gmacs": None, "params": None}
+            labels = {"gmacs": "decoder GMACs at 512x512 (multiply-accumulates)",
+                      "params": "encoder + decoder parameters (millions)"}
         report.files["pareto"] = pareto_plot(
             table, metric, report.out / PLOT, mode,
             budget.max_gmacs if budget else None, title=f"{name}: {metric} vs GMACs",
-            references=refs["gmacs"], noise=noise)
+            references=refs["gmacs"], noise=noise, xlabel=labels["gmacs"])
         report.files["pareto_params"] = pareto_plot(
             table, metric, report.out / "pareto_params.png", mode,
             budget.max_params if budget else None, title=f"{name}: {metric} vs parameters",
-            references=refs["params"], x="params", noise=noise)
+            references=refs["params"], x="params", noise=noise, xlabel=labels["params"])
         if "align" in table:
             report.files["quality_vs_align"] = scatter(
                 table, "align", metric, report.out / "quality_vs_align.png",

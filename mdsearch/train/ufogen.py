@@ -26,9 +26,10 @@ plain nn.Module, which PEFT wraps by module name; adapters start as a no-op), D 
 trained. Separate Adam optimisers and learning rates for G and D, `d_updates` discriminator steps
 per generator step, gradient clipping for both.
 
-Evaluation samples G in one step (no guidance: a one-step model has none), and, once before any
-fine-tuning, the starting model in one step and with the starting recipe's own DDIM sampler, so
-the history holds all three side by side (`sampler`: "1-step" or "ddim-N"). Checkpoints hold both
+Evaluation samples G in one step (no guidance: a one-step model has none), and with DDIM-N for
+every other N of `eval.steps`, and, once before any fine-tuning, the starting model in one step
+and with the starting recipe's own DDIM sampler, so the history holds them side by side
+(`sampler`: "1-step" or "ddim-N"); the run's metrics are its last one-step evaluation's. Checkpoints hold both
 networks, both optimisers and the EMA teacher; a run resumes exactly (every step's batch, times
 and noise come from a generator seeded by (seed, step)). A non-finite G or D loss ends the run as
 `failed` with the reason. The checkpoint's `model`/`ema` entries are G with any adapters merged,
@@ -83,6 +84,8 @@ class LoRA:
 class Evaluation:
     every: int = 100  # steps between one-step evaluations (and always at the last step)
     prompts: int = 144  # fixed prompts sampled per evaluation
+    steps: list[int] = field(default_factory=lambda: [1])  # G sampled with each (1 included):
+    #                                                        1-step, and DDIM-N for N > 1
 
 
 @dataclass
@@ -126,10 +129,13 @@ class UFOGenRecipe(RecipeData):
         for key, value in (("steps", self.steps), ("batch_size", self.batch_size),
                            ("d_updates", self.d_updates), ("eval.every", self.eval.every),
                            ("eval.prompts", self.eval.prompts),
+                           *((f"eval.steps.{i}", n) for i, n in enumerate(self.eval.steps)),
                            ("checkpoint_every", self.checkpoint_every),
                            ("log_every", self.log_every)):
             if value <= 0:
                 fail(key, f"must be positive, got {value}")
+        if 1 not in self.eval.steps:
+            fail("eval.steps", f"must include 1 (the one-step model), got {self.eval.steps}")
         if self.lora.rank <= 0:
             fail("lora.rank", f"must be positive, got {self.lora.rank}")
         if not self.lora.targets:
@@ -423,10 +429,16 @@ class UFOGen(AdversarialRun):
                 g_losses, d_losses = [], []
             record = None
             if self.step % r.eval.every == 0 or self.step == total:
-                record = self.evaluate_with(self.G, 1, 1.0, "1-step")
-                if self.tracker is not None:
-                    self.tracker.log_metrics({k: v for k, v in record.items()
-                                              if isinstance(v, (int, float))}, self.step)
+                records = {n: self.evaluate_with(self.G, n, 1.0,
+                                                 "1-step" if n == 1 else f"ddim-{n}")
+                           for n in r.eval.steps}
+                record = records[1]
+                if self.tracker is not None:  # ddim-N's metrics as ddimN_<metric>
+                    self.tracker.log_metrics({("" if n == 1 else f"ddim{n}_") + k: v
+                                              for n, rec in records.items()
+                                              for k, v in rec.items()
+                                              if isinstance(v, (int, float)) and k != "step"},
+                                             self.step)
             if record is not None or self.step % r.checkpoint_every == 0 or self.step == total:
                 self.save()  # at every evaluation too: a sweep reports it with its checkpoint
             if record is not None and on_eval is not None:
