@@ -211,7 +211,8 @@ def train_attribute_classifier(resolution: int, seed: int = 0,
         raise MetricsError(f"classifier training needs train_size >= {BATCH_SIZE}, epochs >= 1 "
                            f"and val_size >= 1; got {train_size}, {epochs}, {val_size}")
     started = time.time()
-    with _threads(_TRAIN_THREADS), torch.random.fork_rng(devices=[]):
+    # enable_grad: the first evaluation of a run may ask for it from inside torch.no_grad()
+    with _threads(_TRAIN_THREADS), torch.random.fork_rng(devices=[]), torch.enable_grad():
         torch.manual_seed(seed)
         gen = torch.Generator().manual_seed(seed)
         images, labels = _rendered(train_size, resolution, seed, "train")
