@@ -111,15 +111,25 @@ def stage_summary(history: list[dict], keys=("fid_proxy", "fid", "align", "clip_
 
 
 def _print_result(result, as_json: bool) -> None:
-
+    """A run's result (with --json: its JSON as the last line); exit status 1 when it failed."""
     if as_json:
         print(json.dumps(result.to_dict()))
-        return
-    if any("stage" in r for r in result.history):
-        print(stage_summary(result.history))
-    print(f"{result.status}{': ' + result.reason if result.reason else ''} after "
-          f"{result.steps} steps in {result.seconds:.0f}s; metrics: "
-          + ", ".join(f"{k} {v:.4g}" for k, v in result.metrics.items()))
+    else:
+        if any("stage" in r for r in result.history):
+            print(stage_summary(result.history))
+        print(f"{result.status}{': ' + result.reason if result.reason else ''} after "
+              f"{result.steps} steps in {result.seconds:.0f}s; metrics: "
+              + ", ".join(f"{k} {v:.4g}" for k, v in result.metrics.items()))
+    if result.status != "ok":
+        raise SystemExit(1)
+
+
+def _tracker(args, run_name: str):
+    """An MLflowTracker for a single run, None with --no-mlflow."""
+    from .track import MLflowTracker
+
+    mlflow = _mlflow(args, run_name)
+    return MLflowTracker(**mlflow) if mlflow else None
 
 
 def _mlflow(args, run_name: str) -> dict | None:
@@ -149,15 +159,11 @@ def cmd_train(args) -> None:
         result = train_distributed(spec, recipe, args.out, workers=workers, address=args.address,
                                    steps=args.steps, mlflow=_mlflow(args, spec.name), progress=log)
     else:
-        from .track import MLflowTracker
         from .train.trainer import train_trial
 
-        mlflow = _mlflow(args, spec.name)
         result = train_trial(spec, recipe, args.out, steps=args.steps, progress=log,
-                             tracker=MLflowTracker(**mlflow) if mlflow else None)
+                             tracker=_tracker(args, spec.name))
     _print_result(result, args.json)
-    if result.status != "ok":
-        raise SystemExit(1)
 
 
 def _train_ufogen(args, recipe) -> None:
@@ -174,19 +180,13 @@ def _train_ufogen(args, recipe) -> None:
     if args.spec or args.preset or args.overrides:
         raise ConfigError("--init takes the spec from the run it starts from: drop --preset, "
                           "--spec and --set")
-    from .track import MLflowTracker
-
-    mlflow = _mlflow(args, f"{Path(args.init).name}-ufogen")
     result = ufogen_trial(args.init, recipe, args.out, steps=args.steps, seed=args.seed,
                           progress=prefixed("ufogen"),
-                          tracker=MLflowTracker(**mlflow) if mlflow else None)
+                          tracker=_tracker(args, f"{Path(args.init).name}-ufogen"))
     _print_result(result, args.json)
-    if result.status != "ok":
-        raise SystemExit(1)
 
 
 def cmd_vae_train(args) -> None:
-    from .track import MLflowTracker
     from .train.vae import load_vae_recipe, vae_train
 
     recipe = load_vae_recipe(args.recipe)
@@ -195,13 +195,9 @@ def cmd_vae_train(args) -> None:
         changes["seed"] = args.seed
     if changes:
         recipe = recipe.override(changes, source="--set")
-    mlflow = _mlflow(args, recipe.name)
     result = vae_train(recipe, args.out, init=args.init, steps=args.steps,
-                       progress=prefixed(recipe.name),
-                       tracker=MLflowTracker(**mlflow) if mlflow else None)
+                       progress=prefixed(recipe.name), tracker=_tracker(args, recipe.name))
     _print_result(result, args.json)
-    if result.status != "ok":
-        raise SystemExit(1)
 
 
 def cmd_vae_cost(args) -> None:
@@ -230,8 +226,6 @@ def cmd_promote(args) -> None:
         print(json.dumps({"promotion": chosen.__dict__}) if args.json else chosen.describe())
         return
     _print_result(result, args.json)
-    if result.status != "ok":
-        raise SystemExit(1)
 
 
 def cmd_sweep(args) -> None:

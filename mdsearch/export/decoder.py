@@ -22,25 +22,23 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..progress import quiet
 from ..train.vae import decoder_modules
-from .onnx import (FP32_REL_TOLERANCE, OPSET, PARITY_ORT, ExportError, check_opset, compare,
-                   cpu_session, median_ms, needs_external_data, onnx_size, write_graph)
+from .onnx import (OPSET, ExportError, GraphResult, check_opset, needs_external_data, onnx_size,
+                   ort_parity, write_graph)
 
 
-@dataclass
-class DecoderExportResult:
+@dataclass(kw_only=True)
+class DecoderExportResult(GraphResult):
     """One exported decoder (fields as the UNet's `ExportResult`, plus what an app needs to feed
     it: the autoencoder's kind and model class, latent channels and size, the image size, the
     down-sampling `factor` and the `scaling_factor` the graph divides by)."""
 
-    path: str
-    format: str
     autoencoder: str
     model: str
     params: int
@@ -49,19 +47,6 @@ class DecoderExportResult:
     image_size: int
     factor: int
     scaling_factor: float
-    opset: int | None
-    fp16: bool
-    size_bytes: int
-    external_data: bool
-    max_abs_err: float | None
-    rel_err: float | None
-    within_tolerance: bool | None
-    latency_ms: float | None
-    export_seconds: float
-    parity: str = PARITY_ORT
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def has_decoder(autoencoder) -> bool:
@@ -117,17 +102,12 @@ def export_decoder(autoencoder, out_dir: str | Path, latent_size: int, fp16: boo
     del exported
 
     say("checking the decoder's parity in ONNX Runtime")
-    session = cpu_session(path)
-    feed = {"latents": inputs[0].numpy()}
-    max_abs, rel = compare(session.run(None, feed)[0], reference)
     result = DecoderExportResult(
         path=str(path), format="onnx", autoencoder=autoencoder.name,
         model=type(autoencoder.vae).__name__, params=params,
         latent_channels=autoencoder.channels, latent_size=latent_size, image_size=image_size,
         factor=autoencoder.factor, scaling_factor=float(autoencoder.scale), opset=opset, fp16=fp16,
-        size_bytes=onnx_size(path), external_data=large, max_abs_err=max_abs, rel_err=rel,
-        within_tolerance=fp16 or rel <= FP32_REL_TOLERANCE,
-        latency_ms=median_ms(lambda: session.run(None, feed), latency_runs),
-        export_seconds=export_seconds)
+        size_bytes=onnx_size(path), external_data=large, export_seconds=export_seconds,
+        **ort_parity(path, [{"latents": inputs[0].numpy()}], [reference], fp16, latency_runs))
     (out / (path.stem + ".json")).write_text(json.dumps(result.to_dict(), indent=2))
     return result

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,39 +32,23 @@ import torch
 
 from ..progress import quiet
 from ..data.text import TextEncoder
-from .onnx import (FP32_REL_TOLERANCE, OPSET, PARITY_ORT, ExportError, check_opset, compare,
-                   cpu_session, median_ms, needs_external_data, onnx_size, write_graph)
+from .onnx import (OPSET, ExportError, GraphResult, check_opset, needs_external_data, onnx_size,
+                   ort_parity, write_graph)
 
 PARITY_CAPTION = "a small red circle above a large blue square"
 
 
-@dataclass
-class TextExportResult:
+@dataclass(kw_only=True)
+class TextExportResult(GraphResult):
     """One exported text encoder (fields as the UNet's `ExportResult`, plus what an app needs
     to feed it: `inputs`, `max_length`, the tokenizer folder, and the output width `dim`)."""
 
-    path: str
-    format: str
     encoder: str
     params: int
     max_length: int
     dim: int
     inputs: list[str]
     tokenizer: str
-    opset: int | None
-    fp16: bool
-    size_bytes: int
-    external_data: bool
-    max_abs_err: float | None
-    rel_err: float | None
-    within_tolerance: bool | None
-    latency_ms: float | None
-    export_seconds: float
-    parity: str = PARITY_ORT
-    target: str | None = None
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class ContextGraph(torch.nn.Module):
@@ -151,16 +135,12 @@ def export_text_encoder(encoder: TextEncoder, out_dir: str | Path, fp16: bool = 
     tokenizer = save_tokenizer(encoder, out)
 
     say("checking the text encoder's parity in ONNX Runtime")
-    session = cpu_session(path)
     feeds = [dict(zip(names, (ids.numpy(), mask.numpy()))) for ids, mask in inputs]
-    errors = [compare(session.run(None, feed)[0], ref) for feed, ref in zip(feeds, reference)]
-    max_abs, rel = max(e[0] for e in errors), max(e[1] for e in errors)
     result = TextExportResult(
         path=str(path), format="onnx", encoder=encoder.name, params=params,
         max_length=encoder.max_length, dim=encoder.dim, inputs=names, tokenizer=str(tokenizer),
         opset=opset, fp16=fp16, size_bytes=onnx_size(path), external_data=large,
-        max_abs_err=max_abs, rel_err=rel, within_tolerance=fp16 or rel <= FP32_REL_TOLERANCE,
-        latency_ms=median_ms(lambda: session.run(None, feeds[0]), latency_runs),
-        export_seconds=export_seconds)
+        export_seconds=export_seconds,
+        **ort_parity(path, feeds, reference, fp16, latency_runs))
     (out / (path.stem + ".json")).write_text(json.dumps(result.to_dict(), indent=2))
     return result
