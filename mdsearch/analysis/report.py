@@ -20,11 +20,11 @@ from pathlib import Path
 import pandas as pd
 
 from ..quality import DEFAULT_QUALITY, direction
-from ..search.space import AUTOENCODER_BASE
 from ..quality import is_quality, noise_floors, winner_statement
 from ..rundir import (COMPLETED, FAILED, FILTERED_STATUS, NOT_RUN, RECIPE, SPACE, STOPPED,
                       PLOT, RESULTS, RunDirError, front, numeric_column, read_results,
                       trial_status)
+from ..search.space import AUTOENCODER_BASE
 
 ABLATION_METRICS = ("val_loss_mid", "text_gain", "align", "kid_proxy")
 """Metrics an ablation table shows beside the sweep's own quality metric, where measured."""
@@ -135,7 +135,7 @@ def build_report(run_dir: str | Path | None = None, out: str | Path | None = Non
                  tracking_uri: str | None = None) -> Report:
     """A report of the sweep in `run_dir`, or of the sweep logged to `mlflow_experiment`."""
     from .plots import pareto_plot, reference_costs
-    from .tables import ablation_display, ablation_table, write_table
+    from .tables import ablation_display, ablation_table
 
     if mlflow_experiment is not None:
         table, space, recipe = _load_mlflow(mlflow_experiment, tracking_uri)
@@ -185,33 +185,28 @@ def build_report(run_dir: str | Path | None = None, out: str | Path | None = Non
         extra = tuple(m for m in ABLATION_METRICS if m in table and m != metric)
         ab = ablation_table(table, quality=metric, floors=floors, extra=extra)
         ablation = ablation_display(ab, quality=metric, extra=extra)
-        paths = write_table(ablation, report.out / "ablation", raw=ab,
-                            caption=f"Ablations against md ({name}); mean ± std over seeds, "
-                                    "95% interval of the paired change (simultaneous over the "
-                                    "variants) and its verdict")
-        report.files.update({f"ablation_{k}": v for k, v in paths.items()})
+        _table_files(report, "ablation", ablation, ab,
+                     f"Ablations against md ({name}); mean ± std over seeds, 95% interval of "
+                     "the paired change (simultaneous over the variants) and its verdict")
 
     table5 = None
     if {"reconstruction", "adapter"} <= set(table.columns) and metric in table:
         from .tables import ufogen_table
 
         table5, raw5 = ufogen_table(table, quality=metric)
-        paths = write_table(table5, report.out / "table5", raw=raw5,
-                            caption=f"The paper's Table 5 on the proxy ({name}); mean ± std "
-                                    "over seeds, the paper's FID beside ours, the paired "
-                                    "change against diffusion loss + full fine-tuning")
-        report.files.update({f"table5_{k}": v for k, v in paths.items()})
+        _table_files(report, "table5", table5, raw5,
+                     f"The paper's Table 5 on the proxy ({name}); mean ± std over seeds, the "
+                     "paper's FID beside ours, the paired change against diffusion loss + full "
+                     "fine-tuning")
 
     channels = None
     if "latent_channels" in table and "psnr" in table:
         from .tables import autoencoder_table
 
         channels, raw_c = autoencoder_table(table)
-        paths = write_table(channels, report.out / "latent_channels", raw=raw_c,
-                            caption=f"Latent channels of an f=8 autoencoder ({name}); mean ± "
-                                    "std over seeds; the change of PSNR from the c before, "
-                                    "paired by seed")
-        report.files.update({f"latent_channels_{k}": v for k, v in paths.items()})
+        _table_files(report, "latent_channels", channels, raw_c,
+                     f"Latent channels of an f=8 autoencoder ({name}); mean ± std over seeds; "
+                     "the change of PSNR from the c before, paired by seed")
         report.files.update(_reconstruction_grids(table, report.out))
 
     summary = _summary(table, space, recipe, name, metric, mode, report, ablation, floors)
@@ -234,6 +229,16 @@ def build_report(run_dir: str | Path | None = None, out: str | Path | None = Non
     report.files["summary"] = report.out / "summary.md"
     report.files["html"] = _html(summary, report)
     return report
+
+
+def _table_files(report: Report, stem: str, shown: pd.DataFrame, raw: pd.DataFrame,
+                 caption: str) -> None:
+    """STEM.md/.tex/.csv in the report (`tables.write_table`), listed as report.files STEM_md,
+    STEM_tex, STEM_csv."""
+    from .tables import write_table
+
+    paths = write_table(shown, report.out / stem, raw=raw, caption=caption)
+    report.files.update({f"{stem}_{k}": v for k, v in paths.items()})
 
 
 def _reconstruction_grids(table: pd.DataFrame, out: Path) -> dict[str, Path]:
