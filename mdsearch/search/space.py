@@ -334,7 +334,8 @@ class CostCache:
         """An autoencoder recipe's costs: params of encoder + decoder, GMACs of the decoder."""
         from ..train.vae import cost_of
 
-        key = (json.dumps(recipe.arch.__dict__, sort_keys=True), resolution)
+        reads = {"arch": recipe.arch.__dict__, "train": recipe.train}  # all that cost_of reads
+        key = (json.dumps(reads, sort_keys=True), resolution)
         if key not in self._cache:
             c = cost_of(recipe, resolution)
             self._cache[key] = {"params": c.encoder_params + c.decoder_params,

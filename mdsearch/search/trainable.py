@@ -31,7 +31,6 @@ def run_trial(config: dict, space: Space, recipe, init: str | None = None) -> No
     import torch
     from ray import tune
 
-    from ..arch.cost import cost
     from ..train.checkpoint import read_checkpoint
     from ..train.trainer import train_trial
 
@@ -52,12 +51,12 @@ def run_trial(config: dict, space: Space, recipe, init: str | None = None) -> No
         with restored.as_directory() as d:
             shutil.copy2(Path(d) / CHECKPOINT, work / CHECKPOINT)
 
-    if space.autoencoder is not None:
-        full = space.screen(point, CostCache())[0]  # the autoencoder's params, decoder GMACs
+    cache = CostCache()  # full-size costs at 512 px, as the sweep's screen rounds them
+    if space.autoencoder is not None:  # the autoencoder's params, its decoder's GMACs
+        full = cache.get_autoencoder(trial_recipe, 512)
     else:
         spec = space.spec_for(point)
-        c = cost(spec, 512)
-        full = {"params": c.params, "gmacs": round(c.gmacs, 3)}
+        full = cache.get(spec, 512)
     node = ray.get_runtime_context().get_node_id()[:12]
     before = 0.0  # training seconds already spent by the run this one resumes
     if (work / CHECKPOINT).is_file():
