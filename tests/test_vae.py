@@ -134,6 +134,10 @@ def test_lightweight_decoder_keeps_the_encoder_frozen(trained, tmp_path):
     assert changed and not any(k.startswith("condition_encoder") for k in changed)
     light = make_autoencoder({"kind": "diffusers", "path": str(tmp_path / "light")})
     assert type(light.vae).__name__ == "AsymmetricAutoencoderKL" and light.factor == 8
+    # a light run's encoder (an asymmetric folder) is as good a start as the full run's
+    again = VAETraining(recipe(**LIGHT), tmp_path / "again", init=tmp_path / "light",
+                        evaluator=Stats())
+    torch.testing.assert_close(state(again.vae.encoder), encoder_before, rtol=0, atol=0)
     x = torch.zeros(1, 3, 32, 32)
     torch.testing.assert_close(light.encode(x) / light.scale,
                                DiffusersAutoencoder(trained).encode(x) / DiffusersAutoencoder(

@@ -67,8 +67,10 @@ class DiffusersAutoencoder:
         self.vae.eval().requires_grad_(False)
         cfg = self.vae.config
         self.channels = cfg.latent_channels
-        widths = cfg.get("down_block_out_channels") or cfg.get("block_out_channels")
-        self.factor = 2 ** (len(widths) - 1)
+        # the encoder's widths and resnet blocks per level, under either class's names
+        self.encoder_widths = list(cfg.get("down_block_out_channels") or cfg.block_out_channels)
+        self.encoder_layers = cfg.get("layers_per_down_block") or cfg.layers_per_block
+        self.factor = 2 ** (len(self.encoder_widths) - 1)
         self.scale = cfg.scaling_factor
         self.path = path
 

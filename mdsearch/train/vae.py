@@ -44,6 +44,7 @@ discriminator, both optimisers, history); a non-finite loss ends the run as `fai
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -340,10 +341,9 @@ class VAETraining(AdversarialRun):
     def _freeze_encoder_of(self, init: Path) -> None:
         from ..data.autoencoder import DiffusersAutoencoder
 
-        start = DiffusersAutoencoder(init).vae
-        a = self.recipe.arch
-        have = (start.config.latent_channels, list(start.config.block_out_channels),
-                start.config.layers_per_block)
+        loaded = DiffusersAutoencoder(init)
+        start, a = loaded.vae, self.recipe.arch
+        have = (loaded.channels, loaded.encoder_widths, loaded.encoder_layers)
         if have != (a.latent_channels, list(a.widths), a.layers):
             raise RecipeError(
                 f"{self.recipe.name}: field arch: the encoder of {init} has latent_channels "
@@ -405,15 +405,20 @@ class VAETraining(AdversarialRun):
 
     # -- evaluation ----------------------------------------------------------------------------
 
+    @functools.cached_property
+    def held_out(self) -> tuple[torch.Tensor, list[str]]:
+        """The fixed held-out images every evaluation reconstructs, and their captions."""
+        items = [self.val_set[i] for i in range(min(self.recipe.eval.images, len(self.val_set)))]
+        return (torch.stack([it["image"] for it in items]).to(self.device),
+                [it["caption"] for it in items])
+
     @torch.no_grad()
     def evaluate(self) -> dict:
         from torchmetrics.functional.image import (peak_signal_noise_ratio,
                                                    structural_similarity_index_measure)
 
-        n = min(self.recipe.eval.images, len(self.val_set))
-        items = [self.val_set[i] for i in range(n)]
-        originals = torch.stack([it["image"] for it in items]).to(self.device)
-        captions = [it["caption"] for it in items]
+        originals, captions = self.held_out
+        n = len(originals)
         self.vae.eval()
         posterior = self.vae.encode(originals).latent_dist
         recon = self.vae.decode(posterior.mean).sample.clamp(-1, 1)
