@@ -9,6 +9,7 @@ and the spec YAML and sample grids as artifacts. A resumed trial continues its M
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -75,6 +76,9 @@ class MLflowWriter:
                  root: str | Path = "mlruns"):
         from mlflow.tracking import MlflowClient
 
+        # MLflow announces, at INFO on stderr, that it creates or migrates a new SQLite store:
+        # two lines before anything of ours, on every first run in a folder
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
         self.uri = tracking_uri or default_tracking_uri(root)
         check_reachable(self.uri)
         self.client = MlflowClient(self.uri)

@@ -150,7 +150,9 @@ def test_cli_init_needs_a_ufogen_recipe(start, tmp_path, capsys):
     assert "kind: ufogen" in err and len(err.strip().splitlines()) == 1
 
 
-def test_cli_init_from_a_damaged_checkpoint_is_one_line(tmp_path, capsys):
+def test_cli_init_from_a_damaged_checkpoint_is_one_line(tmp_path, capsys, monkeypatch):
+    # a fresh MLflow store, as on a first run: MLflow's own set-up chatter must not show
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     run = tmp_path / "run"
     run.mkdir()
     (run / CHECKPOINT).write_bytes(b"not a checkpoint")

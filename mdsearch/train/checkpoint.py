@@ -9,6 +9,7 @@ YAML files beside their checkpoint.
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 
 import torch
@@ -41,7 +42,8 @@ def read_checkpoint(path: str | Path) -> dict:
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated, random bytes, or a pickle of something else
         reason = (str(err).strip().splitlines() or [""])[0][:200]
-        if not reason or "weights_only" in str(err):  # torch's advice to unpickle: not ours
+        if not reason or "weights_only" in str(err) or not zipfile.is_zipfile(ckpt):
+            # torch's advice to unpickle, or its bare KeyError on random bytes: not ours
             reason = f"{type(err).__name__}: the file is not a torch zip checkpoint"
         raise CheckpointError(
             f"{ckpt}: not a readable mdsearch checkpoint ({reason}). It is damaged or not "
