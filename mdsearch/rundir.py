@@ -16,7 +16,7 @@ A sweep directory (`runs/sweeps/NAME`) holds the trial directories and
     pareto.png         quality against GMACs
     space.yaml         the search space as given; recipe.yaml: the recipe its trials ran
     filtered.jsonl     configurations costed and refused before training
-    stop_rule.json     the paper stop rule's state and reasons
+    stop_rule.jsonl    the paper stop rule's judgements, one line each (its state and reasons)
     reliability.json   `mdsearch reliability`'s noise measurements
 
 This module is the bottom layer: it imports nothing else of mdsearch (but its error base class),
@@ -26,6 +26,7 @@ so reading results never loads Ray, torch or the model code.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import socket
 import sys
@@ -64,7 +65,10 @@ SWEEP_INIT = "init.txt"  # a UFOGen sweep: the run directory every trial fine-tu
 PLOT = "pareto.png"
 SPACE = "space.yaml"
 FILTERED = "filtered.jsonl"
-STOP_STATE = "stop_rule.json"
+# not *.json: on --resume Ray Tune copies every top-level *.json and *.pkl file of the sweep
+# directory into its own staging folder, and uploads that copy over the original at every
+# snapshot, so a .json file mdsearch updates during a resumed sweep goes back to its old contents
+STOP_STATE = "stop_rule.jsonl"
 RELIABILITY = "reliability.json"
 LOCK = ".lock"  # held by the process writing a trial or sweep directory (see `locked`)
 
@@ -206,6 +210,34 @@ def atomic_write(path: str | Path, data: str | bytes) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data) if isinstance(data, bytes) else tmp.write_text(data)
     return Path(path)
+
+
+def append_jsonl(path: str | Path, record: dict) -> None:
+    """Add `record` to a JSON-lines file as one line (a kill can tear only that line)."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """The records of a JSON-lines file ([] when there is none). A torn last line (a process
+    killed while appending) is dropped; a damaged line before it is a RunDirError."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    lines = path.read_text().splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            if number == len(lines):
+                break
+            raise RunDirError(f"{path}: line {number} is not JSON; restore the file from a "
+                              "copy, or delete the line") from None
+        if not isinstance(record, dict):
+            raise RunDirError(f"{path}: line {number} is not a JSON object")
+        records.append(record)
+    return records
 
 
 def write_results(table: pd.DataFrame, sweep_dir: str | Path) -> Path:

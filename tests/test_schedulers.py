@@ -1,7 +1,11 @@
 """The paper's stopping rule, as a decision on reported results (no Ray cluster needed)."""
 
+import os
+
+import pytest
 from ray.tune.schedulers import TrialScheduler
 
+from mdsearch.rundir import FILTERED, RESULTS, STOP_STATE, RunDirError
 from mdsearch.search.schedulers import PaperStopRule
 
 STOP, GO = TrialScheduler.STOP, TrialScheduler.CONTINUE
@@ -44,10 +48,55 @@ def test_missing_or_non_finite_metrics_never_stop():
 
 
 def test_state_survives_a_new_scheduler_object(tmp_path):
-    state = tmp_path / "stop_rule.json"
+    state = tmp_path / STOP_STATE
     first = PaperStopRule({"fid_proxy": "min"}, state_file=state)
     first.judge("a", {"step": 1, "fid_proxy": 1.0})
     first.judge("b", {"step": 1, "fid_proxy": 5.0})
     again = PaperStopRule({"fid_proxy": "min"}, state_file=state)  # as after --resume
     assert again.reasons == first.reasons and "b" in again.reasons
     assert again.judge("c", {"step": 1, "fid_proxy": 5.0}) == STOP  # a's value is remembered
+
+
+def test_a_step_reported_again_after_a_resume_counts_once():
+    rule = PaperStopRule({"fid_proxy": "min"}, grace=2)
+    rule.judge("a", {"step": 1, "fid_proxy": 1.0})
+    rule.judge("b", {"step": 1, "fid_proxy": 9.0})
+    # b resumes from a checkpoint before step 1 and reports step 1 again: still its first
+    # evaluation, so grace=2 keeps it running
+    assert rule.judge("b", {"step": 1, "fid_proxy": 9.0}) == GO
+    rule.judge("a", {"step": 2, "fid_proxy": 1.0})
+    assert rule.judge("b", {"step": 2, "fid_proxy": 9.0}) == STOP
+
+
+def test_the_judgement_log_survives_a_torn_last_line_and_refuses_a_damaged_one(tmp_path):
+    state = tmp_path / STOP_STATE
+    first = PaperStopRule({"fid_proxy": "min"}, state_file=state)
+    first.judge("a", {"step": 1, "fid_proxy": 1.0})
+    first.judge("b", {"step": 1, "fid_proxy": 5.0})
+    with open(state, "a") as f:
+        f.write('{"trial": "c", "st')  # killed while appending
+    again = PaperStopRule({"fid_proxy": "min"}, state_file=state)
+    assert again.reasons == first.reasons and again.seen == first.seen
+    state.write_text('{"trial": \n' + state.read_text())
+    with pytest.raises(RunDirError, match=f"{state}: line 1 is not JSON"):
+        PaperStopRule({"fid_proxy": "min"}, state_file=state)
+
+
+def test_ray_tune_never_stages_the_files_mdsearch_updates_during_a_sweep(tmp_path, monkeypatch):
+    """On --resume Tune copies the sweep directory's top-level .json and .pkl files into its
+    staging folder and uploads that copy over the original at every snapshot: a file of ours it
+    picked up would go back to its contents at the resume."""
+    from ray.train._internal import storage
+    from ray.tune.execution.experiment_state import _ExperimentCheckpointManager
+
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    ours = [STOP_STATE, FILTERED, RESULTS]  # written by mdsearch while Tune runs
+    for name in ours + ["searcher-state-2026.pkl", "experiment_state-2026.json"]:  # Tune's
+        (sweep / name).write_text("{}")
+    monkeypatch.setattr(storage, "_get_ray_train_session_dir", lambda: str(tmp_path / "ray"))
+    context = storage.StorageContext(storage_path=str(tmp_path), experiment_dir_name="sweep")
+    _ExperimentCheckpointManager(storage=context, checkpoint_period=10).sync_down_experiment_state()
+    staged = set(os.listdir(context.experiment_driver_staging_path))
+    assert "experiment_state-2026.json" in staged  # Tune's rule is the one this guards against
+    assert not staged & set(ours)

@@ -3,7 +3,6 @@ and the summary `mdsearch sweep` prints."""
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +13,7 @@ from ray.tune import Callback
 
 from ..quality import winner_statement
 from ..rundir import (COMPLETED, FAILED, FILTERED, FILTERED_STATUS, RESULTS, STOP_STATE, STOPPED,
-                      front, trial_status, write_results)
+                      front, read_jsonl, trial_status, write_results)
 from .callbacks import TUNE_KEYS, error_text, reason_from_traceback
 from .space import Space
 
@@ -37,9 +36,8 @@ class SweepResult:
 def results_table(grid, space: Space, sweep_dir: Path, steps_total: int) -> pd.DataFrame:
     """One row per trial: trained ones from Tune (`grid`: a ResultGrid, or `Ended` records of
     Tune's trials as they end), filtered ones from FILTERED."""
-    reasons = {}
-    if (sweep_dir / STOP_STATE).is_file():
-        reasons = json.loads((sweep_dir / STOP_STATE).read_text())["reasons"]
+    reasons = {r["trial"]: r["reason"] for r in read_jsonl(sweep_dir / STOP_STATE)
+               if r.get("reason")}
     dims = [d.name for d in space.dimensions]
     rows = []
     for r in grid:
@@ -62,13 +60,10 @@ def results_table(grid, space: Space, sweep_dir: Path, steps_total: int) -> pd.D
         row["steps"] = steps
         row["path"] = r.path
         rows.append(row)
-    filtered_file = sweep_dir / FILTERED
-    if filtered_file.is_file():
-        for line in filtered_file.read_text().splitlines():
-            rec = json.loads(line)
-            rows.append({**{k: rec.get(k) for k in ("trial_id", "status", "stop_reason")},
-                         **{d: rec.get(d) for d in dims}, "seed": rec.get("seed"),
-                         "params": rec.get("params"), "gmacs": rec.get("gmacs"), "steps": 0})
+    for rec in read_jsonl(sweep_dir / FILTERED):
+        rows.append({**{k: rec.get(k) for k in ("trial_id", "status", "stop_reason")},
+                     **{d: rec.get(d) for d in dims}, "seed": rec.get("seed"),
+                     "params": rec.get("params"), "gmacs": rec.get("gmacs"), "steps": 0})
     table = pd.DataFrame(rows)
     first = ["trial_id", "status", "stop_reason", *dims, "seed", "params", "gmacs"]
     quality = [o.metric for o in space.objectives if not o.is_cost]

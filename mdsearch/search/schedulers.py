@@ -10,13 +10,12 @@ against finished runs.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
-from ..rundir import atomic_write
+from ..rundir import append_jsonl, read_jsonl
 
 
 class PaperStopRule(FIFOScheduler):
@@ -29,7 +28,10 @@ class PaperStopRule(FIFOScheduler):
                best by more than the noise can explain)
     grace:     the first evaluation (1-based) at which a trial may be stopped
     min_peers: how many other trials must have reported at that step before anyone is judged
-    state_file: where the per-step values and stop reasons are kept (so --resume keeps them)
+    state_file: a JSON-lines log of every judgement (trial, step, values, and the reason when
+               it was stopped), appended as the rule judges; the rule's state is rebuilt from it,
+               so --resume keeps what was seen. A trial resumed from a checkpoint reports some
+               steps again: an evaluation counts once per step.
     """
 
     def __init__(self, metrics: dict[str, str], margin: float = 0.1, grace: int = 1,
@@ -51,9 +53,17 @@ class PaperStopRule(FIFOScheduler):
         self._load()
 
     def _load(self) -> None:
-        if self.state_file and self.state_file.is_file():
-            state = json.loads(self.state_file.read_text())
-            self.seen, self.evals, self.reasons = state["seen"], state["evals"], state["reasons"]
+        self.seen, self.evals, self.reasons = {}, {}, {}
+        for record in read_jsonl(self.state_file) if self.state_file else []:
+            self._record(record["trial"], record["step"], record["values"], record.get("reason"))
+
+    def _record(self, trial_id: str, step, values: dict, reason: str | None) -> None:
+        at_step = self.seen.setdefault(str(step), {})
+        if trial_id not in at_step:
+            self.evals[trial_id] = self.evals.get(trial_id, 0) + 1
+        at_step[trial_id] = values
+        if reason:
+            self.reasons[trial_id] = reason
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         return self.judge(trial.trial_id, result)
@@ -64,12 +74,10 @@ class PaperStopRule(FIFOScheduler):
         values = {m: result.get(m) for m in self.metrics}
         if step is None or any(not _finite(v) for v in values.values()):
             return TrialScheduler.CONTINUE
-        at_step = self.seen.setdefault(str(step), {})
-        self.evals[trial_id] = self.evals.get(trial_id, 0) + 1
-        peers = {t: v for t, v in at_step.items() if t != trial_id}
-        at_step[trial_id] = values
-        decision = TrialScheduler.CONTINUE
-        if self.evals[trial_id] >= self.grace and len(peers) >= self.min_peers:
+        peers = {t: v for t, v in self.seen.get(str(step), {}).items() if t != trial_id}
+        evals = self.evals.get(trial_id, 0) + (trial_id not in self.seen.get(str(step), {}))
+        reason = None
+        if evals >= self.grace and len(peers) >= self.min_peers:
             why = []
             for metric, mode in self.metrics.items():
                 best_trial, best = _best(peers, metric, mode)
@@ -80,21 +88,17 @@ class PaperStopRule(FIFOScheduler):
                     break
                 why.append(f"{metric} {values[metric]:.4g} vs best {best:.4g} ({best_trial})")
             else:
-                decision = TrialScheduler.STOP
                 by = "more than " + ", ".join(
                     f"{m} {self.tolerance[m]:.3g}" if m in self.tolerance
                     else (f"{self.margin:.0%}" if len(self.metrics) == 1 else
                           f"{m} {self.margin:.0%}") for m in self.metrics)
-                self.reasons[trial_id] = (f"paper rule at step {step}: worse than the best other "
-                                          f"candidate by {by} on " + "; ".join(why))
-        self._save()
-        return decision
-
-    def _save(self) -> None:
-        if self.state_file is None:
-            return
-        atomic_write(self.state_file, json.dumps({"seen": self.seen, "evals": self.evals,
-                                                  "reasons": self.reasons}))
+                reason = (f"paper rule at step {step}: worse than the best other candidate by "
+                          f"{by} on " + "; ".join(why))
+        self._record(trial_id, step, values, reason)
+        if self.state_file is not None:
+            append_jsonl(self.state_file, {"trial": trial_id, "step": step, "values": values,
+                                           **({"reason": reason} if reason else {})})
+        return TrialScheduler.STOP if reason else TrialScheduler.CONTINUE
 
     def debug_string(self) -> str:
         return f"PaperStopRule: {len(self.reasons)} stopped"

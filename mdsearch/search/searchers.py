@@ -13,7 +13,7 @@ from ray.tune.search import Searcher
 
 from ..errors import MdsearchError
 from ..progress import say
-from ..rundir import FILTERED, FILTERED_STATUS, fault_point
+from ..rundir import FILTERED, FILTERED_STATUS, append_jsonl, fault_point
 from .space import CostCache, Space, product
 
 MAX_CONSECUTIVE_FILTERED = 200
@@ -115,8 +115,7 @@ class BudgetedSearch(Searcher):
 
     # filtered records survive a killed driver: the file is cut back to the restored state
     def _append_filtered(self, record: dict) -> None:
-        with open(Path(self.sweep_dir) / FILTERED, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_jsonl(Path(self.sweep_dir) / FILTERED, record)
 
     def save(self, checkpoint_path: str) -> None:
         """The state as JSON data (Tune names the file searcher-state-*.pkl), the inner
