@@ -82,21 +82,24 @@ def test_the_judgement_log_survives_a_torn_last_line_and_refuses_a_damaged_one(t
         PaperStopRule({"fid_proxy": "min"}, state_file=state)
 
 
-def test_ray_tune_never_stages_the_files_mdsearch_updates_during_a_sweep(tmp_path, monkeypatch):
+def test_ray_tune_snapshots_after_a_resume_keep_what_mdsearch_wrote(tmp_path, monkeypatch):
     """On --resume Tune copies the sweep directory's top-level .json and .pkl files into its
-    staging folder and uploads that copy over the original at every snapshot: a file of ours it
-    picked up would go back to its contents at the resume."""
+    staging folder and uploads that copy over the original at every snapshot: a file of ours
+    with such a name would go back to its contents at the resume."""
     from ray.train._internal import storage
     from ray.tune.execution.experiment_state import _ExperimentCheckpointManager
 
     sweep = tmp_path / "sweep"
     sweep.mkdir()
     ours = [STOP_STATE, FILTERED, RESULTS]  # written by mdsearch while Tune runs
-    for name in ours + ["searcher-state-2026.pkl", "experiment_state-2026.json"]:  # Tune's
-        (sweep / name).write_text("{}")
+    for name in ours + ["stop_rule.json"]:  # the stop rule's old name
+        (sweep / name).write_text("at the resume")
     monkeypatch.setattr(storage, "_get_ray_train_session_dir", lambda: str(tmp_path / "ray"))
     context = storage.StorageContext(storage_path=str(tmp_path), experiment_dir_name="sweep")
-    _ExperimentCheckpointManager(storage=context, checkpoint_period=10).sync_down_experiment_state()
-    staged = set(os.listdir(context.experiment_driver_staging_path))
-    assert "experiment_state-2026.json" in staged  # Tune's rule is the one this guards against
-    assert not staged & set(ours)
+    manager = _ExperimentCheckpointManager(storage=context, checkpoint_period=0)
+    manager.sync_down_experiment_state()  # what Tuner.restore does
+    for name in ours + ["stop_rule.json"]:
+        (sweep / name).write_text("written after the resume")
+    manager.sync_up_experiment_state(lambda: None, force=True, wait=True)  # a snapshot
+    assert (sweep / "stop_rule.json").read_text() == "at the resume"  # what went wrong
+    assert all((sweep / name).read_text() == "written after the resume" for name in ours)
