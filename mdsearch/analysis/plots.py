@@ -39,7 +39,7 @@ def pareto_plot(table: pd.DataFrame, metric: str, out: str | Path, mode: str = "
     import matplotlib.pyplot as plt
 
     out = Path(out)
-    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
+    fig, ax = plt.subplots(figsize=(8, 6.2), dpi=120)
     has = table[metric].notna() if metric in table else pd.Series(False, index=table.index)
     done = table[(table["status"] == COMPLETED) & has]
     stopped = table[(table["status"] == STOPPED) & has]
@@ -84,8 +84,10 @@ def pareto_plot(table: pd.DataFrame, metric: str, out: str | Path, mode: str = "
     ax.set_title(title + (f"  [{filtered} over-budget configurations not trained]"
                           if filtered else ""), fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
+    # below the axes: inside, it covered points wherever they fell (the band spans the width)
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)
     fig.savefig(out.with_suffix(".svg"))

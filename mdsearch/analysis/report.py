@@ -103,8 +103,9 @@ def front_table(table: pd.DataFrame, metric: str, mode: str, cost: str = "gmacs"
 
 
 def scatter(table: pd.DataFrame, x: str, y: str, out: Path, title: str, xlabel: str,
-            ylabel: str) -> Path:
-    """A plain scatter of completed (filled) and stopped (hollow) trials, labelled by trial."""
+            ylabel: str, xnoise: float | None = None, ynoise: float | None = None) -> Path:
+    """A plain scatter of completed (filled) and stopped (hollow) trials, labelled by trial;
+    `xnoise`/`ynoise` (each metric's noise floor, one std) draw error bars on the completed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -114,10 +115,17 @@ def scatter(table: pd.DataFrame, x: str, y: str, out: Path, title: str, xlabel: 
     for status, style in ((COMPLETED, dict(color="tab:blue")),
                           (STOPPED, dict(facecolors="none", edgecolors="tab:orange"))):
         rows = table[(table["status"] == status) & table[x].notna() & table[y].notna()]
-        ax.scatter(rows[x], rows[y], s=40, label=status, **style)
+        if rows.empty:
+            continue
+        ax.scatter(rows[x], rows[y], s=40, label=status, zorder=3, **style)
         for _, r in rows.iterrows():
             ax.annotate(str(r["trial_id"])[:8], (r[x], r[y]), textcoords="offset points",
                         xytext=(3, 3), fontsize=6)
+        if status == COMPLETED and (xnoise or ynoise):
+            ax.errorbar(rows[x], rows[y], xerr=xnoise, yerr=ynoise, fmt="none",
+                        ecolor="tab:blue", alpha=0.4, capsize=2,
+                        label="noise floor (1 std): " + ", ".join(
+                            f"{name} ±{v:.2g}" for name, v in ((x, xnoise), (y, ynoise)) if v))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
@@ -173,7 +181,8 @@ def build_report(run_dir: str | Path | None = None, out: str | Path | None = Non
                 table, "align", metric, report.out / "quality_vs_align.png",
                 f"{name}: {metric} vs alignment (the paper's FID-vs-CLIP view)",
                 "align (attribute accuracy; higher is better)",
-                f"{metric} ({'lower' if mode == 'min' else 'higher'} is better)")
+                f"{metric} ({'lower' if mode == 'min' else 'higher'} is better)",
+                xnoise=floors.get("align", {}).get("floor"), ynoise=noise)
         front = front_table(table, metric, mode)
         keep = ["trial_id", *dims, "seed", "params", "gmacs", metric, "align", "steps"]
         front = front.reindex(columns=[c for c in keep if c in front.columns])
