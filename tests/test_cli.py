@@ -81,6 +81,11 @@ def test_console_script_is_installed():
      "field optimizer.lr: must be a finite number, got nan"),
     (["train", "--trial", "{tmp}/r13.yaml", "--out", "{tmp}/out", "--no-mlflow"],
      "field resolution: 13 px gives 13 latent pixels"),
+    (["train", "--trial", "{tmp}/acc.yaml", "--out", "{tmp}/out", "--no-mlflow"],
+     "field batch_size: 6 over 1 worker(s) is 6 per worker, which does not split into "
+     "accumulate: 4"),
+    (["sweep", "quickstart", "--trial", "{tmp}/w2.yaml", "--storage", "{tmp}/out",
+      "--no-mlflow"], "recipe w2: field workers: 2: a sweep trains each trial in one process"),
     (["train", "--out", "{tmp}/binary.yaml"], "binary.yaml: exists and is not a directory"),
     (["export", "--out", "{tmp}/binary.yaml"], "binary.yaml: exists and is not a directory"),
     (["report", "{tmp}", "--out", "{tmp}/binary.yaml"], "exists and is not a directory"),
@@ -100,6 +105,10 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(tmp_path, capsys, monke
     (tmp_path / "r13.yaml").write_text(
         "name: r13\nresolution: 13\ndata: {kind: synthetic, size: 64, eval_size: 32}\n"
         "text_encoder: {name: minilm, max_length: 8}\nwidth: 0.0625\nbatch_size: 4\nsteps: 2\n")
+    tiny = ("data: {kind: synthetic, size: 64, eval_size: 32}\nresolution: 16\n"
+            "text_encoder: {name: minilm, max_length: 8}\nwidth: 0.0625\nsteps: 2\n")
+    (tmp_path / "acc.yaml").write_text("name: acc\nbatch_size: 6\naccumulate: 4\n" + tiny)
+    (tmp_path / "w2.yaml").write_text("name: w2\nbatch_size: 4\nworkers: 2\n" + tiny)
     try:
         code = main([a.replace("{tmp}", str(tmp_path)) for a in argv])
     except SystemExit as exit_:  # argparse's own refusals

@@ -125,14 +125,16 @@ def test_resumed_run_restores_the_stage_attention(tmp_path):
 
 def test_two_ray_train_workers_continue_a_run_as_one_process_would(tmp_path):
     """Resume a single-process run on two Ray Train workers (gloo, 127.0.0.1): each trains on
-    half of every batch, DDP averages the gradients, and the run ends where one process does."""
+    half of every batch, in two accumulated micro-batches, DDP averages the gradients (once, in
+    the last micro-batch), and the run ends where one process does."""
     from mdsearch.train.distributed import train_distributed
 
     recipe = Recipe.from_dict({**TINY, "resources": {"cpu": 1}}, "tiny")
     whole = train_trial(presets.get("md"), recipe, tmp_path / "one")
     train_trial(presets.get("md"), recipe, tmp_path / "two", steps=3)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    result = train_distributed(presets.get("md"), recipe, tmp_path / "two", workers=2,
+    result = train_distributed(presets.get("md"), recipe.override({"accumulate": 2}),
+                               tmp_path / "two", workers=2,
                                mlflow={"experiment": "dp", "run_name": "two",
                                        "tracking_uri": uri})
     assert result.status == "ok" and result.steps == 6

@@ -71,6 +71,7 @@ def run_sweep(space: Space, trial: str | Path | None = None, *, name: str | None
         init = (sweep_dir / SWEEP_INIT).read_text().strip()
     init = bind_init(space, recipe, init)
     check_recipe_fields(space, recipe)
+    check_trial_resources(recipe)
     from ray import tune
 
     if resume and not (sweep_dir.is_dir() and tune.Tuner.can_restore(str(sweep_dir))):
@@ -78,6 +79,18 @@ def run_sweep(space: Space, trial: str | Path | None = None, *, name: str | None
     with locked(sweep_dir, f"sweep {name}"):
         return _run_sweep(space, recipe, name, sweep_dir, address, resume, num_samples, mlflow,
                           tracking_uri, progress, init)
+
+
+def check_trial_resources(recipe) -> None:
+    """A sweep trains each trial in one process on at most one GPU: a recipe asking for
+    data-parallel workers or several GPUs per trial would reserve what its trials never use."""
+    workers, gpus = getattr(recipe, "workers", 1), recipe.resources.get("gpu", 0)
+    if workers > 1 or gpus > 1:
+        where = f"workers: {workers}" if workers > 1 else f"resources.gpu: {gpus:g}"
+        raise SweepError(
+            f"recipe {recipe.name}: field {where}: a sweep trains each trial in one process on "
+            "at most one GPU (workers are for mdsearch train and promote); give it gpu: 1 (or a "
+            "fraction, to share a GPU), and accumulate: N to reach a large batch in less memory")
 
 
 def bind_init(space: Space, recipe, init: str | None) -> str | None:

@@ -142,6 +142,9 @@ class Recipe(RecipeData):
     resources: dict[str, float] = field(default_factory=lambda: {"cpu": 1, "gpu": 0})  # per worker
     stages: list[Stage] = field(default_factory=list)
     workers: int = 1  # data-parallel workers (Ray Train); the batch is split between them
+    # micro-batches per step: each worker's share of the batch runs as this many forward and
+    # backward passes whose gradients add up (the paper's batch in less memory)
+    accumulate: int = 1
     device: str = "auto"  # auto: the worker's GPU when it has one, else the CPU
     precision: str = "fp32"  # or bf16 (autocast of the forward pass)
     compile: bool = False  # torch.compile the training forward (falls back to eager, saying why)
@@ -216,10 +219,16 @@ class Recipe(RecipeData):
             fail("steps", f"{self.steps} is not the sum of the stages' steps "
                           f"({sum(st.steps for st in self.stages)}); with stages, leave `steps` "
                           "out or change the stages' own steps (stages.N.steps)")
+        if self.accumulate < 1:
+            fail("accumulate", f"must be positive, got {self.accumulate}")
         for st in self.plan():
+            where = f"stages ({st.name}).batch_size" if self.stages else "batch_size"
             if st.batch_size % self.workers:
-                fail(f"stages ({st.name}).batch_size" if self.stages else "batch_size",
-                     f"{st.batch_size} does not split over {self.workers} workers")
+                fail(where, f"{st.batch_size} does not split over {self.workers} workers")
+            if st.batch_size // self.workers % self.accumulate:
+                fail(where, f"{st.batch_size} over {self.workers} worker(s) is "
+                            f"{st.batch_size // self.workers} per worker, which does not split "
+                            f"into accumulate: {self.accumulate} equal micro-batches")
 
     def changed(self, data: dict, changes: dict[str, Any]) -> dict:
         if data["stages"] and "steps" not in changes:  # stage lengths changed: a new total

@@ -252,13 +252,13 @@ class Training:
         self.ckpt_path = self.out / CHECKPOINT
         if self.ckpt_path.exists():  # (read_checkpoint refuses a folder or a damaged file)
             self.load()
+        self.ddp = None
         if self.workers > 1:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.trained = DistributedDataParallel(self.model, device_ids=ids)
-        else:
-            self.trained = self.model
+            self.ddp = DistributedDataParallel(self.model, device_ids=ids)
+        self.trained = self.ddp if self.ddp is not None else self.model
         if recipe.compile:
             self.trained = CompiledOrEager(self.trained, self.say)
 
@@ -428,22 +428,31 @@ class Training:
             latents, captions = data.batch(idx[mine].tolist())  # this rank's slice of it
             captions = ["" if d else c for c, d in zip(captions, drop[mine].tolist())]
             latents, noise, t = latents.to(dev), noise[mine].to(dev), t[mine].to(dev)
-            with autocast:
-                pred = self.trained(self.schedule.add_noise(latents, noise, t), t,
-                                    data.context(captions).to(dev))
-            loss = F.mse_loss(pred.float(), self.schedule.target(latents, noise, t))
-            mean_loss = loss.detach().clone()
+            context = data.context(captions).to(dev)
+            self.optimizer.zero_grad(set_to_none=True)
+            mean_loss = torch.zeros((), device=dev)
+            parts = torch.arange(len(latents)).chunk(recipe.accumulate)
+            for i, part in enumerate(parts):  # micro-batches: their gradients add up
+                x0, eps, tp = latents[part], noise[part], t[part]
+                # DDP averages the gradients over the workers in the last backward only
+                last = i == len(parts) - 1
+                with self.ddp.no_sync() if self.ddp is not None and not last else nullcontext():
+                    with autocast:
+                        pred = self.trained(self.schedule.add_noise(x0, eps, tp), tp,
+                                            context[part])
+                    loss = F.mse_loss(pred.float(), self.schedule.target(x0, eps, tp))
+                    loss = loss * (len(part) / len(latents))  # the mean over the whole batch
+                    loss.backward()
+                mean_loss += loss.detach()
             if self.workers > 1:  # every rank sees the same mean, so all agree on a divergence
                 dist.all_reduce(mean_loss)
                 mean_loss /= self.workers
             loss_value = mean_loss.item()
-            if not math.isfinite(loss_value):
+            if not math.isfinite(loss_value):  # (the gradients are dropped, never applied)
                 result.status = "failed"
                 result.reason = f"non-finite loss ({loss_value}) at step {self.step + 1}"
                 self.say(f"FAILED: {result.reason}")
                 return
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # DDP averages the gradients over the workers here
             if opt.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), opt.grad_clip)
             self.optimizer.step()
