@@ -1,7 +1,5 @@
 """The paper's stopping rule, as a decision on reported results (no Ray cluster needed)."""
 
-import os
-
 import pytest
 from ray.tune.schedulers import TrialScheduler
 
