@@ -106,12 +106,13 @@ def test_run_directory_is_a_diffusers_folder_with_unit_variance_scaling(trained)
     assert {"psnr", "ssim", "kl", "rfid_proxy", "decoder_gmacs"} <= set(result["metrics"])
 
 
-def test_resumed_run_equals_an_uninterrupted_one(tmp_path):
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_resumed_run_equals_an_uninterrupted_one(tmp_path, accumulate):
     full = tmp_path / "full"
-    vae_train(recipe(), full, evaluator=Stats())
+    vae_train(recipe(accumulate=accumulate), full, evaluator=Stats())
     part = tmp_path / "part"
-    vae_train(recipe(), part, steps=2, evaluator=Stats())
-    vae_train(recipe(), part, evaluator=Stats())
+    vae_train(recipe(accumulate=accumulate), part, steps=2, evaluator=Stats())
+    vae_train(recipe(accumulate=accumulate), part, evaluator=Stats())
     a, b = torch.load(full / CHECKPOINT), torch.load(part / CHECKPOINT)
     for key in ("model", "discriminator"):
         for name in a[key]:
@@ -162,6 +163,7 @@ def test_decoder_cost_counts_what_decoding_runs(tmp_path):
     ("arch", {"widths": [8, 10], "norm_groups": 4}, "arch.widths.1"),
     ("resolution", 36, "field resolution"),
     ("loss", {"perceptual_weight": 1.0}, "loss.perceptual_path"),
+    ("accumulate", 3, "field accumulate: 3 must be positive and split batch_size"),
 ])
 def test_recipe_errors_name_the_field(field, value, match):
     with pytest.raises(RecipeError, match=match):

@@ -26,10 +26,14 @@ class AdversarialRun:
             return False
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        self.clipped_step(optimizer, params)
+        return True
+
+    def clipped_step(self, optimizer, params) -> None:
+        """The optimiser step on the gradients there are, clipped to `recipe.grad_clip`."""
         if self.recipe.grad_clip > 0:
             nn.utils.clip_grad_norm_(params, self.recipe.grad_clip)
         optimizer.step()
-        return True
 
     def fail(self, reason: str) -> TrialResult:
         self.result.status, self.result.reason = "failed", reason

@@ -118,6 +118,7 @@ class VAERecipe(RecipeData):
     train: str = "all"  # all | decoder (the lightweight decoder, the encoder of --init frozen)
     steps: int = 2000
     batch_size: int = 16
+    accumulate: int = 1  # micro-batches per step (gradients add up): a large batch in less memory
     lr: float = 1e-4
     lr_d: float = 1e-4
     betas: list[float] = field(default_factory=lambda: [0.5, 0.9])
@@ -162,6 +163,9 @@ class VAERecipe(RecipeData):
         if self.train == "decoder" and not a.mid_attention:
             fail("arch.mid_attention", "diffusers' asymmetric VAE (train: decoder) always has "
                                        "middle attention")
+        if self.accumulate < 1 or self.batch_size % self.accumulate:
+            fail("accumulate", f"{self.accumulate} must be positive and split batch_size "
+                               f"({self.batch_size}) into equal micro-batches")
         if self.resolution % self.factor:
             fail("resolution", f"{self.resolution} is not divisible by the factor {self.factor}")
         if self.lr <= 0 or self.lr_d <= 0:
@@ -504,17 +508,32 @@ class VAETraining(AdversarialRun):
             g = _step_generator(self.seed, self.step)
             idx = torch.randint(len(self.train_set), (r.batch_size,), generator=g)
             x = self.images(self.train_set, idx.tolist())
-            loss, recon, parts = self.losses(g, x)
-            if not self.descend(loss, self.opt, self.params):
-                return self.fail(f"non-finite autoencoder loss ({loss.item()}) at step "
-                                 f"{self.step + 1}")
+            # micro-batches (accumulate): their gradients add up to one step of each network
+            chunks = [x[part] for part in torch.arange(len(x)).chunk(r.accumulate)]
+            self.opt.zero_grad(set_to_none=True)
+            fakes, parts = [], {}
+            for chunk in chunks:
+                loss, recon, stats = self.losses(g, chunk)
+                if not torch.isfinite(loss):  # (no step is taken)
+                    return self.fail(f"non-finite autoencoder loss ({loss.item()}) at step "
+                                     f"{self.step + 1}")
+                (loss * (len(chunk) / len(x))).backward()
+                fakes.append(recon.detach())
+                for k, v in stats.items():
+                    parts[k] = parts.get(k, 0.0) + v * len(chunk) / len(x)
+            self.clipped_step(self.opt, self.params)
             if r.loss.adv_weight > 0 and self.step >= r.loss.adv_start:
-                fake = recon.detach()
-                d_loss = F.relu(1 - self.disc(x)).mean() + F.relu(1 + self.disc(fake)).mean()
-                if not self.descend(d_loss, self.opt_d, self.disc.parameters()):
-                    return self.fail(f"non-finite discriminator loss ({d_loss.item()}) at "
-                                     f"step {self.step + 1}")
-                parts["d_loss"] = d_loss.item()
+                self.opt_d.zero_grad(set_to_none=True)
+                parts["d_loss"] = 0.0
+                for chunk, fake in zip(chunks, fakes):
+                    d_loss = (F.relu(1 - self.disc(chunk)).mean()
+                              + F.relu(1 + self.disc(fake)).mean())
+                    if not torch.isfinite(d_loss):
+                        return self.fail(f"non-finite discriminator loss ({d_loss.item()}) at "
+                                         f"step {self.step + 1}")
+                    (d_loss * (len(chunk) / len(x))).backward()
+                    parts["d_loss"] += d_loss.item() * len(chunk) / len(x)
+                self.clipped_step(self.opt_d, self.disc.parameters())
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v
             count += 1
