@@ -69,6 +69,7 @@ FILTERED = "filtered.jsonl"
 # directory into its own staging folder, and uploads that copy over the original at every
 # snapshot, so a .json file mdsearch updates during a resumed sweep goes back to its old contents
 STOP_STATE = "stop_rule.jsonl"
+STOP_STATE_V1 = "stop_rule.json"  # the same state as one JSON object, before 2026-11-27
 RELIABILITY = "reliability.json"
 LOCK = ".lock"  # held by the process writing a trial or sweep directory (see `locked`)
 

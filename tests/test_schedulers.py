@@ -1,9 +1,11 @@
 """The paper's stopping rule, as a decision on reported results (no Ray cluster needed)."""
 
+import json
+
 import pytest
 from ray.tune.schedulers import TrialScheduler
 
-from mdsearch.rundir import FILTERED, RESULTS, STOP_STATE, RunDirError
+from mdsearch.rundir import FILTERED, RESULTS, STOP_STATE, STOP_STATE_V1, RunDirError
 from mdsearch.search.schedulers import PaperStopRule
 
 STOP, GO = TrialScheduler.STOP, TrialScheduler.CONTINUE
@@ -101,3 +103,19 @@ def test_ray_tune_snapshots_after_a_resume_keep_what_mdsearch_wrote(tmp_path, mo
     manager.sync_up_experiment_state(lambda: None, force=True, wait=True)  # a snapshot
     assert (sweep / "stop_rule.json").read_text() == "at the resume"  # what went wrong
     assert all((sweep / name).read_text() == "written after the resume" for name in ours)
+
+
+def test_a_sweep_from_before_the_log_keeps_its_rule_state_on_resume(tmp_path):
+    seen = {"60": {"a": {"fid_proxy": 1.0}, "b": {"fid_proxy": 5.0}},
+            "120": {"a": {"fid_proxy": 0.5}}}
+    reasons = {"b": "paper rule at step 60: worse than the best other candidate"}
+    (tmp_path / STOP_STATE_V1).write_text(json.dumps(
+        {"seen": seen, "evals": {"a": 2, "b": 1}, "reasons": reasons}))
+    rule = PaperStopRule({"fid_proxy": "min"}, state_file=tmp_path / STOP_STATE)
+    assert (rule.seen, rule.evals, rule.reasons) == (seen, {"a": 2, "b": 1}, reasons)
+    assert (tmp_path / STOP_STATE).is_file()  # converted once; the old file is left as it was
+    (tmp_path / STOP_STATE_V1).write_text("{")
+    assert PaperStopRule({"fid_proxy": "min"}, state_file=tmp_path / STOP_STATE).seen == seen
+    (tmp_path / STOP_STATE).unlink()  # a damaged old state, not yet converted: one clear error
+    with pytest.raises(RunDirError, match=f"{tmp_path / STOP_STATE_V1}: the paper stop rule"):
+        PaperStopRule({"fid_proxy": "min"}, state_file=tmp_path / STOP_STATE)

@@ -10,12 +10,13 @@ against finished runs.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
-from ..rundir import append_jsonl, read_jsonl
+from ..rundir import STOP_STATE_V1, RunDirError, append_jsonl, read_jsonl
 
 
 class PaperStopRule(FIFOScheduler):
@@ -54,7 +55,11 @@ class PaperStopRule(FIFOScheduler):
 
     def _load(self) -> None:
         self.seen, self.evals, self.reasons = {}, {}, {}
-        for record in read_jsonl(self.state_file) if self.state_file else []:
+        if self.state_file is None:
+            return
+        if not self.state_file.exists():
+            convert_v1_state(self.state_file)
+        for record in read_jsonl(self.state_file):
             self._record(record["trial"], record["step"], record["values"], record.get("reason"))
 
     def _record(self, trial_id: str, step, values: dict, reason: str | None) -> None:
@@ -102,6 +107,28 @@ class PaperStopRule(FIFOScheduler):
 
     def debug_string(self) -> str:
         return f"PaperStopRule: {len(self.reasons)} stopped"
+
+
+def convert_v1_state(log: Path) -> None:
+    """A sweep from before the judgement log kept the rule's state in STOP_STATE_V1 (one JSON
+    object: step -> trial -> values, and the reasons); write it as the log, so that resuming such
+    a sweep keeps what its rule saw and why it stopped trials. The old file is left as it was."""
+    old = log.with_name(STOP_STATE_V1)
+    if not old.is_file():
+        return
+    try:
+        state = json.loads(old.read_text())
+        seen, reasons = state["seen"], state["reasons"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise RunDirError(f"{old}: the paper stop rule's state is damaged ({type(err).__name__})"
+                          "; restore it from a copy, or delete it to judge afresh") from None
+    steps = sorted(seen, key=float)
+    last = {trial: step for step in steps for trial in seen[step]}  # each trial's last step
+    for step in steps:
+        for trial, values in seen[step].items():
+            reason = reasons.get(trial) if last[trial] == step else None
+            append_jsonl(log, {"trial": trial, "step": float(step) if "." in step else int(step),
+                               "values": values, **({"reason": reason} if reason else {})})
 
 
 def _finite(value) -> bool:
