@@ -347,3 +347,16 @@ def test_a_sweep_without_address_never_joins_a_ray_already_running_here(tmp_path
     finally:
         subprocess.run([str(ray_cli), "stop", "--force"], env=env, capture_output=True,
                        timeout=120)
+
+
+@pytest.mark.parametrize("changes, field", [({"workers": 2}, "workers: 2"),
+                                            ({"resources": {"cpu": 8, "gpu": 8}},
+                                             "resources.gpu: 8")])
+def test_a_recipe_asking_for_more_than_a_trial_uses_is_refused(changes, field):
+    """A sweep trial runs in one process on at most one GPU: more would be reserved, unused."""
+    from mdsearch.search.sweep import SweepError, check_trial_resources
+    from mdsearch.train.recipe import Recipe
+
+    with pytest.raises(SweepError, match=f"recipe r: field {field}: a sweep trains each trial"):
+        check_trial_resources(Recipe.from_dict({**RECIPE, "name": "r", **changes}, "r"))
+    check_trial_resources(Recipe.from_dict({**RECIPE, "name": "r", "resources": {"gpu": 1}}, "r"))

@@ -79,8 +79,9 @@ class PaperStopRule(FIFOScheduler):
         values = {m: result.get(m) for m in self.metrics}
         if step is None or any(not _finite(v) for v in values.values()):
             return TrialScheduler.CONTINUE
-        peers = {t: v for t, v in self.seen.get(str(step), {}).items() if t != trial_id}
-        evals = self.evals.get(trial_id, 0) + (trial_id not in self.seen.get(str(step), {}))
+        at_step = self.seen.get(str(step), {})
+        peers = {t: v for t, v in at_step.items() if t != trial_id}
+        evals = self.evals.get(trial_id, 0) + (trial_id not in at_step)  # with this one
         reason = None
         if evals >= self.grace and len(peers) >= self.min_peers:
             why = []

@@ -431,17 +431,16 @@ class Training:
             context = data.context(captions).to(dev)
             self.optimizer.zero_grad(set_to_none=True)
             mean_loss = torch.zeros((), device=dev)
-            parts = torch.arange(len(latents)).chunk(recipe.accumulate)
-            for i, part in enumerate(parts):  # micro-batches: their gradients add up
-                x0, eps, tp = latents[part], noise[part], t[part]
+            n = recipe.accumulate  # micro-batches (views of the batch): their gradients add up
+            parts = zip(latents.chunk(n), noise.chunk(n), t.chunk(n), context.chunk(n))
+            for i, (x0, eps, tp, ctx) in enumerate(parts):
                 # DDP averages the gradients over the workers in the last backward only
-                last = i == len(parts) - 1
+                last = i == n - 1
                 with self.ddp.no_sync() if self.ddp is not None and not last else nullcontext():
                     with autocast:
-                        pred = self.trained(self.schedule.add_noise(x0, eps, tp), tp,
-                                            context[part])
+                        pred = self.trained(self.schedule.add_noise(x0, eps, tp), tp, ctx)
                     loss = F.mse_loss(pred.float(), self.schedule.target(x0, eps, tp))
-                    loss = loss * (len(part) / len(latents))  # the mean over the whole batch
+                    loss = loss * (len(x0) / len(latents))  # the mean over the whole batch
                     loss.backward()
                 mean_loss += loss.detach()
             if self.workers > 1:  # every rank sees the same mean, so all agree on a divergence

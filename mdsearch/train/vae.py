@@ -509,7 +509,7 @@ class VAETraining(AdversarialRun):
             idx = torch.randint(len(self.train_set), (r.batch_size,), generator=g)
             x = self.images(self.train_set, idx.tolist())
             # micro-batches (accumulate): their gradients add up to one step of each network
-            chunks = [x[part] for part in torch.arange(len(x)).chunk(r.accumulate)]
+            chunks = x.chunk(r.accumulate)
             self.opt.zero_grad(set_to_none=True)
             fakes, parts = [], {}
             for chunk in chunks:
