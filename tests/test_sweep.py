@@ -158,6 +158,25 @@ def test_existing_sweep_needs_resume_and_resume_needs_a_sweep(tmp_path):
     assert (tmp_path / "s" / "x" / "results.csv").read_text() == "kept\n"
 
 
+@pytest.mark.parametrize("algorithm", ["nsga2", "tpe", "random"])
+def test_every_optuna_searcher_survives_the_pickle_tune_makes_of_it(tmp_path, algorithm):
+    """Ray Tune pickles its searcher when the Tuner is made (and into tuner.pkl). Optuna 5.1's
+    NSGA-II sampler holds a threading.Lock and cannot be pickled: the searcher must pickle
+    without its sampler and study, and go on suggesting from the journal after it."""
+    import pickle
+
+    from mdsearch.search.searchers import make_inner_searcher
+
+    space, _ = files(tmp_path, objectives=[{"fid_proxy": "min"}, {"gmacs": "min"}],
+                     search={"algorithm": algorithm, "num_samples": 4, "seed": 0})
+    searcher = make_inner_searcher(space, ["fid_proxy", "gmacs"], ["min", "min"], tmp_path)
+    first = searcher.suggest("a")
+    searcher.on_trial_complete("a", {"fid_proxy": 1.0, "gmacs": 2.0})
+    copy = pickle.loads(pickle.dumps(searcher))
+    assert set(copy.suggest("b")) == set(first)
+    assert len(copy.study.trials) == 2  # the journal's first trial, and the new one
+
+
 def test_two_node_loopback_cluster_runs_a_sweep(tmp_path):
     from ray.cluster_utils import Cluster
 
@@ -326,12 +345,19 @@ def test_a_sweep_without_address_never_joins_a_ray_already_running_here(tmp_path
 
     ray_cli = Path(sys.executable).with_name("ray")
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    other = subprocess.run([str(ray_cli), "start", "--head", "--port", "0", "--num-cpus", "1",
-                            "--node-ip-address", "127.0.0.1", "--include-dashboard", "false",
-                            "--disable-usage-stats"], env=env, capture_output=True, text=True,
-                           timeout=120)
-    assert other.returncode == 0, other.stderr[-2000:]
+    # --block: this `ray start` owns the Ray it starts and stops exactly that Ray when it is
+    # terminated (a test never runs `ray stop`, which would kill every Ray on the machine)
+    other = subprocess.Popen([str(ray_cli), "start", "--head", "--block", "--port", "0",
+                              "--num-cpus", "1", "--node-ip-address", "127.0.0.1",
+                              "--include-dashboard", "false", "--disable-usage-stats"],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
+        seen = []
+        for line in other.stdout:
+            seen.append(line)
+            if "Ray runtime started" in line:
+                break
+        assert other.poll() is None, "".join(seen)[-2000:]
         code = ("import ray\nfrom mdsearch.raylocal import start_ray\nstart_ray(None)\n"
                 "print(ray.get_runtime_context().gcs_address)\n"
                 "print(ray.util.get_node_ip_address())")
@@ -345,8 +371,12 @@ def test_a_sweep_without_address_never_joins_a_ray_already_running_here(tmp_path
         assert gcs != theirs.stdout.split()[-1]  # a Ray of its own, not the running one
         assert ip == "127.0.0.1"
     finally:
-        subprocess.run([str(ray_cli), "stop", "--force"], env=env, capture_output=True,
-                       timeout=120)
+        other.terminate()  # `ray start --block` stops the processes it started
+        try:
+            other.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            other.kill()
+            other.wait()
 
 
 @pytest.mark.parametrize("changes, field", [({"workers": 2}, "workers: 2"),

@@ -157,18 +157,21 @@ class BudgetedSearch(Searcher):
 def make_inner_searcher(space: Space, metric, mode, sweep_dir: Path):
     if space.algorithm == "grid":
         return GridSearch(product(space))
+    return OptunaJournalSearch(space, metric, mode, Path(sweep_dir) / OPTUNA_JOURNAL)
+
+
+def make_sampler(space: Space):
+    """The Optuna sampler of the space's `search.algorithm`, seeded by `search.seed`."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if space.algorithm == "random":
-        sampler = optuna.samplers.RandomSampler(seed=space.search_seed)
-    elif space.algorithm == "nsga2":
-        sampler = optuna.samplers.NSGAIISampler(seed=space.search_seed,
-                                                population_size=max(4, space.num_samples // 4))
-    else:
-        sampler = optuna.samplers.TPESampler(seed=space.search_seed,
-                                             n_startup_trials=max(2, space.num_samples // 3))
-    return OptunaJournalSearch(space, metric, mode, sampler, Path(sweep_dir) / OPTUNA_JOURNAL)
+        return optuna.samplers.RandomSampler(seed=space.search_seed)
+    if space.algorithm == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=space.search_seed,
+                                             population_size=max(4, space.num_samples // 4))
+    return optuna.samplers.TPESampler(seed=space.search_seed,
+                                      n_startup_trials=max(2, space.num_samples // 3))
 
 
 class OptunaJournalSearch(Searcher):
@@ -178,16 +181,19 @@ class OptunaJournalSearch(Searcher):
     Like Ray's OptunaSearch: a trial that reports its metric(s) is told COMPLETE, a failed one
     FAIL, one that ended without a value PRUNED; non-finite values are told FAIL."""
 
-    def __init__(self, space: Space, metric, mode, sampler, journal: Path):
+    def __init__(self, space: Space, metric, mode, journal: Path):
         super().__init__(metric=metric, mode=mode)
-        self.space, self.sampler, self.journal = space, sampler, str(journal)
+        self.space, self.journal = space, str(journal)
         self.metrics = metric if isinstance(metric, list) else [metric]
         modes = mode if isinstance(mode, list) else [mode]
         self.directions = ["minimize" if m == "min" else "maximize" for m in modes]
         self.numbers: dict[str, int] = {}  # Tune trial id -> Optuna trial number (open trials)
         self._study = None
 
-    def __getstate__(self):  # Tune pickles its searcher into tuner.pkl: the study stays out
+    def __getstate__(self):
+        """Tune pickles its searcher (at Tuner creation, and into tuner.pkl): the study and its
+        sampler stay out and are rebuilt from the space when first used. Optuna's own objects
+        are not made to be pickled (Optuna 5.1's GA samplers hold a threading.Lock)."""
         return {**self.__dict__, "_study": None}
 
     @property
@@ -199,7 +205,8 @@ class OptunaJournalSearch(Searcher):
 
             storage = JournalStorage(JournalFileBackend(self.journal))
             self._study = optuna.create_study(study_name="sweep", storage=storage,
-                                              sampler=self.sampler, directions=self.directions,
+                                              sampler=make_sampler(self.space),
+                                              directions=self.directions,
                                               load_if_exists=True)
         return self._study
 
