@@ -206,10 +206,14 @@ def test_pixel_space_bundle(bundles, capsys):
     assert latency.unet_calls == 6 and latency.text_encoder_calls == 2  # 3 steps x CFG
     assert latency.decoder_ms is None and latency.total_ms > latency.unet_ms > 0
 
-    # one step, no guidance (a UFOGen generator's sampler): one UNet call, the same parity
+    # one step, no guidance (a UFOGen generator's sampler): one UNet call. This run predicts
+    # epsilon, so its one step from t = T - 1 divides the UNet's output by sqrt(alpha_bar):
+    # a float32 difference between ORT and PyTorch (~1e-6) reaches the pixels 157x larger
     one = generate(out["pixel"], PROMPT, seed=3, steps=1, guidance=1.0, check=runs["pixel"])
     assert one.sampler == "one-step" and one.latency.unet_calls == 1
-    assert one.latency.text_encoder_calls == 1 and one.max_abs_diff < PARITY_TOLERANCE
+    a_last = float(alphas_cumprod("linear", 1000)[-1])
+    gain = ((1 - a_last) / a_last) ** 0.5
+    assert one.latency.text_encoder_calls == 1 and one.max_abs_diff < PARITY_TOLERANCE * gain
 
 
 @pytest.mark.minilm
