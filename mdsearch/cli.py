@@ -150,6 +150,8 @@ def cmd_train(args) -> None:
         return _train_ufogen(args, recipe)
     if args.seed is not None:
         recipe = recipe.override({"seed": args.seed}, source="--seed")
+    if args.seeds is not None:
+        recipe = recipe.override({"seeds": args.seeds}, source="--seeds")
     spec = _load_spec(args)
     log = prefixed(spec.name)
     workers = args.workers or recipe.workers
@@ -412,6 +414,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="run directory (checkpoints, samples, spec)")
     p.add_argument("--steps", type=positive_int, default=None, help="override the recipe's steps")
     p.add_argument("--seed", type=int, default=None, help="override the recipe's seed")
+    p.add_argument("--seeds", type=positive_int, default=None, metavar="K",
+                   help="train K seeds (seed .. seed + K - 1) together as one stacked model; "
+                        "held-out metrics per seed, with their mean and standard error")
     p.add_argument("--init", metavar="RUN_DIR", default=None,
                    help="fine-tune this trained run into a one-step generator (UFOGen; "
                         "with --trial ufogen_cpu or another kind: ufogen recipe)")

@@ -74,7 +74,12 @@ class Attention(nn.Module):
 
     kv_share: one projection gives both keys and values (W_K = W_V, paper §3.2).
     nonlinearity "relu": relu(QK^T / sqrt(d)) / L_k (ref. [57]) instead of softmax.
+    kernel: softmax attention by PyTorch's fused kernel ("sdpa") or as two matmuls ("matmul", the
+    same math; what a SeedStack uses, since the fused kernel has no vmap rule).
     """
+
+    kernel = "sdpa"
+
 
     def __init__(self, dim: int, heads: int, context_dim: int | None = None,
                  kv_share: bool = False, nonlinearity: str = "softmax"):
@@ -91,8 +96,11 @@ class Attention(nn.Module):
         q, k = self.to_q(x), self.to_k(source)
         v = k if self.kv_share else self.to_v(source)
         q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))
-        if self.nonlinearity == "softmax":
+        if self.nonlinearity == "softmax" and self.kernel == "sdpa":
             out = F.scaled_dot_product_attention(q, k, v)
+        elif self.nonlinearity == "softmax":
+            scores = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5
+            out = scores.softmax(dim=-1) @ v
         else:
             scores = torch.relu(q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5)
             out = (scores / k.shape[-2]) @ v

@@ -30,7 +30,8 @@ class NoiseSchedule:
         self.alphas_cumprod = torch.cumprod(1 - betas, dim=0).float()
 
     def _coefs(self, t: torch.Tensor, ndim: int):
-        a = self.alphas_cumprod.to(t.device)[t].view(-1, *[1] * (ndim - 1))
+        a = self.alphas_cumprod.to(t.device)[t]  # t: (B,), or (K seeds, B), or a scalar
+        a = a.reshape(*t.shape, *[1] * (ndim - t.dim())) if t.dim() else a.reshape([1] * ndim)
         return a.sqrt(), (1 - a).sqrt()
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

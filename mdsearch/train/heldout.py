@@ -92,3 +92,21 @@ def heldout_metrics(model, bank: EvalBank, schedule) -> dict[str, float]:
         out[f"val_loss_{name}"] = float(true[bank.band == i].mean())
     out["text_gain"] = float((null - true).mean())
     return out
+
+
+def seed_summary(per_seed: dict[int, dict[str, float]]) -> dict[str, float]:
+    """Several training seeds' metrics (seed index -> metrics) as one record: each metric's mean
+    over the seeds, `<metric>_std` (sample std, ddof 1), `<metric>_se` (std / sqrt(n): the
+    standard error of the mean) and every seed's own `<metric>_s<k>`; `seeds_measured`: n."""
+    import statistics
+
+    ks = sorted(per_seed)
+    out: dict[str, float] = {}
+    for name in per_seed[ks[0]]:
+        values = [per_seed[k][name] for k in ks]
+        out[name] = statistics.fmean(values)
+        std = statistics.stdev(values) if len(values) > 1 else float("nan")
+        out[f"{name}_std"], out[f"{name}_se"] = std, std / len(values) ** 0.5
+        out.update({f"{name}_s{k}": v for k, v in zip(ks, values)})
+    out["seeds_measured"] = len(ks)
+    return out

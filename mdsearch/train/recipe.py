@@ -117,6 +117,7 @@ class PlannedStage:
 
 
 DEVICES = ("auto", "cpu", "cuda")
+MAX_SEEDS = 64
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -139,6 +140,9 @@ class Recipe(RecipeData):
     checkpoint_every: int = 1000
     log_every: int = 50
     seed: int = 0
+    # training seeds trained together as one stacked model (seed, seed + 1, ..., seed + K - 1;
+    # mdsearch.arch.seeds): held-out metrics per seed, reported with their mean and standard error
+    seeds: int = 1
     resources: dict[str, float] = field(default_factory=lambda: {"cpu": 1, "gpu": 0})  # per worker
     stages: list[Stage] = field(default_factory=list)
     workers: int = 1  # data-parallel workers (Ray Train); the batch is split between them
@@ -199,6 +203,8 @@ class Recipe(RecipeData):
             fail("data.kind", "missing (synthetic, folder or coco)")
         if self.workers < 1:
             fail("workers", f"must be positive, got {self.workers}")
+        if not 1 <= self.seeds <= MAX_SEEDS:
+            fail("seeds", f"must be in 1..{MAX_SEEDS}, got {self.seeds}")
         if self.device not in DEVICES:
             fail("device", f"{self.device!r} is not one of {', '.join(DEVICES)}")
         if self.precision not in PRECISIONS:

@@ -15,6 +15,14 @@ LR schedule and EMA carry over. A stage that switches attention is evaluated rig
 switch, before any fine-tuning, so the history shows quality before the switch (the previous
 stage's last evaluation), just after it, and after fine-tuning.
 
+Seeds: a recipe's `seeds: K` trains seeds seed .. seed + K - 1 of the spec together as one
+`SeedStack` (one stacked model, mdsearch.arch.seeds). Each seed draws its own batch, timesteps,
+noise and caption dropout from (its seed, step), as it would alone; gradient clipping and the
+non-finite check are per seed (a diverging seed stops alone and the others go on). Held-out
+metrics are measured per seed and reported as their mean, with `<metric>_std`, `<metric>_se` and
+each seed's `<metric>_s<k>`; sampled metrics (fid_proxy, kid_proxy, align) and sample grids come
+from one seed (`sampled_seed`: the first still training). K = 1 is the plain run, bit for bit.
+
 Data parallel: when torch.distributed is initialised (Ray Train's TorchTrainer, or torchrun),
 every rank draws the same global batch from the step's generator and trains on its own slice of
 it under DistributedDataParallel, so N workers take the same steps as one process with the whole
@@ -42,8 +50,8 @@ from ..progress import quiet
 from ..arch.blocks import set_attn_nonlinearity
 from ..arch.cost import cost
 from ..arch.proxy import proxy_spec
+from ..arch.seeds import SeedStack
 from ..arch.spec import ArchSpec
-from ..arch.unet import build
 from ..config import ConfigError
 from .checkpoint import described, read_checkpoint
 from ..rundir import (CHECKPOINT, PROXY_SPEC, RECIPE, RESULT, SPEC, atomic_path, atomic_write,
@@ -51,7 +59,7 @@ from ..rundir import (CHECKPOINT, PROXY_SPEC, RECIPE, RESULT, SPEC, atomic_path,
 from ..data.autoencoder import check_latent_channels
 from ..data.pipeline import DataPipeline
 from .diffusion import NoiseSchedule, ddim_sample
-from .heldout import EvalBank, heldout_metrics
+from .heldout import EvalBank, heldout_metrics, seed_summary
 from .recipe import PlannedStage, Recipe
 
 
@@ -71,6 +79,8 @@ class TrialResult:
     proxy_params: int
     metrics: dict[str, float] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)  # the training seeds (several: one stack)
+    seed_failures: dict[str, str] = field(default_factory=dict)  # seed -> why it stopped
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -203,6 +213,7 @@ class Training:
         self.lead = self.rank == 0
         self.spec, self.recipe = spec, recipe
         self.seed = recipe.seed if seed is None else seed
+        self.seeds = [self.seed + k for k in range(recipe.seeds)]
         self.plan = recipe.plan()
         self.attention = stage_attention(self.plan, spec)
         self.staged = len(self.plan) > 1
@@ -231,8 +242,7 @@ class Training:
                     f" times; use a multiple of {factor * data.autoencoder.factor}")
         self.proxy = proxy_spec(spec, recipe.width, data.autoencoder.channels, data.encoder.dim,
                                 data.encoder.max_length)
-        torch.manual_seed(self.seed)
-        self.model = build(self.proxy).to(self.device)
+        self.model = SeedStack.build(self.proxy, self.seeds, self.device)
         self.ema = EMA(self.model, recipe.ema_decay)
         opt = recipe.optimizer
         # fused: one kernel over all parameters (10% faster proxy steps on a 2-core CPU than the
@@ -244,9 +254,9 @@ class Training:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: lr_factor(step, opt.warmup_steps, total, opt.anneal))
         self.schedule = NoiseSchedule(kind=recipe.noise_schedule, prediction=recipe.prediction)
-        proxy_params = sum(p.numel() for p in self.model.parameters())
+        proxy_params = sum(p.numel() for p in self.model.structure.parameters())  # one seed's
         self.result = TrialResult("ok", None, 0, 0.0, self.full.params, self.full.gmacs,
-                                  proxy_params)
+                                  proxy_params, seeds=list(self.seeds))
         self.step, self.elapsed_before = 0, 0.0
         self.losses: list[float] = []  # since the last evaluation (its record averages them)
         self.ckpt_path = self.out / CHECKPOINT
@@ -277,21 +287,34 @@ class Training:
         if saved is not None:  # the same UNet, but another autoencoder's latents
             check_latent_channels(self.pipeline(self.plan[0].resolution).autoencoder,
                                   saved.latent_channels, str(self.ckpt_path))
+        saved_seeds = state.get("seeds", [self.seed])  # (a checkpoint of one seed may not say)
+        if len(saved_seeds) != len(self.seeds) or ("seeds" in state
+                                                   and saved_seeds != self.seeds):
+            raise TrainError(f"{self.ckpt_path}: this checkpoint trained seeds {saved_seeds}, "
+                             f"the recipe asks for {self.seeds} (seed {self.seed}, seeds "
+                             f"{len(self.seeds)}); train into a new --out, or give the same "
+                             "seeds")
+        stacked = len(self.seeds) > 1
         try:
-            self.model.load_state_dict(state["model"])
+            if stacked:
+                self.model.load_state_dict(state["stack"]["model"])
+                self.ema.model.load_state_dict(state["stack"]["ema"])
+            else:
+                self.model.single.load_state_dict(state["model"])
+                self.ema.model.single.load_state_dict(state["ema"])
         except (KeyError, RuntimeError) as err:  # another spec's (or recipe's) checkpoint
             first = (str(err).strip().splitlines()[1:2] or [str(err)])[0].strip()[:160]
             raise TrainError(
                 f"{self.ckpt_path}: this checkpoint is of another model than {self.spec.name} "
                 f"with this recipe ({first}); train into a new --out, or delete it to start "
                 "over") from None
-        self.ema.model.load_state_dict(state["ema"])
         self.ema.updates = state["ema_updates"]
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.elapsed_before = state["step"], state["seconds"]
         self.result.history = json.loads(state["history"])
         self.losses = json.loads(state.get("losses", "[]"))
+        self.result.seed_failures = json.loads(state.get("seed_failures", "{}"))
         self.result.steps = self.step
         if self.result.history:
             self.result.metrics = _metrics_of(self.result.history[-1])
@@ -320,8 +343,15 @@ class Training:
         recipe it was trained from; the YAML files beside it are readable copies), written
         atomically: a kill mid-save never leaves a torn checkpoint."""
         texts = self.write_specs(attn)
+        # "model" and "ema": the first seed's UNet, which every reader of a run loads (export,
+        # promote, reliability); "stack": all seeds, stacked, to resume from
+        stack = ({"stack": {"model": self.model.state_dict(), "ema": self.ema.model.state_dict()}}
+                 if len(self.seeds) > 1 else {})
         with atomic_path(self.ckpt_path) as tmp:
-            torch.save({"model": self.model.state_dict(), "ema": self.ema.model.state_dict(),
+            torch.save({"model": self.model.unet(0).state_dict(),
+                        "ema": self.ema.model.unet(0).state_dict(), **stack,
+                        "seeds": self.seeds,
+                        "seed_failures": json.dumps(self.result.seed_failures),
                         "ema_updates": self.ema.updates, "optimizer": self.optimizer.state_dict(),
                         "scheduler": self.scheduler.state_dict(), "step": self.step,
                         "attn_nonlinearity": attn,
@@ -342,7 +372,10 @@ class Training:
                 self.evaluator = make_evaluator(self.recipe,
                                                 self.pipeline(self.plan[-1].resolution))
             grid = self.out / samples_file(self.step, extra.get("event", ""))  # a switch: its own
-            metrics.update(evaluate(self.ema.model, data, self.schedule, self.recipe,
+            k = self.training_seeds()[0]
+            if len(self.seeds) > 1:
+                metrics["sampled_seed"] = self.seeds[k]
+            metrics.update(evaluate(self.ema.model.unet(k), data, self.schedule, self.recipe,
                                     self.evaluator, grid=grid))
         record = {"step": self.step, **extra, **metrics}
         self.result.history.append(record)
@@ -363,7 +396,14 @@ class Training:
             return {}
         if data.bank is None:
             data.bank = EvalBank(data, self.recipe.eval.bank, self.schedule.steps)
-        return heldout_metrics(self.ema.model, data.bank, self.schedule)
+        if len(self.seeds) == 1:
+            return heldout_metrics(self.ema.model.unet(0), data.bank, self.schedule)
+        return seed_summary({k: heldout_metrics(self.ema.model.unet(k), data.bank, self.schedule)
+                             for k in self.training_seeds()})
+
+    def training_seeds(self) -> list[int]:
+        """Indices of the seeds still training (not stopped by a divergence)."""
+        return [k for k, s in enumerate(self.seeds) if str(s) not in self.result.seed_failures]
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -386,12 +426,14 @@ class Training:
             if self.step >= min(stage.end, total) or self.result.status != "ok":
                 continue
             data = self.pipeline(stage.resolution)
-            set_attn_nonlinearity(self.model, attn)
-            set_attn_nonlinearity(self.ema.model, attn)
+            set_attn_nonlinearity(self.model.structure, attn)
+            set_attn_nonlinearity(self.ema.model.structure, attn)
             tag = {"stage": stage.name, "resolution": stage.resolution} if self.staged else {}
             self.say(f"stage {stage.name}: steps {stage.start}-{stage.end} at "
                      f"{stage.resolution}px, batch {stage.batch_size}"
                      + (f" over {self.workers} workers" if self.workers > 1 else "")
+                     + (f", seeds {self.seeds[0]}-{self.seeds[-1]} stacked"
+                        if len(self.seeds) > 1 else "")
                      + f", {attn} attention, on {self.device}")
             before = self.attention[i - 1] if i > 0 else attn
             if self.lead and self.step == stage.start and attn != before and not any(
@@ -420,40 +462,47 @@ class Training:
         losses = self.losses
         last_log = time.time()
         while self.step < end:
-            g = _step_generator(self.seed, self.step)  # the global batch, the same on every rank
-            idx = torch.randint(len(data.train), (size,), generator=g)
-            drop = torch.rand(size, generator=g) < recipe.caption_dropout
-            t = torch.randint(0, self.schedule.steps, (size,), generator=g)
-            noise = torch.randn(data.latent_shape(size), generator=g)
-            latents, captions = data.batch(idx[mine].tolist())  # this rank's slice of it
-            captions = ["" if d else c for c, d in zip(captions, drop[mine].tolist())]
-            latents, noise, t = latents.to(dev), noise[mine].to(dev), t[mine].to(dev)
-            context = data.context(captions).to(dev)
+            # each seed's global batch, drawn from (seed, step): the same on every rank, and
+            # the same as that seed's solo run
+            drawn = []
+            for seed in self.seeds:
+                g = _step_generator(seed, self.step)
+                idx = torch.randint(len(data.train), (size,), generator=g)
+                drop = torch.rand(size, generator=g) < recipe.caption_dropout
+                t = torch.randint(0, self.schedule.steps, (size,), generator=g)
+                noise = torch.randn(data.latent_shape(size), generator=g)
+                latents, captions = data.batch(idx[mine].tolist())  # this rank's slice of it
+                captions = ["" if d else c for c, d in zip(captions, drop[mine].tolist())]
+                drawn.append((latents, noise[mine], t[mine], data.context(captions)))
+            # (K seeds, this rank's batch, ...)
+            latents, noise, t, context = (torch.stack(x).to(dev) for x in zip(*drawn))
             self.optimizer.zero_grad(set_to_none=True)
-            mean_loss = torch.zeros((), device=dev)
+            mean_loss = torch.zeros(len(self.seeds), device=dev)  # per seed
             n = recipe.accumulate  # micro-batches (views of the batch): their gradients add up
-            parts = zip(latents.chunk(n), noise.chunk(n), t.chunk(n), context.chunk(n))
+            parts = zip(*(x.chunk(n, dim=1) for x in (latents, noise, t, context)))
             for i, (x0, eps, tp, ctx) in enumerate(parts):
                 # DDP averages the gradients over the workers in the last backward only
                 last = i == n - 1
                 with self.ddp.no_sync() if self.ddp is not None and not last else nullcontext():
                     with autocast:
                         pred = self.trained(self.schedule.add_noise(x0, eps, tp), tp, ctx)
-                    loss = F.mse_loss(pred.float(), self.schedule.target(x0, eps, tp))
-                    loss = loss * (len(x0) / len(latents))  # the mean over the whole batch
-                    loss.backward()
+                    target = self.schedule.target(x0, eps, tp)
+                    # each seed's mean over the whole batch; seeds add up (their gradients are
+                    # each seed's own: no weight is shared between seeds)
+                    loss = torch.stack([F.mse_loss(pred[k].float(), target[k])
+                                        for k in range(len(self.seeds))])
+                    loss = loss * (x0.shape[1] / latents.shape[1])
+                    loss.sum().backward()
                 mean_loss += loss.detach()
             if self.workers > 1:  # every rank sees the same mean, so all agree on a divergence
                 dist.all_reduce(mean_loss)
                 mean_loss /= self.workers
-            loss_value = mean_loss.item()
-            if not math.isfinite(loss_value):  # (the gradients are dropped, never applied)
-                result.status = "failed"
-                result.reason = f"non-finite loss ({loss_value}) at step {self.step + 1}"
-                self.say(f"FAILED: {result.reason}")
+            if not self.stop_diverged(mean_loss.tolist()):
                 return
-            if opt.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), opt.grad_clip)
+            values = [mean_loss[k].item() for k in self.training_seeds()]
+            loss_value = sum(values) / len(values)
+            if opt.grad_clip > 0:  # per seed
+                self.model.clip_grad_norm_(opt.grad_clip)
             self.optimizer.step()
             self.scheduler.step()
             self.ema.update(self.model)
@@ -483,6 +532,30 @@ class Training:
                     on_checkpoint(done, self.ckpt_path if self.lead else None)
             if record is not None and on_eval is not None:
                 on_eval(record)  # after the save, so a checkpoint reported with it is current
+
+    def stop_diverged(self, seed_losses: list[float]) -> bool:
+        """Stop every seed whose loss is not finite (its gradients are dropped, never applied).
+        False when no seed is left: the run has failed, with the reason."""
+        result, failures = self.result, self.result.seed_failures
+        for k in self.training_seeds():
+            if not math.isfinite(seed_losses[k]):
+                failures[str(self.seeds[k])] = (f"non-finite loss ({seed_losses[k]}) at step "
+                                                f"{self.step + 1}")
+                if len(self.seeds) > 1:
+                    self.say(f"seed {self.seeds[k]} FAILED: {failures[str(self.seeds[k])]}; the "
+                             "other seeds go on")
+        alive = self.training_seeds()
+        if not alive:
+            result.status = "failed"
+            result.reason = (failures[str(self.seeds[0])] if len(self.seeds) == 1 else
+                             "every seed failed: " + "; ".join(f"seed {s}: {why}" for s, why
+                                                               in failures.items()))
+            self.say(f"FAILED: {result.reason}")
+            return False
+        if len(alive) < len(self.seeds):
+            self.model.zero_seed_grads_(torch.tensor([k not in alive
+                                                      for k in range(len(self.seeds))]))
+        return True
 
 
 def _metrics_of(record: dict) -> dict[str, float]:
