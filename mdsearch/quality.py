@@ -203,13 +203,63 @@ def is_quality(column: str) -> bool:
 
 
 
+# --- trials with their own seeds (a recipe's `seeds: K`) ----------------------------------------
+
+def has_own_seeds(table: pd.DataFrame, metric: str) -> bool:
+    """Whether the trials of `table` carry their own seed noise for `metric` (`<metric>_se`, the
+    standard error of a K-seed mean, from trials trained with several stacked seeds)."""
+    column = f"{metric}_se"
+    return column in table and bool(table[column].notna().all()) and len(table) > 0
+
+
+def mean_difference_band(se_a: float, se_b: float, n_a: int, n_b: int) -> float:
+    """The 95% band of a difference between two K-seed means with standard errors se_a, se_b:
+    t(0.975, Welch's degrees of freedom) * sqrt(se_a^2 + se_b^2)."""
+    from scipy import stats
+
+    var = se_a ** 2 + se_b ** 2
+    if var == 0:
+        return 0.0
+    dof = var ** 2 / (se_a ** 4 / max(n_a - 1, 1) + se_b ** 4 / max(n_b - 1, 1))
+    return float(stats.t.ppf(0.975, dof)) * math.sqrt(var)
+
+
+def seed_tied(done: pd.DataFrame, metric: str) -> tuple[pd.DataFrame, pd.Series]:
+    """`done` ordered best first by its K-seed means, and for each row the band of its
+    difference from the best (mean_difference_band with both rows' own standard errors)."""
+    ordered = done.sort_values(metric, ascending=direction(metric) == "min")
+    first = ordered.iloc[0]
+    n = ordered.get("seeds_measured", pd.Series(2, index=ordered.index)).fillna(2).astype(int)
+    bands = pd.Series([mean_difference_band(float(first[f"{metric}_se"]), float(row[f"{metric}_se"]),
+                                            int(n.iloc[0]), int(n.loc[i]))
+                       for i, row in ordered.iterrows()], index=ordered.index)
+    return ordered, bands
+
+
 def winner_statement(table: pd.DataFrame, metric: str, floor: dict | None) -> str:
     """Whether the best completed trial can be called the winner: only when it is ahead of
-    the runner-up by more than the noise of a difference (1.96 * sqrt(2) * floor)."""
+    the runner-up by more than the noise of a difference (1.96 * sqrt(2) * floor). Trials with
+    their own seeds (`<metric>_se`) are compared by their means and their own standard errors
+    instead, with no floor needed."""
     done = table[(table["status"] == COMPLETED) & table[metric].notna()] if metric in table \
         else table.iloc[:0]
     if len(done) < 2:
         return "Fewer than two completed trials: nothing to rank."
+    if has_own_seeds(done, metric):
+        ordered, bands = seed_tied(done, metric)
+        best = ordered.iloc[0][metric]
+        gaps = (ordered[metric] - best).abs()
+        tied = ordered[gaps <= bands]
+        k = int(ordered["seeds_measured"].min()) if "seeds_measured" in ordered else 0
+        about = (f"the 95% interval of a difference of {k}-seed means, from each trial's own "
+                 f"seeds (standard errors {ordered[f'{metric}_se'].min():.2g} to "
+                 f"{ordered[f'{metric}_se'].max():.2g})")
+        if len(tied) == 1:
+            return (f"Winner: {ordered.iloc[0]['trial_id']}, ahead of the runner-up by "
+                    f"{gaps.iloc[1]:.3g}, more than {about}: {bands.iloc[1]:.3g}.")
+        return (f"**No winner at this budget**: {len(tied)} trials "
+                f"({', '.join(map(str, tied['trial_id']))}) are within {about} of the best "
+                f"{metric}; their order is noise.")
     if not floor or not math.isfinite(floor.get("floor", math.nan)):
         return (f"**Noise floor of {metric} unknown** for this recipe: the order above may be "
                 "noise. Measure it with `mdsearch reliability` (or train with `seeds: [0, 1]`).")

@@ -56,8 +56,8 @@ def test_bank_is_stratified_and_its_redraw_differs(tmp_path):
     assert [int((bank.band == i).sum()) for i in range(3)] == [10, 10, 10]
     other = bank.redraw(data, run.schedule.steps, seed=1)
     assert torch.equal(other.latents, bank.latents) and not torch.equal(other.noise, bank.noise)
-    m1 = heldout_metrics(run.ema.model, bank, run.schedule)
-    m2 = heldout_metrics(run.ema.model, other, run.schedule)
+    m1 = heldout_metrics(run.ema.model.unet(0), bank, run.schedule)
+    m2 = heldout_metrics(run.ema.model.unet(0), other, run.schedule)
     assert m1["val_loss"] != m2["val_loss"]
 
 

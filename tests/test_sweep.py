@@ -390,3 +390,47 @@ def test_a_recipe_asking_for_more_than_a_trial_uses_is_refused(changes, field):
     with pytest.raises(SweepError, match=f"recipe r: field {field}: a sweep trains each trial"):
         check_trial_resources(Recipe.from_dict({**RECIPE, "name": "r", **changes}, "r"))
     check_trial_resources(Recipe.from_dict({**RECIPE, "name": "r", "resources": {"gpu": 1}}, "r"))
+
+
+def test_a_tpe_sweep_with_seeds_per_trial_ranks_by_seed_means(tmp_path):
+    """seeds_per_trial: 3 makes every trial a stack of 3 seeds: results.csv keeps each seed's
+    value, their mean, std and standard error; TPE is told the mean; the winner statement uses
+    the trials' own standard errors."""
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    from mdsearch.quality import winner_statement
+
+    space, recipe = files(tmp_path, objectives=[{"val_loss": "min"}], seeds_per_trial=3,
+                          search={"algorithm": "tpe", "num_samples": 2, "seed": 0,
+                                  "max_concurrent": 2})
+    assert space.seeds_per_trial == 3
+    result = run_sweep(space, recipe, name="seeds", storage=tmp_path, mlflow=False)
+    done = trained(result.table)
+    assert len(done) == 2 and (done["status"] == "completed").all()
+    for _, row in done.iterrows():
+        seeds = [row[f"val_loss_s{k}"] for k in range(3)]
+        assert row["val_loss"] == pytest.approx(sum(seeds) / 3)
+        assert row["val_loss_se"] == pytest.approx(pd.Series(seeds).std() / 3 ** 0.5)
+        assert row["seeds_measured"] == 3
+    csv = pd.read_csv(tmp_path / "seeds" / "results.csv")
+    assert {"val_loss_s0", "val_loss_s1", "val_loss_s2", "val_loss_se"} <= set(csv.columns)
+    study = optuna.load_study(study_name="sweep", storage=JournalStorage(
+        JournalFileBackend(str(tmp_path / "seeds" / "optuna_journal.log"))))
+    told = sorted(t.value for t in study.trials if t.value is not None)
+    assert told == pytest.approx(sorted(done["val_loss"]))
+    assert "seed means, from each trial's own seeds" in winner_statement(
+        result.table, "val_loss", None)
+
+
+def test_seeds_per_trial_is_checked_when_the_space_is_read(tmp_path):
+    from mdsearch.search.space import SpaceError
+
+    for bad, why in ((0, "must be an integer in 1..64"), ("3", "must be an integer"),
+                     (True, "must be an integer")):
+        with pytest.raises(SpaceError, match=f"field seeds_per_trial: {why}|seeds_per_trial: {why}"):
+            files(tmp_path, seeds_per_trial=bad)
+    with pytest.raises(SpaceError, match="either seeds .* or seeds_per_trial"):
+        files(tmp_path, seeds_per_trial=2, seeds=[0, 1],
+              search={"algorithm": "grid", "num_samples": 1})

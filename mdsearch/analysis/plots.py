@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..quality import difference_band
+from ..quality import difference_band, has_own_seeds, seed_tied
 from ..rundir import COMPLETED, FAILED, FILTERED_STATUS, PLOT, STOPPED, front
 
 REFERENCES = ("md", "md-lite", "sd15")  # costed presets, drawn as vertical lines
@@ -47,7 +47,18 @@ def pareto_plot(table: pd.DataFrame, metric: str, out: str | Path, mode: str = "
     if len(done):
         ax.scatter(done["gmacs"], done[metric], s=40, color="tab:blue", label="completed",
                    zorder=3)
-        if noise is not None and np.isfinite(noise):
+        own = f"{metric}_se"
+        if has_own_seeds(done, metric):  # each trial's own seeds: its own error bar
+            k = int(done["seeds_measured"].min()) if "seeds_measured" in done else 0
+            ax.errorbar(done["gmacs"], done[metric], yerr=done[own], fmt="none",
+                        ecolor="tab:blue", alpha=0.6, capsize=2,
+                        label=f"±1 standard error of each trial's {k}-seed mean")
+            ordered, bands = seed_tied(done, metric)
+            tied = ordered[(ordered[metric] - ordered.iloc[0][metric]).abs() <= bands]
+            ax.scatter(tied["gmacs"], tied[metric], s=140, facecolors="none",
+                       edgecolors="tab:green", linewidths=1.5, zorder=2,
+                       label="indistinguishable from the best (95%, own seeds)")
+        elif noise is not None and np.isfinite(noise):
             ax.errorbar(done["gmacs"], done[metric], yerr=noise, fmt="none", ecolor="tab:blue",
                         alpha=0.5, capsize=2, label=f"noise floor ±{noise:.2g} (1 std)")
             best = done[metric].min() if mode == "min" else done[metric].max()

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
+from ..quality import mean_difference_band
 from ..rundir import STOP_STATE_V1, RunDirError, append_jsonl, read_jsonl
 
 
@@ -27,6 +28,9 @@ class PaperStopRule(FIFOScheduler):
     tolerance: metric -> absolute tolerance, used instead of `margin` for that metric (e.g. a
                multiple of its noise floor: a trial is stopped only when it is worse than the
                best by more than the noise can explain)
+               Trials trained with several stacked seeds report `<metric>_se`: where the trial
+               and the best peer both have it, the slack is instead the 95% band of a
+               difference of their means (quality.mean_difference_band), with no floor needed.
     grace:     the first evaluation (1-based) at which a trial may be stopped
     min_peers: how many other trials must have reported at that step before anyone is judged
     state_file: a JSON-lines log of every judgement (trial, step, values, and the reason when
@@ -77,6 +81,11 @@ class PaperStopRule(FIFOScheduler):
         """CONTINUE or STOP for `trial_id` reporting `result` (the rule, free of Tune objects)."""
         step = result.get(self.time_attr)
         values = {m: result.get(m) for m in self.metrics}
+        own = {f"{m}_se": result.get(f"{m}_se") for m in self.metrics}
+        values.update({k: v for k, v in own.items() if _finite(v)})
+        n = result.get("seeds_measured")
+        if _finite(n):
+            values["seeds_measured"] = n
         if step is None or any(not _finite(v) for v in values.values()):
             return TrialScheduler.CONTINUE
         at_step = self.seen.get(str(step), {})
@@ -84,17 +93,25 @@ class PaperStopRule(FIFOScheduler):
         evals = self.evals.get(trial_id, 0) + (trial_id not in at_step)  # with this one
         reason = None
         if evals >= self.grace and len(peers) >= self.min_peers:
-            why = []
+            why, by_own = [], []
             for metric, mode in self.metrics.items():
                 best_trial, best = _best(peers, metric, mode)
                 slack = self.tolerance.get(metric, self.margin * abs(best))
+                se, peer = f"{metric}_se", peers[best_trial]
+                if se in values and se in peer:
+                    slack = mean_difference_band(values[se], peer[se],
+                                                 int(values.get("seeds_measured", 2)),
+                                                 int(peer.get("seeds_measured", 2)))
+                    by_own.append(f"{metric} {slack:.3g}")
                 limit = best + slack * (1 if mode == "min" else -1)
                 worse = values[metric] > limit if mode == "min" else values[metric] < limit
                 if not worse:
                     break
                 why.append(f"{metric} {values[metric]:.4g} vs best {best:.4g} ({best_trial})")
             else:
-                by = "more than " + ", ".join(
+                by = ("more than the 95% band of a difference of seed means (" +
+                      ", ".join(by_own) + ")" if len(by_own) == len(self.metrics) else None)
+                by = by or "more than " + ", ".join(
                     f"{m} {self.tolerance[m]:.3g}" if m in self.tolerance
                     else (f"{self.margin:.0%}" if len(self.metrics) == 1 else
                           f"{m} {self.margin:.0%}") for m in self.metrics)

@@ -27,6 +27,8 @@
     objectives: [{fid_proxy: min}, {gmacs: min}]
     search: {algorithm: tpe, num_samples: 16, seed: 0, max_concurrent: 2}
     seeds: [0]                        # training seeds per configuration (several: grid only)
+    seeds_per_trial: 3                # every trial trains seeds seed..seed+2 as one stacked
+                                      # model and reports their mean (any searcher)
     scheduler: {kind: paper, margin: 0.1}   # paper | asha | none (see search/schedulers.py)
 
 Everything is checked when the file is loaded: unknown keys, unknown fields, values a field cannot
@@ -69,7 +71,8 @@ ALGORITHMS = ("tpe", "nsga2", "random", "grid")
 SCHEDULERS = ("paper", "asha", "none")
 COST_METRICS = ("params", "gmacs")  # objectives known before training
 TOP_KEYS = ("name", "description", "base", "set", "trial", "trial_overrides", "dimensions",
-            "ties", "constraints", "objectives", "search", "seeds", "scheduler")
+            "ties", "constraints", "objectives", "search", "seeds", "seeds_per_trial",
+            "scheduler")
 DIM_KINDS = ("values", "range", "bool", "variants")
 
 
@@ -166,6 +169,7 @@ class Space:
     search_seed: int = 0
     max_concurrent: int | None = None
     seeds: list[int] = field(default_factory=lambda: [0])
+    seeds_per_trial: int = 1  # training seeds stacked in every trial (the recipe's `seeds`)
     scheduler: dict[str, Any] = field(default_factory=lambda: {"kind": "none"})
     description: str = ""
     base_name: str = ""  # as written: a preset, a spec file, init or autoencoder
@@ -405,6 +409,15 @@ def parse_space(data: Any, source: str = "space", base_dir: Path | None = None) 
     if len(seeds) > 1 and algorithm != "grid":
         fail("seeds", "repeats over several seeds need `search.algorithm: grid` (a sampler "
                       "would treat seeds as different configurations)")
+    from ..train.recipe import MAX_SEEDS
+
+    per_trial = data.get("seeds_per_trial", 1)
+    if isinstance(per_trial, bool) or not isinstance(per_trial, int) or not \
+            1 <= per_trial <= MAX_SEEDS:
+        fail("seeds_per_trial", f"must be an integer in 1..{MAX_SEEDS}, got {per_trial!r}")
+    if per_trial > 1 and len(seeds) > 1:
+        fail("seeds_per_trial", "give either seeds (grid repeats, one seed per trial) or "
+                                "seeds_per_trial (several seeds inside every trial), not both")
     scheduler = _parse_scheduler(data.get("scheduler") or {"kind": "none"}, objectives, fail)
     trial = str(data.get("trial", "cpu_quick"))
     trial_overrides = _mapping(data.get("trial_overrides") or {}, "trial_overrides", fail)
@@ -413,6 +426,7 @@ def parse_space(data: Any, source: str = "space", base_dir: Path | None = None) 
                  trial_overrides=trial_overrides, dimensions=dims, ties=ties, budget=budget,
                  objectives=objectives, algorithm=algorithm, num_samples=num_samples,
                  search_seed=int(search.get("seed", 0)), max_concurrent=max_conc, seeds=seeds,
+                 seeds_per_trial=per_trial,
                  scheduler=scheduler, description=str(data.get("description", "")).strip(),
                  base_name=base_name)
 
@@ -695,9 +709,18 @@ def sweep_recipe(space: Space, trial: str | Path | None = None):
     Recipe, a UFOGenRecipe for a recipe of kind: ufogen, a VAERecipe for kind: vae."""
     from ..train.ufogen import load_any_recipe
 
+    from ..train.recipe import Recipe
+
     recipe = load_any_recipe(trial if trial is not None else space.trial)
     if trial is None and space.trial_overrides:
         recipe = recipe.override(space.trial_overrides, source=f"{space.source}: trial_overrides")
+    if space.seeds_per_trial > 1:
+        if not isinstance(recipe, Recipe):
+            raise SpaceError(f"{space.source}: seeds_per_trial: {space.seeds_per_trial}: only a "
+                             f"diffusion trial recipe trains stacked seeds; {recipe.name} is not "
+                             "one")
+        recipe = recipe.override({"seeds": space.seeds_per_trial},
+                                 source=f"{space.source}: seeds_per_trial")
     return recipe
 
 

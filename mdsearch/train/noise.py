@@ -58,10 +58,10 @@ def evaluation_noise(run_dir: str | Path, redraws: int = 3, sampled: bool = True
         metrics = {}
         if run.recipe.eval.bank:
             bank = data.bank.redraw(data, run.schedule.steps, seed)
-            metrics.update(heldout_metrics(run.ema.model, bank, run.schedule))
+            metrics.update(heldout_metrics(run.ema.model.unet(0), bank, run.schedule))
         if sampled:
-            metrics.update(evaluate(run.ema.model, data, run.schedule, run.recipe, evaluator,
-                                    sample_seed=seed))
+            metrics.update(evaluate(run.ema.model.unet(0), data, run.schedule, run.recipe,
+                                    evaluator, sample_seed=seed))
         for key, value in metrics.items():
             if key not in NOISY_KEYS and isinstance(value, (int, float)):
                 values.setdefault(key, []).append(float(value))
