@@ -1,6 +1,7 @@
 """Batched training seeds against the same seeds trained one after another.
 
     python benchmarks/seed_batch.py [--steps 12] [--rounds 2] [--ks 1,2,4,8] [--device cpu]
+                                    [--threads N]
 
 The md proxy with the quickstart's recipe (cpu_quick with the quickstart space's overrides: md at
 width 1/16, 12x12 pixels, batch 32), trained by the trainer itself (`Training`: data draws, text
@@ -63,7 +64,11 @@ def main():
     parser.add_argument("--rounds", type=int, default=2, help="back-to-back rounds per K")
     parser.add_argument("--ks", default="1,2,4,8", help="stack sizes")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's, one per core)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     ks = [int(k) for k in args.ks.split(",")]
     recipe = quickstart_recipe(1, args.device)
     proxy_gmacs = None

@@ -95,6 +95,13 @@ def test_manifest_round_trip(tmp_path):
     (lambda d: d.update(latent_size=6), "field latent_size: 6 x autoencoder.factor 2"),
     (lambda d: d["files"].update(decoder=None), "field files.decoder: null exactly when"),
     (lambda d: d["files"].update(unet="gone.onnx"), "field files.unet: "),
+    # a shared bundle never makes generate open a file outside its folder
+    (lambda d: d["files"].update(unet="/etc/passwd"),
+     "field files.unet: '/etc/passwd' is not a path inside the bundle folder"),
+    (lambda d: d["files"].update(unet="../../../../../etc/passwd"),
+     "field files.unet: '../../../../../etc/passwd' is not a path inside the bundle folder"),
+    (lambda d: d["files"].update(text_encoder="../other/text_encoder.onnx"),
+     "field files.text_encoder: '../other/text_encoder.onnx' is not a path inside"),
     (lambda d: d.update(sampeler={}), "unknown field 'sampeler'"),
 ])
 def test_malformed_manifest_names_the_field(tmp_path, change, message):

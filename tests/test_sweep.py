@@ -434,3 +434,15 @@ def test_seeds_per_trial_is_checked_when_the_space_is_read(tmp_path):
     with pytest.raises(SpaceError, match="either seeds .* or seeds_per_trial"):
         files(tmp_path, seeds_per_trial=2, seeds=[0, 1],
               search={"algorithm": "grid", "num_samples": 1})
+
+
+@pytest.mark.parametrize("name", ["../../escaped", "/abs/path", "a/b", "..", ""])
+def test_a_sweep_name_is_one_folder_inside_the_storage(tmp_path, name):
+    from mdsearch.search.sweep import SweepError
+
+    space, recipe = files(tmp_path)
+    (tmp_path / "s").mkdir()
+    with pytest.raises(SweepError, match="give one folder name, created inside --storage"):
+        run_sweep(space, recipe, name=name, storage=tmp_path / "s", mlflow=False)
+    assert list((tmp_path / "s").iterdir()) == [] and not Path("/abs/path").exists()
+    assert not (tmp_path.parent / "escaped").exists()

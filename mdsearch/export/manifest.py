@@ -164,8 +164,16 @@ def read_manifest(bundle: str | Path) -> Manifest:
     if pixel_space and manifest.latent_channels != 3:
         fail("latent_channels", f"pixel space has 3 channels, got {manifest.latent_channels}")
     manifest.folder = folder
+    inside = folder.resolve()
     for name in ("unet", "text_encoder", "tokenizer", "decoder"):
         path = manifest.path(name)
-        if path is not None and not path.exists():
+        if path is None:
+            continue
+        relative = getattr(manifest.files, name)
+        # a bundle names its own files only: no absolute path, nothing outside the folder
+        # (also through a link), so a shared bundle can never make generate open another file
+        if Path(relative).is_absolute() or not path.resolve().is_relative_to(inside):
+            fail(f"files.{name}", f"{relative!r} is not a path inside the bundle folder")
+        if not path.exists():
             fail(f"files.{name}", f"{path} is missing")
     return manifest

@@ -64,6 +64,10 @@ def run_sweep(space: Space, trial: str | Path | None = None, *, name: str | None
         raise SweepError(f"--storage {storage}: give a filesystem path (local, or a shared mount "
                          "such as NFS, EFS or a GCS/S3 FUSE mount); see docs/clusters.md")
     root = Path(storage).expanduser().resolve()
+    if name is not None and (name in ("", ".", "..") or Path(name).name != name
+                             or "\\" in name):
+        raise SweepError(f"--name {name!r}: give one folder name, created inside --storage "
+                         f"{storage} (no '/', '..' or absolute path)")
     name = name or default_name(space, root, resume)
     sweep_dir = root / name
     recipe = sweep_recipe(space, trial)
