@@ -2,9 +2,35 @@
 network. (A bottom-layer module: the trainer's distributed runs and the sweeps both use it.)"""
 
 import os
+import socket
 import sys
 
+from .errors import MdsearchError
+
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+class RayAddressError(MdsearchError):
+    """A cluster address nothing answers at."""
+
+
+def check_address(address: str | None, timeout: float = 5.0) -> None:
+    """Fail in one line, within `timeout` seconds, when a host:port cluster address does not
+    answer (ray.init would retry for minutes). "auto", "local", None and ray:// addresses are left
+    to Ray."""
+    if address is None or address in ("auto", "local") or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise RayAddressError(f"--address {address}: expected host:port (the head node's GCS "
+                              "address, e.g. 10.0.0.1:6379), auto or local")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except (OSError, ValueError, OverflowError) as err:
+        raise RayAddressError(f"--address {address}: no Ray cluster answers there "
+                              f"({type(err).__name__}: {err}); start its head node (ray start "
+                              "--head), fix the address, or leave --address out for a local "
+                              "Ray") from None
 
 
 def keep_ray_on_loopback() -> bool:
@@ -33,6 +59,7 @@ def start_ray(address: str | None = None, progress=None, **init_args) -> bool:
         ray.init(**{"address": "local", "include_dashboard": False, "logging_level": "WARNING",
                     "log_to_driver": False, **init_args})
     else:
+        check_address(address)
         ray.init(**{"address": address, "logging_level": "WARNING", "log_to_driver": False,
                     **init_args})
     return True

@@ -446,3 +446,37 @@ def test_a_sweep_name_is_one_folder_inside_the_storage(tmp_path, name):
         run_sweep(space, recipe, name=name, storage=tmp_path / "s", mlflow=False)
     assert list((tmp_path / "s").iterdir()) == [] and not Path("/abs/path").exists()
     assert not (tmp_path.parent / "escaped").exists()
+
+
+def test_an_address_nothing_answers_at_is_one_line_within_seconds(tmp_path, capsys):
+    from mdsearch.cli import main
+
+    space_file = write(tmp_path / "space.yaml", SPACE)
+    recipe_file = write(tmp_path / "recipe.yaml", RECIPE)
+    started = time.monotonic()
+    code = main(["sweep", str(space_file), "--trial", str(recipe_file), "--name", "addr",
+                 "--storage", str(tmp_path / "s"), "--address", "127.0.0.1:1", "--no-mlflow"])
+    err = capsys.readouterr().err
+    assert code == 2 and time.monotonic() - started < 30
+    assert "--address 127.0.0.1:1: no Ray cluster answers there" in err and "Traceback" not in err
+    assert not (tmp_path / "s" / "addr").exists()
+
+
+def test_a_damaged_optuna_journal_is_refused_naming_the_line(tmp_path):
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    from mdsearch.search.sweep import SweepError, check_journal
+
+    journal = tmp_path / "optuna_journal.log"
+    study = optuna.create_study(storage=JournalStorage(JournalFileBackend(str(journal))))
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
+    good = journal.read_bytes()
+    check_journal(journal)
+    journal.write_bytes(good + b'{"op_code": 4, "worker_id"')  # a torn last line: Optuna skips it
+    check_journal(journal)
+    lines = good.splitlines(keepends=True)
+    journal.write_bytes(b"".join(lines[:2] + [b"not json\n"] + lines[2:]))
+    with pytest.raises(SweepError, match=f"{journal}: line 3 is not an Optuna journal record"):
+        check_journal(journal)

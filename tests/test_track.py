@@ -104,3 +104,16 @@ def test_autoencoder_and_one_step_runs_log_to_the_server(mlflow_server, tmp_path
     assert run.info.status == "FINISHED" and run.data.params["ufogen.adapter"] == "full"
     assert [m.step for m in client.get_metric_history(ufo.run_id, "sample_std")] == [2, 4]
     assert len(client.get_metric_history(ufo.run_id, "g_loss")) == 4
+
+
+def test_report_from_an_unreachable_tracking_server_is_one_line_within_seconds(tmp_path, capsys):
+    import time
+
+    from mdsearch.cli import main
+
+    started = time.monotonic()
+    code = main(["report", "--mlflow", "x", "--tracking-uri", "http://127.0.0.1:1",
+                 "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code == 2 and time.monotonic() - started < 30, err
+    assert "http://127.0.0.1:1 does not answer" in err and "Traceback" not in err

@@ -62,9 +62,11 @@ def _load_mlflow(experiment: str, tracking_uri: str | None = None):
     from mlflow.tracking import MlflowClient
 
     from ..search.space import load_space
-    from ..track import default_tracking_uri
+    from ..track import check_reachable, default_tracking_uri
 
-    client = MlflowClient(tracking_uri or default_tracking_uri())
+    tracking_uri = tracking_uri or default_tracking_uri()
+    check_reachable(tracking_uri)  # one line within seconds, not minutes of MLflow's retries
+    client = MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         raise RunDirError(f"MLflow experiment {experiment!r} not found at {client.tracking_uri}")

@@ -37,11 +37,11 @@ from ..config import ConfigError
 from ..quality import noise_floors
 from ..rundir import (FILTERED_STATUS, LOCK, RECIPE, SPACE, STOP_STATE, SWEEP_INIT, atomic_write,
                       locked, write_results)
-from ..raylocal import start_ray
+from ..raylocal import check_address, start_ray
 from ..progress import say
 from .callbacks import MLflowSweepLogger, Progress
 from .results import ResultsWriter, SweepResult, best_trials, results_table
-from .searchers import BudgetedSearch, make_inner_searcher
+from .searchers import OPTUNA_JOURNAL, BudgetedSearch, make_inner_searcher
 from .space import (AUTOENCODER_BASE, CostCache, Space, SpaceError, check_recipe_fields, product,
                     sweep_recipe)
 from .trainable import run_trial
@@ -68,6 +68,7 @@ def run_sweep(space: Space, trial: str | Path | None = None, *, name: str | None
                              or "\\" in name):
         raise SweepError(f"--name {name!r}: give one folder name, created inside --storage "
                          f"{storage} (no '/', '..' or absolute path)")
+    check_address(address)  # before anything is written: nothing answering is one line
     name = name or default_name(space, root, resume)
     sweep_dir = root / name
     recipe = sweep_recipe(space, trial)
@@ -230,12 +231,36 @@ def check_resumable(sweep_dir: Path) -> None:
                 raise SweepError(f"{path}: the sweep's state is damaged ({type(err).__name__}); "
                                  "nothing was changed. Restore the file from a copy, or start "
                                  "a new sweep (another --name)") from None
+    check_journal(sweep_dir / OPTUNA_JOURNAL)
     states = sorted(sweep_dir.glob("searcher-state-*.pkl"))
     if not states:
         raise SweepError(f"{sweep_dir}: no searcher state (searcher-state-*.pkl) to resume from; "
                          "nothing was changed")
     for path in states:
         BudgetedSearch.read_state(path)
+
+
+def check_journal(path: Path) -> None:
+    """The Optuna journal, line by line: every complete line one JSON object (a last line
+    without its newline, torn by a kill, is what Optuna itself skips). Refused naming the line,
+    before Ray starts: a damaged study would fail inside Tune and turn completed trials into
+    failed ones."""
+    import json
+
+    if not path.is_file():
+        return
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            if not line.endswith(b"\n"):
+                break
+            try:
+                ok = isinstance(json.loads(line), dict)
+            except (UnicodeDecodeError, ValueError):
+                ok = False
+            if not ok:
+                raise SweepError(f"{path}: line {number} is not an Optuna journal record (one "
+                                 "JSON object per line); nothing was changed. Restore the file "
+                                 "from a copy, or start a new sweep (another --name)")
 
 
 def default_name(space: Space, root: Path, resume: bool) -> str:
