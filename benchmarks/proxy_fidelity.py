@@ -3,6 +3,7 @@
     python benchmarks/proxy_fidelity.py [--configs FILE] [--space quickstart] [--out DIR]
                                         [--seeds 0,1,2,3] [--multiples 1,2,4] [--jobs 2]
                                         [--set KEY=VALUE ...] [--redraws 3]
+                                        [--eval-every N]
 
 Trains every configuration of FILE (default benchmarks/fidelity_configs.yaml: 10 points of the
 quickstart space, md and md-lite among them) with each seed, with the space's recipe (its trial
@@ -44,8 +45,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+TAILED = ["val_loss", "val_loss_mid", "text_gain"]
 METRICS = ["val_loss", "val_loss_low", "val_loss_mid", "val_loss_high", "text_gain",
-           "fid_proxy", "kid_proxy", "align"]
+           "fid_proxy", "kid_proxy", "align", *[f"{m}_tail" for m in TAILED]]
+"""`<metric>_tail`: the trajectory-average arm, the mean of the metric over a run's evaluations
+in the last half of the budget (steps >= budget / 2), from the run's own history."""
+
+
+def tail_average(history: list[dict], metric: str, budget: int) -> float | None:
+    """The mean of `metric` over the evaluations at steps budget/2 .. budget."""
+    values = [r[metric] for r in history
+              if metric in r and budget / 2 <= r["step"] <= budget and "event" not in r]
+    return sum(values) / len(values) if values else None
 GOALS = {"tau": 0.6, "seed_ratio": 1 / 3, "eval_ratio": 0.1}
 
 
@@ -225,6 +236,10 @@ def main() -> None:
     ap.add_argument("--multiples", default="1,2,4")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--redraws", type=int, default=3)
+    ap.add_argument("--eval-every", type=int, default=None,
+                    help="evaluate every N steps (default: the budgets' common divisor); the "
+                         "trajectory-average arm (<metric>_tail) needs several evaluations in "
+                         "each budget's last half")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="recipe change (YAML value), after the space's trial_overrides")
     args = ap.parse_args()
@@ -256,6 +271,8 @@ def main() -> None:
     jobs = []
     for budget in ([budgets[-1]] if shared else budgets):
         every = gcd if shared else budget
+        if args.eval_every:
+            every = math.gcd(every, args.eval_every)
         r = recipe.override({"steps": budget, "eval.every": every, "checkpoint_every": every},
                             source=f"budget {budget}")
         for seed in seeds:  # seed-major: an interrupted study still has whole seeds
@@ -276,7 +293,9 @@ def main() -> None:
             budget, run_dir = futures[fut]
             for record in run["history"]:
                 if record["step"] in budgets and (shared or record["step"] == budget):
-                    rows.append({**record, "config": run["config"], "seed": run["seed"],
+                    tails = {f"{m}_tail": tail_average(run["history"], m, record["step"])
+                             for m in TAILED}
+                    rows.append({**record, **tails, "config": run["config"], "seed": run["seed"],
                                  "status": run["status"], "budget": record["step"],
                                  "run_dir": run_dir})
             print(f"[{time.time() - started:6.0f}s] {i}/{len(jobs)} {run['config']} seed "

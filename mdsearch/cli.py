@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -17,6 +18,9 @@ from .progress import prefixed, say
 from .rundir import check_out_dir
 
 
+MAX_SEED = 2 ** 31
+
+
 def positive_int(text: str) -> int:
     """An argparse type: an integer >= 1 (argparse then reports a bad value in one line)."""
     try:
@@ -25,6 +29,29 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def seed_int(text: str) -> int:
+    """An argparse type: a seed, 0 <= seed < 2**31 (torch's generators take 64 bits, and a
+    seed's per-step generators are derived from it)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= value < MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be in 0..{MAX_SEED - 1}, got {value}")
+    return value
+
+
+def guidance_scale(text: str) -> float:
+    """An argparse type: a classifier-free guidance scale, a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
     return value
 
 
@@ -413,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="a trial recipe file, or a name in trials/ (default: cpu_quick)")
     p.add_argument("--out", required=True, help="run directory (checkpoints, samples, spec)")
     p.add_argument("--steps", type=positive_int, default=None, help="override the recipe's steps")
-    p.add_argument("--seed", type=int, default=None, help="override the recipe's seed")
+    p.add_argument("--seed", type=seed_int, default=None, help="override the recipe's seed")
     p.add_argument("--seeds", type=positive_int, default=None, metavar="K",
                    help="train K seeds (seed .. seed + K - 1) together as one stacked model; "
                         "held-out metrics per seed, with their mean and standard error")
@@ -437,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="the trained autoencoder whose encoder a `train: decoder` recipe keeps "
                         "frozen (e.g. --recipe vae_light_cpu)")
     p.add_argument("--steps", type=positive_int, default=None, help="stop after this step")
-    p.add_argument("--seed", type=int, default=None, help="override the recipe's seed")
+    p.add_argument("--seed", type=seed_int, default=None, help="override the recipe's seed")
     p.add_argument("--set", dest="overrides", action="append", metavar="FIELD=VALUE",
                    help="override a recipe field, e.g. arch.latent_channels=16 (repeatable)")
     p.add_argument("--experiment", default="mdsearch-vae", help="MLflow experiment name")
@@ -574,11 +601,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt", required=True, help="the caption")
     p.add_argument("--out", dest="image", required=True, metavar="PNG",
                    help="the image file to write")
-    p.add_argument("--seed", type=int, default=0, help="the starting noise's seed (default 0)")
+    p.add_argument("--seed", type=seed_int, default=0, help="the starting noise's seed (default 0)")
     p.add_argument("--steps", type=positive_int, default=None,
                    help="sampling steps (default: the manifest's, the run's evaluation steps; "
                         "1 for a one-step generator)")
-    p.add_argument("--guidance", type=float, default=None,
+    p.add_argument("--guidance", type=guidance_scale, default=None,
                    help="classifier-free guidance scale; 1: none (default: the manifest's)")
     p.add_argument("--check", metavar="RUN_DIR", default=None,
                    help="also make the image through PyTorch from the run it was exported from "

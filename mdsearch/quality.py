@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .rundir import COMPLETED, RELIABILITY
+from .rundir import COMPLETED, RELIABILITY, RunDirError
 
 DIRECTIONS: dict[str, str] = {
     # deterministic held-out metrics (mdsearch.train.heldout): one fixed bank per data+resolution
@@ -54,6 +54,11 @@ DEFAULT_QUALITY = "text_gain"
 4x-budget ranking of another training seed in the proxy-fidelity study (docs/fidelity.md)."""
 
 
+TAIL = "_tail"
+"""`<metric>_tail`: a metric averaged over a run's evaluations in the last half of its budget
+(the trajectory-average arm of the proxy-fidelity study); the direction of its metric."""
+
+
 class UnknownMetric(KeyError):
     pass
 
@@ -62,6 +67,8 @@ def direction(metric: str) -> str:
     """"min" or "max" for a known metric (align_<attribute> are "max"); UnknownMetric else."""
     if metric in DIRECTIONS:
         return DIRECTIONS[metric]
+    if metric.endswith(TAIL) and metric[:-len(TAIL)] in DIRECTIONS:
+        return DIRECTIONS[metric[:-len(TAIL)]]
     if metric.startswith("align_") and metric not in ("align_chance", "align_ceiling"):
         return "max"
     raise UnknownMetric(metric)
@@ -167,7 +174,7 @@ def noise_floors(table: pd.DataFrame, config_cols: list[str], recipe: dict | Non
         sources.append(("this sweep's seeds", own))
     measured = Path(run_dir) / RELIABILITY if run_dir is not None else None
     if measured is not None and measured.is_file():
-        sources.append((RELIABILITY, json.loads(measured.read_text()).get("metrics", {})))
+        sources.append((RELIABILITY, read_reliability(measured)))
     study = ANALYSIS / NOISE_FLOORS
     if recipe and study.is_file():
         for entry in yaml.safe_load(study.read_text()) or []:
@@ -192,6 +199,25 @@ def noise_floors(table: pd.DataFrame, config_cols: list[str], recipe: dict | Non
             text.append("seed noise unknown, the floor is evaluation noise only")
         entry["source"] = "; ".join(text)
     return {m: e for m, e in floors.items() if math.isfinite(e["floor"])}
+
+
+def read_reliability(path: Path) -> dict[str, dict]:
+    """`mdsearch reliability`'s file: metric -> {seed_std, eval_std, ...}, checked; a damaged
+    or foreign one is a RunDirError naming it (rerun `mdsearch reliability` to rewrite it)."""
+    try:
+        data = json.loads(path.read_text())
+        metrics = data["metrics"]
+        ok = isinstance(metrics, dict) and all(
+            isinstance(v, dict) and all(isinstance(x, (int, float)) or x is None
+                                        for k, x in v.items() if k in ("seed_std", "eval_std"))
+            for v in metrics.values())
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        ok = False
+    if not ok:
+        raise RunDirError(f"{path}: not a noise-floor file mdsearch reliability wrote (damaged "
+                          "or of another format); rerun mdsearch reliability on this folder, or "
+                          "delete the file")
+    return metrics
 
 
 def is_quality(column: str) -> bool:
@@ -228,11 +254,11 @@ def seed_tied(done: pd.DataFrame, metric: str) -> tuple[pd.DataFrame, pd.Series]
     """`done` ordered best first by its K-seed means, and for each row the band of its
     difference from the best (mean_difference_band with both rows' own standard errors)."""
     ordered = done.sort_values(metric, ascending=direction(metric) == "min")
-    first = ordered.iloc[0]
     n = ordered.get("seeds_measured", pd.Series(2, index=ordered.index)).fillna(2).astype(int)
-    bands = pd.Series([mean_difference_band(float(first[f"{metric}_se"]), float(row[f"{metric}_se"]),
+    se = ordered[f"{metric}_se"].astype(float)
+    bands = pd.Series([mean_difference_band(float(se.iloc[0]), float(se.loc[i]),
                                             int(n.iloc[0]), int(n.loc[i]))
-                       for i, row in ordered.iterrows()], index=ordered.index)
+                       for i in ordered.index], index=ordered.index)
     return ordered, bands
 
 

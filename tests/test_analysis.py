@@ -212,3 +212,45 @@ def test_fidelity_against_the_same_sweep_at_an_earlier_step(tmp_path):
     out = fidelity(d, d, "fid_proxy", short_step=60)
     assert out["pairs"] == 3 and out["steps_short"] == 60 and out["steps_long"] == 120
     assert out["kendall_tau_b"] == pytest.approx(kendall_tau_b([3, 1, 2], [10, 11, 12]))
+
+
+def test_trials_with_their_own_seeds_are_ranked_by_their_own_standard_errors():
+    """With `<metric>_se` (a K-seed stack per trial) the winner statement needs no floor: a gap
+    beyond the 95% band of a difference of means names a winner, one inside it does not."""
+    import pandas as pd
+
+    from mdsearch.quality import mean_difference_band, winner_statement
+
+    def table(values, ses):
+        return pd.DataFrame({"trial_id": ["a", "b", "c"], "status": ["completed"] * 3,
+                             "text_gain": values, "text_gain_se": ses, "seeds_measured": [4] * 3})
+
+    band = mean_difference_band(0.001, 0.001, 4, 4)
+    assert band == pytest.approx(2.447 * 2 ** 0.5 * 0.001, rel=1e-3)  # t(0.975, 6 dof)
+    clear = winner_statement(table([0.05, 0.04, 0.03], [0.001] * 3), "text_gain", None)
+    assert clear.startswith("Winner: a, ahead of the runner-up by 0.01")
+    tied = winner_statement(table([0.05, 0.049, 0.03], [0.001] * 3), "text_gain", None)
+    assert "No winner at this budget**: 2 trials (a, b)" in tied
+    assert "4-seed means" in tied
+
+
+@pytest.mark.parametrize("text", ["{not json", "[]", "", '{"metrics": [1]}',
+                                  '{"metrics": {"text_gain": {"seed_std": "x"}}}'])
+def test_a_damaged_reliability_file_is_refused_naming_it(tmp_path, text):
+    import pandas as pd
+
+    from mdsearch.quality import noise_floors
+    from mdsearch.rundir import RELIABILITY, RunDirError
+
+    (tmp_path / RELIABILITY).write_text(text)
+    table = pd.DataFrame({"status": ["completed"], "text_gain": [0.1], "seed": [0], "a": [1]})
+    with pytest.raises(RunDirError, match=f"{tmp_path / RELIABILITY}: not a noise-floor file"):
+        noise_floors(table, ["a"], None, tmp_path)
+
+
+def test_fidelity_of_a_sweep_with_itself_is_refused(tmp_path):
+    from mdsearch.analysis.fidelity import fidelity
+    from mdsearch.rundir import RunDirError
+
+    with pytest.raises(RunDirError, match="a sweep compared with itself"):
+        fidelity(tmp_path, tmp_path)

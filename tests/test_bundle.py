@@ -95,6 +95,11 @@ def test_manifest_round_trip(tmp_path):
     (lambda d: d.update(latent_size=6), "field latent_size: 6 x autoencoder.factor 2"),
     (lambda d: d["files"].update(decoder=None), "field files.decoder: null exactly when"),
     (lambda d: d["files"].update(unet="gone.onnx"), "field files.unet: "),
+    (lambda d: d["sampler"].update(guidance=float("nan")),
+     "field sampler.guidance: must be a positive finite number, got nan"),
+    (lambda d: d["autoencoder"].update(scaling_factor=0.0),
+     "field autoencoder.scaling_factor: must be a positive finite number, got 0.0"),
+    (lambda d: d.update(clip_x0=float("inf")), "field clip_x0: must be positive or null"),
     # a shared bundle never makes generate open a file outside its folder
     (lambda d: d["files"].update(unet="/etc/passwd"),
      "field files.unet: '/etc/passwd' is not a path inside the bundle folder"),

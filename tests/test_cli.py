@@ -95,6 +95,15 @@ def test_console_script_is_installed():
     (["export", "--latent-size", "-4", "--out", "{tmp}/out"], "--latent-size: must be at least"),
     (["export", "--resolution", "13", "--out", "{tmp}/out"], "resolution 13: must be a positive"),
     (["reliability", "{tmp}", "--redraws", "1"], "--redraws: must be at least 2"),
+    (["train", "--seed", "99999999999999999999999", "--out", "{tmp}/out"],
+     "--seed: must be in 0..2147483647"),
+    (["vae", "train", "--seed", "-1", "--out", "{tmp}/out"], "--seed: must be in 0..2147483647"),
+    (["generate", "--bundle", "{tmp}", "--prompt", "x", "--seed", "2147483648", "--out",
+      "{tmp}/x.png"], "--seed: must be in 0..2147483647"),
+    (["train", "--seeds", "0", "--out", "{tmp}/out"], "--seeds: must be at least 1"),
+    (["generate", "--bundle", "{tmp}", "--prompt", "x", "--guidance", "nan", "--out",
+      "{tmp}/x.png"], "--guidance: must be a finite number > 0, got nan"),
+    (["sweep", "{tmp}/nanspace.yaml"], "dimensions.f.values: must be finite numbers, got nan"),
 ])
 def test_bad_input_is_one_line_exit_2_and_leaves_nothing(tmp_path, capsys, monkeypatch, argv,
                                                          message):
@@ -109,6 +118,9 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(tmp_path, capsys, monke
             "text_encoder: {name: minilm, max_length: 8}\nwidth: 0.0625\nsteps: 2\n")
     (tmp_path / "acc.yaml").write_text("name: acc\nbatch_size: 6\naccumulate: 4\n" + tiny)
     (tmp_path / "w2.yaml").write_text("name: w2\nbatch_size: 4\nworkers: 2\n" + tiny)
+    (tmp_path / "nanspace.yaml").write_text(
+        "base: md\nobjectives: [text_gain]\n"
+        "dimensions: {f: {field: ffn_expansion, values: [.nan, 3]}}\n")
     try:
         code = main([a.replace("{tmp}", str(tmp_path)) for a in argv])
     except SystemExit as exit_:  # argparse's own refusals

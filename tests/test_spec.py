@@ -99,3 +99,12 @@ def test_bad_files_give_one_clear_error(tmp_path):
 def test_unknown_preset():
     with pytest.raises(SpecError, match="unknown preset 'mdd'"):
         presets.get("mdd")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 99999999999999999999999, 0])
+def test_ffn_expansion_out_of_range_is_named(value):
+    from mdsearch.arch import presets
+    from mdsearch.arch.spec import SpecError
+
+    with pytest.raises(SpecError, match="field ffn_expansion: must be a positive number, at most 64"):
+        presets.get("md", {"ffn_expansion": value})

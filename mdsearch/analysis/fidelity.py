@@ -55,6 +55,10 @@ def fidelity(short_dir: str | Path, long_dir: str | Path, metric: str | None = N
     """Rank agreement between a short and a long budget. With `short_step`, the short budget is
     the long sweep's own trials at that evaluation step (short_dir may equal long_dir). The
     metric defaults to the long sweep's quality objective, else DEFAULT_QUALITY."""
+    if short_step is None and Path(short_dir).resolve() == Path(long_dir).resolve():
+        raise RunDirError(f"{short_dir}: a sweep compared with itself (tau 1 by construction): "
+                          "give the longer sweep as LONG_SWEEP, or --short-step STEP to rank "
+                          "its own trials at an earlier evaluation")
     if metric is None:
         from ..search.space import load_space
 

@@ -35,6 +35,7 @@ from .. import config
 
 
 MAX_WIDTH = 65536  # widths beyond this are typos (SD-XL's widest is 1280)
+MAX_FFN_EXPANSION = 64  # FFN inner width per channel (the paper searches 2-4)
 
 class SpecError(config.ConfigError):
     """A malformed architecture spec: the message names the source, the field and the reason."""
@@ -135,6 +136,7 @@ class ArchSpec:
 
     # ---- validation ----------------------------------------------------------------------
     def validate(self, source: str = "spec") -> None:
+        """Every field in range (NaN and infinity are never in range)."""
         def fail(where: str, reason: str) -> None:
             raise SpecError(f"{source}: field {where}: {reason}")
 
@@ -154,8 +156,10 @@ class ArchSpec:
                 fail(name, f"must be 0 (off) or positive, got {getattr(self, name)}")
         if self.micro_cond_dim % 2:
             fail("micro_cond_dim", f"must be even, got {self.micro_cond_dim}")
-        if self.ffn_expansion <= 0:
-            fail("ffn_expansion", f"must be positive, got {self.ffn_expansion}")
+        if not (isinstance(self.ffn_expansion, (int, float))
+                and 0 < self.ffn_expansion <= MAX_FFN_EXPANSION):
+            fail("ffn_expansion", f"must be a positive number, at most "
+                                  f"{MAX_FFN_EXPANSION}, got {self.ffn_expansion}")
         if (self.head_dim is None) == (self.num_heads is None):
             fail("head_dim/num_heads", "set exactly one of them (the other null)")
         for name in ("head_dim", "num_heads"):

@@ -14,6 +14,7 @@ runs a bundle from it alone (mdsearch.export.pipeline).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -154,7 +155,12 @@ def read_manifest(bundle: str | Path) -> Manifest:
     if manifest.sampler.steps > manifest.noise_schedule.train_steps:
         fail("sampler.steps", f"{manifest.sampler.steps} is more than the "
                               f"{manifest.noise_schedule.train_steps} training timesteps")
-    if manifest.clip_x0 is not None and not manifest.clip_x0 > 0:
+    for field, value in (("sampler.guidance", manifest.sampler.guidance),
+                         ("autoencoder.scaling_factor", manifest.autoencoder.scaling_factor)):
+        if not (math.isfinite(value) and value > 0):
+            fail(field, f"must be a positive finite number, got {value}")
+    if manifest.clip_x0 is not None and not (math.isfinite(manifest.clip_x0)
+                                             and manifest.clip_x0 > 0):
         fail("clip_x0", f"must be positive or null, got {manifest.clip_x0}")
     pixel_space = manifest.autoencoder.kind == "identity"
     if pixel_space != (manifest.files.decoder is None):

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,6 +75,7 @@ TOP_KEYS = ("name", "description", "base", "set", "trial", "trial_overrides", "d
             "ties", "constraints", "objectives", "search", "seeds", "seeds_per_trial",
             "scheduler")
 DIM_KINDS = ("values", "range", "bool", "variants")
+MAX_DIMENSION_VALUES = 10_000  # a range longer than this is a typo
 
 
 class SpaceError(config.ConfigError):
@@ -522,6 +524,9 @@ def _parse_dimensions(raw: Any, base: ArchSpec | None, fail,
             values = d["values"]
             if not isinstance(values, list) or not values:
                 fail(f"{at}.values", f"must be a non-empty list, got {values!r}")
+            for v in values:
+                if isinstance(v, float) and not math.isfinite(v):
+                    fail(f"{at}.values", f"must be finite numbers, got {v!r}")
         elif kind == "bool":
             values = [False, True]
         else:
@@ -564,8 +569,12 @@ def _expand_range(rng: Any, step: Any, where: str, fail) -> list:
             or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in rng)):
         fail(where, f"must be [low, high], got {rng!r}")
     low, high = rng
-    if not isinstance(step, (int, float)) or step <= 0:
+    if not all(math.isfinite(x) for x in rng):
+        fail(where, f"bounds must be finite numbers, got {rng!r}")
+    if not isinstance(step, (int, float)) or not math.isfinite(step) or step <= 0:
         fail(where, f"step must be positive, got {step!r}")
+    if (high - low) / step > MAX_DIMENSION_VALUES:
+        fail(where, f"{rng!r} in steps of {step} gives more than {MAX_DIMENSION_VALUES} values")
     if high < low:
         fail(where, f"high {high} < low {low}")
     as_int = all(isinstance(x, int) for x in (low, high, step))
@@ -674,14 +683,15 @@ def _parse_scheduler(raw: Any, objectives: list[Objective], fail) -> dict:
         raw["metrics"] = {str(m): _mode(str(m), mode, f"scheduler.metrics.{m}", fail)
                           for m, mode in metrics.items()}
         margin = raw.setdefault("margin", 0.1)
-        if not isinstance(margin, (int, float)) or margin < 0:
+        if not isinstance(margin, (int, float)) or not math.isfinite(margin) or margin < 0:
             fail("scheduler.margin", f"a non-negative fraction, got {margin!r}")
         tolerance = _mapping(raw.get("tolerance") or {}, "scheduler.tolerance", fail)
         for m, v in tolerance.items():
             if m not in raw["metrics"]:
                 fail(f"scheduler.tolerance.{m}", "not one of scheduler.metrics"
                      + did_you_mean(str(m), list(raw["metrics"])))
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not \
+                    math.isfinite(v) or v < 0:
                 fail(f"scheduler.tolerance.{m}", f"a non-negative number, got {v!r}")
         raw["tolerance"] = tolerance
     for key in ("grace", "min_peers", "reduction_factor"):
