@@ -320,6 +320,10 @@ def cmd_export(args) -> None:
     if args.checkpoint:
         from .train.checkpoint import read_checkpoint
 
+        if args.spec or args.preset or getattr(args, "overrides", None):
+            raise ConfigError("--checkpoint exports the spec the run trained: drop --preset, "
+                              "--spec and --set (or export a random model of a spec without "
+                              "--checkpoint)")
         spec, model = load_checkpoint(args.checkpoint)
         source = str(checkpoint_path(args.checkpoint))
         one_step = bool(read_checkpoint(args.checkpoint).get("one_step"))

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from .errors import MdsearchError, did_you_mean
+from .errors import MdsearchError, closest, did_you_mean
 
 
 class ConfigError(MdsearchError):
@@ -60,6 +60,11 @@ def named_file(path_or_name: str | Path, folder: Path) -> Path:
     path = Path(path_or_name)
     if not path.exists() and (folder / f"{path_or_name}.yaml").exists():
         return folder / f"{path_or_name}.yaml"
+    bare = str(path_or_name)
+    if not path.exists() and "/" not in bare and not bare.endswith((".yaml", ".yml")):
+        names = sorted(p.stem for p in folder.glob("*.yaml"))
+        raise ConfigError(f"{bare}: no such file, nor a name in {folder.name}/"
+                          + did_you_mean(bare, names))
     return path
 
 
@@ -132,8 +137,8 @@ def set_path(data: dict, key: str, value: Any, source: str, error=ConfigError) -
                             f"of {len(node)}") from None
             part = index
         elif not isinstance(node, dict) or part not in node:
-            options = node if isinstance(node, dict) else []
-            hint = did_you_mean(part, options) if options else ""
+            match = closest(part, node) if isinstance(node, dict) else None
+            hint = f"; did you mean {'.'.join([*parts[:depth], match])!r}?" if match else ""
             raise error(f"{source}: unknown field {key!r}{hint}")
         if last:
             node[part] = value

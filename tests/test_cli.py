@@ -1,6 +1,7 @@
 """The CLI contract that later tooling depends on."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -42,7 +43,7 @@ def test_spec_file_and_set_work_for_cost(capsys, tmp_path):
 
 def test_user_errors_are_one_line_without_traceback(capsys, tmp_path):
     code, out, err = run(capsys, "cost", "--set", "levels.2.channel=3")
-    assert code == 2 and "did you mean 'channels'" in err and "Traceback" not in err
+    assert code == 2 and "did you mean 'levels.2.channels'" in err and "Traceback" not in err
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"name": "x", "levels": [{"channels": 64, "color": 1}]}))
     code, _, err = run(capsys, "cost", "--spec", str(bad))
@@ -101,6 +102,8 @@ def test_console_script_is_installed():
     (["generate", "--bundle", "{tmp}", "--prompt", "x", "--seed", "2147483648", "--out",
       "{tmp}/x.png"], "--seed: must be in 0..2147483647"),
     (["train", "--seeds", "0", "--out", "{tmp}/out"], "--seeds: must be at least 1"),
+    (["export", "--checkpoint", "{tmp}", "--preset", "md-lite", "--out", "{tmp}/out"],
+     "--checkpoint exports the spec the run trained: drop --preset"),
     (["generate", "--bundle", "{tmp}", "--prompt", "x", "--guidance", "nan", "--out",
       "{tmp}/x.png"], "--guidance: must be a finite number > 0, got nan"),
     (["sweep", "{tmp}/nanspace.yaml"], "dimensions.f.values: must be finite numbers, got nan"),
@@ -140,10 +143,13 @@ def test_fidelity_and_report_refuse_what_they_cannot_rank(tmp_path, capsys):
         "t1,completed,,1,0,10,1.0,0.5,6\nt2,completed,,2,0,20,2.0,abc,6\n")
     assert main(["report", str(sweep), "--out", str(tmp_path / "r")]) == 2
     assert "column 'text_gain' holds 'abc' (trial t2)" in capsys.readouterr().err
-    assert main(["fidelity", str(sweep), "--metric", "nosuch"]) == 2
+    other = tmp_path / "l"
+    shutil.copytree(sweep, other)
+    assert main(["fidelity", str(sweep), str(other), "--metric", "nosuch"]) == 2
     assert "no column 'nosuch'" in capsys.readouterr().err
     (sweep / "results.csv").write_text(
         "trial_id,status,stop_reason,a,seed,params,gmacs,text_gain,steps\n"
         "t1,completed,,1,0,10,1.0,0.5,6\n")
-    assert main(["fidelity", str(sweep), "--metric", "text_gain"]) == 2
+    shutil.copy(sweep / "results.csv", other / "results.csv")
+    assert main(["fidelity", str(sweep), str(other), "--metric", "text_gain"]) == 2
     assert "rank agreement needs at least 2" in capsys.readouterr().err

@@ -271,3 +271,18 @@ def test_clip_score_with_local_clip_folder(tmp_path, evaluator, cache_dir, real)
     img, txt = (x if isinstance(x, torch.Tensor) else x.pooler_output for x in (img, txt))
     cosine = torch.nn.functional.cosine_similarity(img, txt).mean()
     assert out["clip_score"] == pytest.approx(max(0.0, 100 * float(cosine)), abs=1e-3)
+
+
+def test_a_damaged_classifier_cache_is_rebuilt(evaluator, tmp_path, cache_dir):
+    """Random bytes in the cached weights (torch.load raises UnpicklingError): retrained and
+    replaced, never an error."""
+    import shutil
+
+    damaged = tmp_path / "cache"
+    shutil.copytree(cache_dir, damaged)
+    weights = next(damaged.glob(f"*r{RES}-s0-n{TRAIN_SIZE}x{EPOCHS}.pt"))
+    weights.write_bytes(b"garbage" * 10)
+    model, report = load_attribute_classifier(RES, cache_dir=damaged, seed=0,
+                                              train_size=TRAIN_SIZE, epochs=EPOCHS)
+    assert report["cached"] is False
+    assert torch.load(weights, weights_only=True).keys() == model.state_dict().keys()

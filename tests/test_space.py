@@ -106,7 +106,7 @@ def test_unsatisfiable_budget_fails_at_once_with_the_cheapest_found():
 
 @pytest.mark.parametrize("change, expected", [
     ({"dimensions": {"c": {"field": "levels.2.chanels", "values": [1]}}},
-     "dimensions.c: .*unknown field 'levels.2.chanels'; did you mean 'channels'"),
+     "dimensions.c: .*unknown field 'levels.2.chanels'; did you mean 'levels.2.channels'"),
     ({"dimensions": {"k": {"field": "levels.2.kernel_size", "values": [3, "x"]}}},
      "dimensions.k: value 'x' for levels.2.kernel_size: expected int"),
     ({"dimensions": {"k": {"field": "kv_share", "valus": [True]}}},

@@ -71,7 +71,7 @@ def test_invalid_specs_name_the_field_and_reason(overrides, words):
 def test_unknown_fields_get_a_did_you_mean():
     with pytest.raises(SpecError, match="did you mean 'ffn_expansion'"):
         presets.get("md", ffn_expansio=3)
-    with pytest.raises(SpecError, match="did you mean 'channels'"):
+    with pytest.raises(SpecError, match="did you mean 'levels.2.channels'"):
         presets.get("md", {"levels.2.channel": 3})
     with pytest.raises(SpecError, match="not a valid index"):
         presets.get("md", {"levels.7.channels": 3})

@@ -170,6 +170,9 @@ def test_a_one_step_run_exports_its_generator_and_says_it_is_one_step(start, tmp
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert last["one_step"] is True and last["within_tolerance"]  # LoRA merged, ORT = PyTorch
     assert last["latent_size"] == 16  # the start's resolution, from the run's recipe.yaml
+    # noise floors are a diffusion run's: a one-step run is refused in one line, not KeyError
+    assert main(["reliability", str(run), "--redraws", "2"]) == 2
+    assert "a ufogen run; noise floors are measured on diffusion" in capsys.readouterr().err
 
 
 def test_table5_space_sweeps_recipe_fields_of_fine_tunes_of_one_run(start, tmp_path):

@@ -11,6 +11,7 @@ Its features are the space of `fid_proxy` and `kid_proxy`, and its predictions s
 from __future__ import annotations
 
 import json
+import pickle
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -279,7 +280,8 @@ def load_attribute_classifier(resolution: int, *, cache_dir: str | Path | None =
             model = model.to(memory_format=torch.channels_last).eval()
             if set(report["accuracy"]) == set(ATTRIBUTE_NAMES):
                 return model, {**report, "cached": True, "path": str(weights)}
-        except (OSError, ValueError, KeyError, RuntimeError, TypeError):
+        except (OSError, ValueError, KeyError, RuntimeError, TypeError,
+                pickle.UnpicklingError):  # (a damaged file: torch.load's unpickler says so)
             pass  # stale or corrupt: retrain and replace
     model, report = train_attribute_classifier(resolution, seed, train_size, epochs)
     try:

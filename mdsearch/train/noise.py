@@ -36,6 +36,10 @@ def load_run(run_dir: str | Path) -> Training:
     if missing:
         raise RunDirError(f"{run_dir}: not a trained run directory (its checkpoint names no "
                           f"spec or recipe, and {', '.join(missing)} is missing)")
+    kind = about["recipe"].get("kind")
+    if kind is not None:  # a UFOGen or autoencoder run: another loop, another checkpoint
+        raise RunDirError(f"{run_dir}: a {kind} run; noise floors are measured on diffusion "
+                          "training runs (mdsearch train) and their sweeps")
     recipe = Recipe.from_dict(about["recipe"], source=f"{run_dir / CHECKPOINT} (recipe)")
     return Training(about["spec"], recipe, run_dir)
 
