@@ -24,7 +24,7 @@ LAYERS = [{"errors", "progress", "paths", "rundir", "quality", "config", "track"
            "__init__"},
           {"arch"}, {"data"}, {"train"}, {"search", "export"}, {"analysis"}, {"cli"}]
 RANK = {name: i for i, names in enumerate(LAYERS) for name in names}
-BOTTOM = {"errors": set(), "progress": set(), "paths": set(), "raylocal": set(),
+BOTTOM = {"errors": set(), "progress": set(), "paths": set(), "raylocal": {"errors"},
           "rundir": {"errors"},
           "quality": {"rundir", "paths", "errors"}, "track": {"rundir", "errors"},
           "config": {"errors"}}  # within the bottom layer: what each may import (no cycles)

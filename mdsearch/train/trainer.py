@@ -35,6 +35,7 @@ import copy
 import json
 import math
 import os
+import re
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -380,8 +381,10 @@ class Training:
         record = {"step": self.step, **extra, **metrics}
         self.result.history.append(record)
         self.result.metrics = metrics
+        shown = {k: v for k, v in record.items()  # (each seed's own values: in the record)
+                 if not re.search(r"_s\d+$", k) and f"{k[:-4]}_se" not in record}
         self.say("eval " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                      for k, v in record.items()))
+                                      for k, v in shown.items()))
         if self.tracker is not None:
             self.tracker.log_metrics({k: v for k, v in record.items()
                                       if k != "step" and isinstance(v, (int, float))}, self.step)
