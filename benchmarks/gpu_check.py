@@ -102,6 +102,23 @@ def trainer_run(precision: str, steps: int):
         peak_gib=peak_gib(), **metrics)
 
 
+def seed_rows(k: int, steps: int):
+    """A K-seed stack against one seed alone, through the trainer (benchmarks/seed_batch.py's
+    measurement): seed-steps per second of each and the speedup of K stacked seeds over K solo
+    runs one after another."""
+    import tempfile
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from seed_batch import seconds_per_step
+
+    with tempfile.TemporaryDirectory() as tmp:
+        solo = seconds_per_step(1, steps, DEVICE.type, Path(tmp))
+        stack = seconds_per_step(k, steps, DEVICE.type, Path(tmp))
+    row("seeds", f"md proxy, {k} seeds stacked vs solo", s_per_step_solo=round(solo, 4),
+        s_per_step_stack=round(stack, 4), seed_steps_per_s_stack=round(k / stack, 2),
+        speedup=round(k * solo / stack, 3), peak_gib=peak_gib())
+
+
 def diffusers_sd15(context_dim: int):
     from diffusers import UNet2DConditionModel
 
@@ -190,7 +207,8 @@ def main():
     parser.add_argument("--steps", type=int, default=10, help="timed steps per step benchmark")
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
                         help="cpu: a dry run of the script itself (tiny, no timings to keep)")
-    parser.add_argument("--sections", nargs="+", default=["trainer", "step", "export", "compile"],
+    parser.add_argument("--sections", nargs="+",
+                        default=["trainer", "seeds", "step", "export", "compile"],
                         help="run only these sections (default: all)")
     parser.add_argument("--match", default="", help="run only rows whose label contains this")
     args = parser.parse_args()
@@ -242,6 +260,9 @@ def main():
     for precision in ("fp32", "bf16"):
         guarded("trainer", f"md proxy, cpu_quick, {precision}", args.budget,
                 lambda p=precision: trainer_run(p, args.train_steps))
+    for k in ((2,) if DEVICE.type == "cpu" else (2, 8)):  # issue 23's goal: >= 6x at K = 8
+        guarded("seeds", f"md proxy, {k} seeds stacked vs solo", args.budget,
+                lambda k=k: seed_rows(k, 3 if DEVICE.type == "cpu" else 30))
     for label, make, latent, ch, batch, ctx, macs in benches:
         for precision in ("fp32", "bf16"):
             guarded("step", f"{label}, {precision}, eager", args.budget,

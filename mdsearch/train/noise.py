@@ -56,16 +56,17 @@ def evaluation_noise(run_dir: str | Path, redraws: int = 3, sampled: bool = True
     if run.recipe.eval.bank:
         run.heldout(data)  # builds the recipe's bank
     evaluator = make_evaluator(run.recipe, data) if sampled else None
+    model = run.ema.model.unet(run.training_seeds()[0])  # (a stacked run: its first live seed)
     values: dict[str, list[float]] = {}
     for k in range(redraws):
         seed = BANK_SEED + 1000 * (k + 1)
         metrics = {}
         if run.recipe.eval.bank:
             bank = data.bank.redraw(data, run.schedule.steps, seed)
-            metrics.update(heldout_metrics(run.ema.model.unet(0), bank, run.schedule))
+            metrics.update(heldout_metrics(model, bank, run.schedule))
         if sampled:
-            metrics.update(evaluate(run.ema.model.unet(0), data, run.schedule, run.recipe,
-                                    evaluator, sample_seed=seed))
+            metrics.update(evaluate(model, data, run.schedule, run.recipe, evaluator,
+                                    sample_seed=seed))
         for key, value in metrics.items():
             if key not in NOISY_KEYS and isinstance(value, (int, float)):
                 values.setdefault(key, []).append(float(value))

@@ -344,14 +344,16 @@ class Training:
         recipe it was trained from; the YAML files beside it are readable copies), written
         atomically: a kill mid-save never leaves a torn checkpoint."""
         texts = self.write_specs(attn)
-        # "model" and "ema": the first seed's UNet, which every reader of a run loads (export,
-        # promote, reliability); "stack": all seeds, stacked, to resume from
+        # "model" and "ema": the UNet of the first seed still training (`model_seed`), which
+        # every reader of a run loads (export, promote, reliability); "stack": all seeds,
+        # stacked, to resume from
         stack = ({"stack": {"model": self.model.state_dict(), "ema": self.ema.model.state_dict()}}
                  if len(self.seeds) > 1 else {})
+        k = (self.training_seeds() or [0])[0]
         with atomic_path(self.ckpt_path) as tmp:
-            torch.save({"model": self.model.unet(0).state_dict(),
-                        "ema": self.ema.model.unet(0).state_dict(), **stack,
-                        "seeds": self.seeds,
+            torch.save({"model": self.model.unet(k).state_dict(),
+                        "ema": self.ema.model.unet(k).state_dict(), **stack,
+                        "seeds": self.seeds, "model_seed": self.seeds[k],
                         "seed_failures": json.dumps(self.result.seed_failures),
                         "ema_updates": self.ema.updates, "optimizer": self.optimizer.state_dict(),
                         "scheduler": self.scheduler.state_dict(), "step": self.step,
