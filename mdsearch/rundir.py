@@ -213,6 +213,30 @@ def atomic_write(path: str | Path, data: str | bytes) -> Path:
     return Path(path)
 
 
+_RESUMING: list[Path] = []  # the sweep folder a --resume is restoring, while it does
+
+
+@contextmanager
+def resuming(sweep_dir: str | Path) -> Iterator[Path]:
+    """While a sweep is resumed from `sweep_dir`, the objects Ray Tune unpickles from it
+    (searcher, scheduler, callbacks: they pickled the folder they were made in) take this folder
+    instead (`in_resumed`): a sweep folder copied or moved resumes in place and writes only
+    inside itself."""
+    _RESUMING.append(Path(sweep_dir))
+    try:
+        yield Path(sweep_dir)
+    finally:
+        _RESUMING.pop()
+
+
+def in_resumed(path: str | Path, folder: bool = False) -> str:
+    """`path`, a sweep folder (`folder`) or a file directly in one, as it was pickled; inside a
+    `resuming` block, the same name in the folder being resumed."""
+    if not _RESUMING:
+        return str(path)
+    return str(_RESUMING[-1] if folder else _RESUMING[-1] / Path(path).name)
+
+
 def append_jsonl(path: str | Path, record: dict) -> None:
     """Add `record` to a JSON-lines file as one line (a kill can tear only that line)."""
     with open(path, "a") as f:

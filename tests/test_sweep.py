@@ -480,3 +480,27 @@ def test_a_damaged_optuna_journal_is_refused_naming_the_line(tmp_path):
     journal.write_bytes(b"".join(lines[:2] + [b"not json\n"] + lines[2:]))
     with pytest.raises(SweepError, match=f"{journal}: line 3 is not an Optuna journal record"):
         check_journal(journal)
+
+
+def test_a_moved_or_copied_sweep_folder_resumes_in_place(tmp_path):
+    """Tune pickles the searcher, stop rule and callbacks with the folder they were made in;
+    resumed from a moved folder they must use that folder (the original is gone), and a copy
+    resumed must never write into the original."""
+    import shutil
+
+    space, recipe = files(tmp_path, scheduler={"kind": "paper", "metrics": {"fid_proxy": "min"}})
+    import ray
+
+    run_sweep(space, recipe, name="a", storage=tmp_path / "s", mlflow=False)
+    ray.shutdown()  # each command its own Ray, as on the command line
+    shutil.move(tmp_path / "s" / "a", tmp_path / "s" / "b")  # moved: the original is gone
+    moved = run_sweep(space, recipe, name="b", storage=tmp_path / "s", mlflow=False, resume=True)
+    assert len(trained(moved.table)) == 2 and not (tmp_path / "s" / "a").exists()
+    ray.shutdown()
+    shutil.copytree(tmp_path / "s" / "b", tmp_path / "s" / "c")  # copied: the original stays
+    before = {p: p.read_bytes() for p in (tmp_path / "s" / "b").rglob("*") if p.is_file()}
+    copied = run_sweep(space, recipe, name="c", storage=tmp_path / "s", mlflow=False, resume=True)
+    assert len(trained(copied.table)) == 2
+    after = {p: p.read_bytes() for p in (tmp_path / "s" / "b").rglob("*") if p.is_file()}
+    assert after.keys() == before.keys()
+    assert [p for p in before if p.name != ".lock" and before[p] != after[p]] == []

@@ -11,7 +11,7 @@ from pathlib import Path
 from ray.tune import Callback
 
 from ..progress import say
-from ..rundir import FILTERED, SPACE
+from ..rundir import FILTERED, SPACE, in_resumed
 from ..train.recipe import Recipe
 from .space import Space
 
@@ -62,6 +62,10 @@ class MLflowSweepLogger(Callback):
         self.recipe_yaml = yaml.safe_dump(recipe.to_dict(), sort_keys=False)
         self.sweep_dir = str(sweep_dir)
         self._writer, self._runs = None, {}
+
+    def __setstate__(self, state: dict) -> None:  # a resumed sweep: its folder, wherever it is
+        self.__dict__.update(state)
+        self.sweep_dir = in_resumed(self.sweep_dir, folder=True)
 
     def __getstate__(self):
         return {**self.__dict__, "_writer": None, "_runs": {}}

@@ -13,7 +13,7 @@ from ray.tune import Callback
 
 from ..quality import winner_statement
 from ..rundir import (COMPLETED, FAILED, FILTERED, FILTERED_STATUS, RESULTS, STOP_STATE, STOPPED,
-                      front, read_jsonl, trial_status, write_results)
+                      front, in_resumed, read_jsonl, trial_status, write_results)
 from .callbacks import TUNE_KEYS, error_text, reason_from_traceback
 from .space import Space
 
@@ -93,6 +93,10 @@ class ResultsWriter(Callback):
 
     def __init__(self, space: Space, sweep_dir: Path, steps_total: int):
         self.space, self.sweep_dir, self.steps_total = space, Path(sweep_dir), steps_total
+
+    def __setstate__(self, state: dict) -> None:  # a resumed sweep: its folder, wherever it is
+        self.__dict__.update(state)
+        self.sweep_dir = Path(in_resumed(self.sweep_dir, folder=True))
 
     def _write(self, trials, ending, failed: bool) -> None:
         # Tune calls these hooks before it marks the ending trial TERMINATED or ERROR

@@ -17,7 +17,7 @@ from pathlib import Path
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
 from ..quality import mean_difference_band
-from ..rundir import STOP_STATE_V1, RunDirError, append_jsonl, read_jsonl
+from ..rundir import STOP_STATE_V1, RunDirError, append_jsonl, in_resumed, read_jsonl
 
 
 class PaperStopRule(FIFOScheduler):
@@ -55,6 +55,8 @@ class PaperStopRule(FIFOScheduler):
     def __setstate__(self, state: dict) -> None:
         # Tune unpickles the scheduler saved when the sweep began; on --resume the file is newer
         self.__dict__.update(state)
+        if self.state_file is not None:  # a resumed sweep: its log, wherever the folder is
+            self.state_file = Path(in_resumed(self.state_file))
         self._load()
 
     def _load(self) -> None:

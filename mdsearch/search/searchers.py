@@ -13,7 +13,7 @@ from ray.tune.search import Searcher
 
 from ..errors import MdsearchError
 from ..progress import say
-from ..rundir import FILTERED, FILTERED_STATUS, append_jsonl, fault_point
+from ..rundir import FILTERED, FILTERED_STATUS, append_jsonl, fault_point, in_resumed
 from .space import CostCache, Space, product
 
 MAX_CONSECUTIVE_FILTERED = 200
@@ -105,6 +105,10 @@ class BudgetedSearch(Searcher):
         self.log(self.gave_up)
         return self.FINISHED
 
+    def __setstate__(self, state: dict) -> None:  # a resumed sweep: its folder, wherever it is
+        self.__dict__.update(state)
+        self.sweep_dir = in_resumed(self.sweep_dir, folder=True)
+
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if trial_id in self.ids:
             self.inner.on_trial_result(self.ids[trial_id], result)
@@ -195,6 +199,10 @@ class OptunaJournalSearch(Searcher):
         sampler stay out and are rebuilt from the space when first used. Optuna's own objects
         are not made to be pickled (Optuna 5.1's GA samplers hold a threading.Lock)."""
         return {**self.__dict__, "_study": None}
+
+    def __setstate__(self, state: dict) -> None:  # a resumed sweep: its journal, wherever it is
+        self.__dict__.update(state)
+        self.journal = in_resumed(self.journal)
 
     @property
     def study(self):

@@ -28,6 +28,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
 
@@ -36,7 +37,7 @@ import yaml
 from ..config import ConfigError
 from ..quality import noise_floors
 from ..rundir import (FILTERED_STATUS, LOCK, RECIPE, SPACE, STOP_STATE, SWEEP_INIT, atomic_write,
-                      locked, write_results)
+                      locked, resuming, write_results)
 from ..raylocal import check_address, start_ray
 from ..progress import say
 from .callbacks import MLflowSweepLogger, Progress
@@ -187,8 +188,9 @@ def _run_sweep(space: Space, recipe, name: str, sweep_dir: Path, address, resume
 
     if resume:
         progress(f"resuming {sweep_dir}")
-        tuner = tune.Tuner.restore(str(sweep_dir), trainable, resume_unfinished=True,
-                                   resume_errored=False)
+        with resuming(sweep_dir):
+            tuner = tune.Tuner.restore(str(sweep_dir), trainable, resume_unfinished=True,
+                                       resume_errored=False)
     else:
         callbacks = [Progress(space, total, shown), ResultsWriter(space, sweep_dir, recipe.steps)]
         if mlflow:
@@ -210,7 +212,8 @@ def _run_sweep(space: Space, recipe, name: str, sweep_dir: Path, address, resume
         progress(f"sweep {name}: {total} trials of {space.name} ({space.algorithm}, scheduler "
             f"{space.scheduler['kind']}), recipe {recipe.name}, budget "
             f"{space.budget.describe()}; results in {sweep_dir}")
-    grid = tuner.fit()
+    with resuming(sweep_dir) if resume else nullcontext():
+        grid = tuner.fit()
     table = results_table(grid, space, sweep_dir, recipe.steps)
     write_results(table, sweep_dir)
     floors = noise_floors(table, [d.name for d in space.dimensions], recipe.to_dict(), sweep_dir)
