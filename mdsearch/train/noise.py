@@ -17,7 +17,7 @@ import torch
 
 from ..progress import quiet
 from ..rundir import CHECKPOINT, RECIPE, SPEC, RunDirError
-from .checkpoint import described
+from .checkpoint import described, read_checkpoint
 from .heldout import BANK_SEED, heldout_metrics
 from .recipe import Recipe
 from .trainer import Training, evaluate, make_evaluator
@@ -36,7 +36,8 @@ def load_run(run_dir: str | Path) -> Training:
     if missing:
         raise RunDirError(f"{run_dir}: not a trained run directory (its checkpoint names no "
                           f"spec or recipe, and {', '.join(missing)} is missing)")
-    kind = about["recipe"].get("kind")
+    state = read_checkpoint(run_dir / CHECKPOINT)
+    kind = "ufogen" if state.get("one_step") else about["recipe"].get("kind")
     if kind is not None:  # a UFOGen or autoencoder run: another loop, another checkpoint
         raise RunDirError(f"{run_dir}: a {kind} run; noise floors are measured on diffusion "
                           "training runs (mdsearch train) and their sweeps")
