@@ -18,9 +18,6 @@ from .progress import prefixed, say
 from .rundir import check_out_dir
 
 
-MAX_SEED = 2 ** 31
-
-
 def positive_int(text: str) -> int:
     """An argparse type: an integer >= 1 (argparse then reports a bad value in one line)."""
     try:
@@ -33,8 +30,9 @@ def positive_int(text: str) -> int:
 
 
 def seed_int(text: str) -> int:
-    """An argparse type: a seed, 0 <= seed < 2**31 (torch's generators take 64 bits, and a
-    seed's per-step generators are derived from it)."""
+    """An argparse type: a seed in the range a recipe accepts (0 <= seed < 2**31)."""
+    from .train.recipe import MAX_SEED
+
     try:
         value = int(text)
     except ValueError:

@@ -115,6 +115,13 @@ def set_attn_nonlinearity(model: nn.Module, nonlinearity: str) -> None:
             module.nonlinearity = nonlinearity
 
 
+def set_attn_kernel(model: nn.Module, kernel: str) -> None:
+    """Compute every softmax attention of `model` by "sdpa" or "matmul" (the same math)."""
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.kernel = kernel
+
+
 class GatedFFN(nn.Module):
     """GLU feed-forward: x -> (act(gate) * value) -> out, inner width = expansion * dim."""
 

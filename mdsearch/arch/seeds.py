@@ -30,7 +30,7 @@ import copy
 import torch
 from torch import nn
 
-from .blocks import Attention
+from .blocks import set_attn_kernel
 from .spec import ArchSpec
 from .unet import UNet, build
 
@@ -54,9 +54,7 @@ class SeedStack(nn.Module):
         # the template holds the structure only (on the meta device: no memory); functional_call
         # runs it on each seed's slice of the stacked tensors
         self.template = [copy.deepcopy(models[0]).to("meta")]  # a list: not a submodule
-        for module in self.template[0].modules():
-            if isinstance(module, Attention):
-                module.kernel = "matmul"
+        set_attn_kernel(self.template[0], "matmul")
 
     @classmethod
     def build(cls, spec: ArchSpec, seeds: list[int], device: torch.device | str = "cpu"):
@@ -101,20 +99,15 @@ class SeedStack(nn.Module):
                 raise IndexError(f"seed index {k} of a one-seed stack")
             return self.single
         model = copy.deepcopy(self.template[0])
-        for module in model.modules():
-            if isinstance(module, Attention):
-                module.kernel = "sdpa"
+        set_attn_kernel(model, "sdpa")
         device = next(iter(self.stacked.values())).device
         model = model.to_empty(device=device)
         model.load_state_dict({name: w[k].detach() for name, w in self.weights().items()})
         return model.train(self.training)
 
     def seed_grad_norms(self) -> torch.Tensor:
-        """Each seed's global gradient norm, (K,) (a parameter without a gradient counts 0)."""
-        if self.single is not None:
-            grads = [p.grad for p in self.single.parameters() if p.grad is not None]
-            return torch.linalg.vector_norm(
-                torch.stack([torch.linalg.vector_norm(g) for g in grads])).reshape(1)
+        """Each seed's global gradient norm, (K,) (a parameter without a gradient counts 0;
+        a stack of K > 1: one seed alone uses torch's clip_grad_norm_)."""
         grads = [w.grad for w in self.stacked.values() if w.grad is not None]
         per = torch.stack([torch.linalg.vector_norm(g.flatten(1), dim=1) for g in grads])
         return torch.linalg.vector_norm(per, dim=0)

@@ -118,6 +118,7 @@ class PlannedStage:
 
 DEVICES = ("auto", "cpu", "cuda")
 MAX_SEEDS = 64
+MAX_SEED = 2 ** 31  # a seed's per-step generators are derived from it (torch takes 64 bits)
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -203,8 +204,8 @@ class Recipe(RecipeData):
             fail("data.kind", "missing (synthetic, folder or coco)")
         if self.workers < 1:
             fail("workers", f"must be positive, got {self.workers}")
-        if not 0 <= self.seed < 2 ** 31:
-            fail("seed", f"must be in 0..{2 ** 31 - 1}, got {self.seed}")
+        if not 0 <= self.seed < MAX_SEED:
+            fail("seed", f"must be in 0..{MAX_SEED - 1}, got {self.seed}")
         if not 1 <= self.seeds <= MAX_SEEDS:
             fail("seeds", f"must be in 1..{MAX_SEEDS}, got {self.seeds}")
         if self.device not in DEVICES:
