@@ -278,6 +278,8 @@ def write_results(table: pd.DataFrame, sweep_dir: str | Path) -> Path:
             kept = before[~before["trial_id"].isin(table["trial_id"].astype(str))]
             if len(kept):
                 table = pd.concat([table, kept], ignore_index=True)
+    if "path" in table:  # stored relative to the folder: a moved or shared sweep still holds
+        table = table.assign(path=[trial_folder_name(v) for v in table["path"]])
     with atomic_path(path) as tmp:
         table.to_csv(tmp, index=False)
     return path
@@ -301,11 +303,54 @@ def read_results(sweep_dir: str | Path, required: tuple[str, ...] = ()) -> pd.Da
     if missing:
         raise RunDirError(f"{path}: not a sweep's results table (no {', '.join(missing)} "
                           "column)")
+    _check_rows(path, table)
     missing = [c for c in required if c not in table]
     if missing:
         raise RunDirError(f"{path}: lacks the column(s) {', '.join(missing)} (written by "
                           "mdsearch sweep for every trial)")
+    if "path" in table:  # each trial's folder, always inside this sweep folder
+        names = [trial_folder_name(v) for v in table["path"]]
+        table["path"] = [str(sweep_dir.resolve() / n) if isinstance(n, str) and n else None
+                         for n in names]
     return table
+
+
+def _check_rows(path: Path, table: pd.DataFrame) -> None:
+    """Rows a reader would miscount: one cut short (a file truncated mid-row), a trial twice, a
+    cost that is not a finite number. Line numbers are the file's (the header is line 1)."""
+    import csv
+
+    with open(path, newline="") as f:
+        widths = [len(row) for row in csv.reader(f)]
+    for number, width in enumerate(widths[1:], 2):
+        if width != widths[0]:
+            raise RunDirError(f"{path}: line {number} has {width} fields, the header "
+                              f"{widths[0]} (cut short or edited?); restore the file, or "
+                              "rebuild it by resuming the sweep")
+    ids = table["trial_id"].dropna()
+    twice = ids[ids.duplicated()]
+    if len(twice):
+        lines = [i + 2 for i in table.index[table["trial_id"] == twice.iloc[0]]]
+        raise RunDirError(f"{path}: trial {twice.iloc[0]} appears twice (lines "
+                          f"{', '.join(map(str, lines))}); one row per trial")
+    for column in ("params", "gmacs", "steps"):
+        if column not in table:
+            continue
+        values = pd.to_numeric(table[column], errors="coerce")
+        bad = table.index[table[column].notna() & ~np.isfinite(values.fillna(np.inf))]
+        if len(bad):
+            raise RunDirError(f"{path}: line {bad[0] + 2}: {column} "
+                              f"{table[column].iloc[bad[0]]} is not a finite number")
+
+
+def trial_folder_name(path) -> object:
+    """results.csv's `path` of a trial: its folder's name (trial folders are the sweep folder's
+    direct children). An older table's absolute path, or one crafted to leave the folder, keeps
+    only its last component."""
+    if pd.isna(path):
+        return path
+    name = str(path).replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+    return "" if name in ("", ".", "..") else name
 
 
 def numeric_column(table: pd.DataFrame, metric: str, source: str | Path = RESULTS) -> pd.Series:

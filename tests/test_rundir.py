@@ -46,6 +46,32 @@ def test_a_malformed_results_file_is_one_clear_error(tmp_path, content, message)
         read_results(tmp_path / "elsewhere")
 
 
+@pytest.mark.parametrize("content, message", [
+    ("trial_id,status,params,q\na,completed,1e8,0.5\nb,comp", "line 3 has 2 fields, the header 4"),
+    ("trial_id,status,params,q\na,completed,1e8,0.5\na,completed,1e8,0.5\n",
+     "trial a appears twice \\(lines 2, 3\\)"),
+    ("trial_id,status,params,q\na,completed,1e8,0.5\nb,completed,inf,0.4\n",
+     "line 3: params inf is not a finite number"),
+])
+def test_rows_a_reader_would_miscount_are_refused_naming_the_line(tmp_path, content, message):
+    """A results.csv cut mid-row, with a trial twice, or an infinite cost made report say
+    "trained: 2" of 3 and fidelity count pairs that are not there."""
+    (tmp_path / RESULTS).write_text(content)
+    with pytest.raises(RunDirError, match=f"{RESULTS}: {message}"):
+        read_results(tmp_path)
+
+
+def test_trial_paths_are_stored_relative_and_read_inside_the_sweep(tmp_path):
+    """results.csv names each trial's folder by its name; an absolute path (an older table, a
+    moved sweep) or one crafted to leave the folder reads as the folder of that name here."""
+    rows = pd.DataFrame({"trial_id": ["a", "b", "c"], "status": [COMPLETED] * 3,
+                         "path": ["/old/place/sweep/run_trial_a", "run_trial_b", "../../etc"]})
+    write_results(rows, tmp_path)
+    assert pd.read_csv(tmp_path / RESULTS)["path"].tolist() == ["run_trial_a", "run_trial_b", "etc"]
+    back = read_results(tmp_path)["path"].tolist()
+    assert back == [str(tmp_path.resolve() / n) for n in ("run_trial_a", "run_trial_b", "etc")]
+
+
 def test_a_metric_column_holding_text_is_named():
     t = table([["a", COMPLETED, 1.0, 0.5], ["b", COMPLETED, 2.0, "abc"]])
     with pytest.raises(RunDirError, match="column 'q' holds 'abc' \\(trial b\\)"):

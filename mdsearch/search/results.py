@@ -13,7 +13,8 @@ from ray.tune import Callback
 
 from ..quality import winner_statement
 from ..rundir import (COMPLETED, FAILED, FILTERED, FILTERED_STATUS, RESULTS, STOP_STATE, STOPPED,
-                      front, in_resumed, read_jsonl, trial_status, write_results)
+                      front, in_resumed, read_jsonl, trial_folder_name, trial_status,
+                      write_results)
 from .callbacks import TUNE_KEYS, error_text, reason_from_traceback
 from .space import Space
 
@@ -53,12 +54,13 @@ def results_table(grid, space: Space, sweep_dir: Path, steps_total: int) -> pd.D
                                                        f"{space.scheduler['kind']} scheduler")
         else:
             row["stop_reason"] = "" if status == COMPLETED else "never reported (interrupted?)"
-        row.update({d: r.config.get(d) for d in dims})
-        row["seed"] = r.config.get("seed")
+        config = r.config or {}  # (None for a trial that failed before its first report)
+        row.update({d: config.get(d) for d in dims})
+        row["seed"] = config.get("seed")
         row.update({k: v for k, v in metrics.items()
                     if k not in TUNE_KEYS and not k.startswith("config") and k != "step"})
         row["steps"] = steps
-        row["path"] = r.path
+        row["path"] = trial_folder_name(r.path)
         rows.append(row)
     for rec in read_jsonl(sweep_dir / FILTERED):
         rows.append({**{k: rec.get(k) for k in ("trial_id", "status", "stop_reason")},
@@ -100,7 +102,7 @@ class ResultsWriter(Callback):
 
     def _write(self, trials, ending, failed: bool) -> None:
         # Tune calls these hooks before it marks the ending trial TERMINATED or ERROR
-        ended = [Ended(t.last_result or {}, t.local_path or "",
+        ended = [Ended(t.last_result or {}, t.path or "",
                        RuntimeError(error_text(t)) if (t.status == "ERROR" or
                                                        (t is ending and failed)) else None,
                        t.config)
