@@ -268,7 +268,7 @@ def cmd_sweep(args) -> None:
     space = load_space(args.space)
     result = run_sweep(space, args.trial, name=args.name, storage=args.storage,
                        address=args.address, resume=args.resume, num_samples=args.num_samples,
-                       mlflow=not args.no_mlflow, init=args.init)
+                       mlflow=not args.no_mlflow, init=args.init, trust_state=args.trust_state)
     sweep_plot(result, space)
     print(summary(result, space))
 
@@ -394,19 +394,23 @@ def cmd_export(args) -> None:
 
 
 def cmd_generate(args) -> None:
-    from .export.pipeline import generate, latency_table
+    from .export.pipeline import PIXEL_TOLERANCE, generate, latency_table
 
     result = generate(args.bundle, args.prompt, out=args.image, seed=args.seed, steps=args.steps,
                       guidance=args.guidance, check=args.check, progress=prefixed("generate"))
     if args.json:
         print(json.dumps(result.to_dict()))
-        return
-    height, width = result.pixels.shape[1:]
-    print(f"{result.path}: {width}x{height}, {result.sampler}, {result.describe()}")
-    if result.max_abs_diff is not None:
-        print(f"max abs pixel difference ONNX Runtime vs PyTorch ({args.check}): "
-              f"{result.max_abs_diff:.3g} (pixels in [-1, 1])")
-    print(latency_table([result]))
+    else:
+        height, width = result.pixels.shape[1:]
+        print(f"{result.path}: {width}x{height}, {result.sampler}, {result.describe()}")
+        if result.max_abs_diff is not None:
+            print(f"max abs pixel difference ONNX Runtime vs PyTorch ({args.check}): "
+                  f"{result.max_abs_diff:.3g} (pixels in [-1, 1])")
+        print(latency_table([result]))
+    if result.within_tolerance is False:
+        raise SystemExit(f"check failed: the bundle's image differs from {args.check}'s by "
+                         f"{result.max_abs_diff:.3g} > {PIXEL_TOLERANCE:.3g} (one 8-bit "
+                         "level): was the bundle exported from that run?")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -515,6 +519,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted sweep (finished trials are kept, unfinished "
                         "ones continue from their last evaluation)")
+    p.add_argument("--trust-state", action="store_true",
+                   help="with --resume: sign the sweep's Ray Tune state files as they are (a "
+                        "sweep made before mdsearch signed them, or with another key); only for "
+                        "a folder whose every writer you trust")
     p.add_argument("--num-samples", type=positive_int, default=None,
                    help="trained trials (default: the space's search.num_samples)")
     p.add_argument("--init", metavar="RUN_DIR", default=None,

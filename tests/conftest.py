@@ -26,6 +26,14 @@ def tiny(name: str, **overrides):
     return presets.get(name, fields)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _state_key(tmp_path_factory):
+    """The key that signs sweep state (mdsearch.search.signing) is the test session's own, not
+    the user's ~/.config/mdsearch/state.key."""
+    os.environ["MDSEARCH_STATE_KEY"] = str(tmp_path_factory.mktemp("key") / "state.key")
+    yield
+
+
 @pytest.fixture
 def tiny_spec():
     return tiny

@@ -329,3 +329,23 @@ def test_fp16_decoder_and_channel_mismatch(tmp_path, tiny_spec):
     assert not (tmp_path / "refused").exists()  # refused before anything is written
     with pytest.raises(ExportError, match="pixel space, so there is no decoder"):
         export_decoder(IdentityAutoencoder(), tmp_path, latent_size=4)
+
+
+@pytest.mark.minilm
+def test_generate_check_against_another_run_fails_in_one_line(bundles, tmp_path, capsys):
+    """`generate --check RUN` with a RUN the bundle was not exported from reported a 0.487 pixel
+    difference and exited 0; above one 8-bit level it is a failed check."""
+    runs, out = bundles
+    code = main(["generate", "--bundle", str(out["pixel"]), "--prompt", PROMPT, "--out",
+                 str(tmp_path / "same.png"), "--check", str(runs["pixel"])])
+    assert code == 0
+    other = make_run(tmp_path / "other_run", tiny("md", context_dim=384, latent_channels=3),
+                     yaml.safe_load((runs["pixel"] / "recipe.yaml").read_text()))
+    state = torch.load(other / "checkpoint.pt", weights_only=True)
+    torch.manual_seed(1)  # the same recipe and spec, other weights
+    state["ema"] = state["model"] = {k: v + 0.05 * torch.randn_like(v) if v.is_floating_point()
+                                     else v for k, v in state["model"].items()}
+    torch.save(state, other / "checkpoint.pt")
+    with pytest.raises(SystemExit, match="check failed: the bundle's image differs from"):
+        main(["generate", "--bundle", str(out["pixel"]), "--prompt", PROMPT, "--out",
+              str(tmp_path / "other.png"), "--check", str(other)])

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from mdsearch.rundir import RESULT, TUNE_HISTORY
+from mdsearch.rundir import RESULT, TUNE_HISTORY, read_results
 from mdsearch.search.sweep import run_sweep
 from mdsearch.search.space import load_space
 
@@ -68,7 +68,7 @@ def test_grid_sweep_filters_before_training_and_writes_results(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     result = run_sweep(space, recipe, name="grid", storage=tmp_path / "sweeps",
                        tracking_uri=uri)
-    table = pd.read_csv(tmp_path / "sweeps" / "grid" / "results.csv", dtype={"trial_id": str})
+    table = read_results(tmp_path / "sweeps" / "grid")  # trial paths resolved in the folder
     assert len(table) == 3 and result.filtered == 1
     filtered = table[table["status"] == "filtered"].iloc[0]
     assert filtered["inner_channels"] == 1280 and filtered["steps"] == 0
@@ -424,6 +424,14 @@ def test_a_tpe_sweep_with_seeds_per_trial_ranks_by_seed_means(tmp_path):
         result.table, "val_loss", None)
 
 
+def test_num_samples_takes_the_first_points_of_a_grid(tmp_path):
+    space, recipe = files(tmp_path, search={"algorithm": "grid"},
+                          dimensions={"inner_channels": SPACE["dimensions"]["inner_channels"]})
+    run_sweep(space, recipe, name="one", storage=tmp_path / "s", num_samples=1, mlflow=False)
+    done = trained(read_results(tmp_path / "s" / "one"))
+    assert list(done["inner_channels"]) == [512]  # the grid's first point, not all three
+
+
 def test_seeds_per_trial_is_checked_when_the_space_is_read(tmp_path):
     from mdsearch.search.space import SpaceError
 
@@ -504,3 +512,66 @@ def test_a_moved_or_copied_sweep_folder_resumes_in_place(tmp_path):
     after = {p: p.read_bytes() for p in (tmp_path / "s" / "b").rglob("*") if p.is_file()}
     assert after.keys() == before.keys()
     assert [p for p in before if p.name != ".lock" and before[p] != after[p]] == []
+
+
+def test_a_crafted_pickle_in_a_sweep_folder_is_refused_and_runs_nothing(tmp_path):
+    """Ray Tune unpickles tuner.pkl, experiment_state-*.json, search_gen_state-*.json and failed
+    trials' error.pkl on --resume. mdsearch signs each as it is written, with a key outside the
+    folder; a file swapped for a crafted pickle (or left unsigned) stops the resume in one line,
+    before Ray loads anything, and --trust-state is the explicit way to vouch for a folder."""
+    import pickle
+
+    from mdsearch.search import signing
+
+    space_file = write(tmp_path / "space.yaml", SPACE)
+    recipe_file = write(tmp_path / "recipe.yaml", RECIPE)
+    storage = tmp_path / "s"
+    first = subprocess.run(_sweep_cmd(space_file, recipe_file, storage), capture_output=True,
+                           text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    sweep = storage / "killed"
+    pickled = signing.pickled_files(sweep)
+    names = {p.name.split("-")[0] for p in pickled}
+    assert {"tuner.pkl", "experiment_state", "search_gen_state"} <= names
+    assert all(p.with_name(p.name + ".sig").is_file() for p in pickled)
+    signing.check(sweep)  # what mdsearch wrote passes
+    table = pd.read_csv(sweep / "results.csv", dtype={"trial_id": str})
+    # each trial's folder is named relative to the sweep (never Ray's session folder in /tmp)
+    assert all("/" not in p for p in trained(table)["path"])
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(tmp_path / "pwned"), "w"))
+
+    trial = next(p for p in sweep.iterdir() if p.is_dir() and p.name.startswith("run_trial"))
+    (trial / "error.pkl").write_bytes(b"")  # a failed trial's error, as Tune places it ...
+    signing.sign(trial / "error.pkl")  # ... and mdsearch signs it (SignErrors)
+    targets = [sweep / "tuner.pkl", *sweep.glob("search_gen_state-*.json"),
+               *sweep.glob("experiment_state-*.json"), trial / "error.pkl"]
+    for target in targets:
+        original = target.read_bytes()
+        target.write_bytes(pickle.dumps(Payload()))
+        before = {p: p.read_bytes() for p in sweep.rglob("*") if p.is_file() and p.name != ".lock"}
+        again = subprocess.run(_sweep_cmd(space_file, recipe_file, storage, "--resume"),
+                               capture_output=True, text=True, timeout=120)
+        assert again.returncode == 2, again.stderr[-2000:]
+        assert "Traceback" not in again.stderr
+        assert f"{target}: " in again.stderr and "--trust-state" in again.stderr
+        assert not (tmp_path / "pwned").exists()
+        after = {p: p.read_bytes() for p in sweep.rglob("*") if p.is_file() and p.name != ".lock"}
+        assert after == before
+        target.write_bytes(original)
+    (trial / "error.pkl").unlink()
+
+    # an unsigned folder (made before signing, or with another key) resumes once the user vouches
+    for p in sweep.rglob("*.sig"):
+        p.unlink()
+    refused = subprocess.run(_sweep_cmd(space_file, recipe_file, storage, "--resume"),
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "has no signature" in refused.stderr
+    trusted = subprocess.run(_sweep_cmd(space_file, recipe_file, storage, "--resume",
+                                        "--trust-state"), capture_output=True, text=True,
+                             timeout=600)
+    assert trusted.returncode == 0, trusted.stderr[-3000:]
+    signing.check(sweep)
+    assert len(trained(pd.read_csv(sweep / "results.csv"))) == 2

@@ -11,6 +11,7 @@ from mdsearch.arch.proxy import proxy_spec
 from mdsearch.arch.unet import build
 from mdsearch.cli import main
 from mdsearch.rundir import CHECKPOINT, RESULT
+from mdsearch.train.checkpoint import CheckpointError
 from mdsearch.train.recipe import RecipeError
 from mdsearch.train.trainer import train_trial
 from mdsearch.train.ufogen import (Discriminator, LoRA, UFOGenRecipe, add_lora, merged_state,
@@ -202,6 +203,13 @@ def test_table5_space_sweeps_recipe_fields_of_fine_tunes_of_one_run(start, tmp_p
     with pytest.raises(SpaceError, match="dimensions.reconstruction: value 'l1'"):
         run_sweep(load_space(bad), name="bad", storage=tmp_path / "s", mlflow=False,
                   init=str(start))
+    # a one-step generator is no start for UFOGen: refused before Ray starts, as train --init does
+    one_step = tmp_path / "one_step"
+    assert ufogen_trial(start, recipe(steps=2), one_step, evaluator=ImageStats()).status == "ok"
+    with pytest.raises(CheckpointError, match="already a one-step"):
+        run_sweep(load_space(space_file), name="from_one_step", storage=tmp_path / "s",
+                  mlflow=False, init=str(one_step))
+    assert not (tmp_path / "s" / "from_one_step" / "tuner.pkl").exists()
     try:
         result = run_sweep(load_space(space_file), name="t5", storage=tmp_path / "sweeps",
                            mlflow=False, init=str(start))

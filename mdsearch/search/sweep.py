@@ -42,6 +42,7 @@ from ..raylocal import check_address, start_ray
 from ..progress import say
 from .callbacks import MLflowSweepLogger, Progress
 from .results import ResultsWriter, SweepResult, best_trials, results_table
+from . import signing
 from .searchers import OPTUNA_JOURNAL, BudgetedSearch, make_inner_searcher
 from .space import (AUTOENCODER_BASE, CostCache, Space, SpaceError, check_recipe_fields, product,
                     sweep_recipe)
@@ -56,11 +57,13 @@ def run_sweep(space: Space, trial: str | Path | None = None, *, name: str | None
               storage: str | Path = "runs/sweeps", address: str | None = None,
               resume: bool = False, num_samples: int | None = None,
               mlflow: bool = True, tracking_uri: str | None = None, init: str | None = None,
-              progress: Callable[[str], None] = say) -> SweepResult:
+              trust_state: bool = False, progress: Callable[[str], None] = say) -> SweepResult:
     """Run (or with resume=True, continue) a sweep; returns its results table. The sweep
     directory is locked for the duration: a second sweep on it fails at once. `init`: the
     trained run a UFOGen space (`base: init`, a trial recipe of kind: ufogen) fine-tunes; a
-    resumed UFOGen sweep remembers it."""
+    resumed UFOGen sweep remembers it. `trust_state`: sign the folder's Ray Tune pickles as they
+    are before resuming (a sweep made before mdsearch signed them, or with another key;
+    `signing.py`): only for a folder whose every writer you trust."""
     if str(storage).startswith(("s3://", "gs://", "abfs://", "hdfs://")):
         raise SweepError(f"--storage {storage}: give a filesystem path (local, or a shared mount "
                          "such as NFS, EFS or a GCS/S3 FUSE mount); see docs/clusters.md")
@@ -69,6 +72,8 @@ def run_sweep(space: Space, trial: str | Path | None = None, *, name: str | None
                              or "\\" in name):
         raise SweepError(f"--name {name!r}: give one folder name, created inside --storage "
                          f"{storage} (no '/', '..' or absolute path)")
+    if trust_state and not resume:
+        raise SweepError("--trust-state signs an existing sweep's state: it goes with --resume")
     check_address(address)  # before anything is written: nothing answering is one line
     name = name or default_name(space, root, resume)
     sweep_dir = root / name
@@ -83,6 +88,9 @@ def run_sweep(space: Space, trial: str | Path | None = None, *, name: str | None
     if resume and not (sweep_dir.is_dir() and tune.Tuner.can_restore(str(sweep_dir))):
         raise SweepError(f"{sweep_dir}: no sweep to resume here (run without --resume to start)")
     with locked(sweep_dir, f"sweep {name}"):
+        if resume and trust_state:
+            progress(f"--trust-state: signed {signing.sign_all(sweep_dir)} Ray Tune state files "
+                     f"of {sweep_dir} as they are")
         return _run_sweep(space, recipe, name, sweep_dir, address, resume, num_samples, mlflow,
                           tracking_uri, progress, init)
 
@@ -103,8 +111,7 @@ def bind_init(space: Space, recipe, init: str | None) -> str | None:
     """Give a recipe-only space what it lacks: a UFOGen space the spec of the --init run, an
     autoencoder space (`base: autoencoder`) its recipe, which costs its configurations. Checks
     --init; returns the run's absolute path (None where the trials start from scratch)."""
-    from ..train.checkpoint import described
-    from ..train.ufogen import UFOGenRecipe
+    from ..train.ufogen import UFOGenRecipe, ufogen_start
     from ..train.vae import VAERecipe
 
     if (space.base_name == AUTOENCODER_BASE) != isinstance(recipe, VAERecipe):
@@ -132,10 +139,7 @@ def bind_init(space: Space, recipe, init: str | None) -> str | None:
     if space.base is not None:
         raise SweepError(f"{space.source}: a UFOGen space takes its spec from --init: write "
                          "base: init")
-    spec = described(init)["spec"]  # a CheckpointError (one line) for a damaged run
-    if spec is None:
-        raise SweepError(f"{init}: its checkpoint does not say which spec it trained")
-    space.base = spec
+    space.base = ufogen_start(init)["spec"]  # a CheckpointError (one line) for a wrong run
     return str(Path(init).resolve())
 
 
@@ -147,6 +151,7 @@ def _run_sweep(space: Space, recipe, name: str, sweep_dir: Path, address, resume
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")  # a killed driver loses <= 2 s
     from ray import tune
+    from ray.tune.search import ConcurrencyLimiter
 
     if resume:
         check_resumable(sweep_dir)
@@ -178,7 +183,10 @@ def _run_sweep(space: Space, recipe, name: str, sweep_dir: Path, address, resume
     metric = [o.metric for o in objectives] if len(objectives) > 1 else objectives[0].metric
     mode = [o.mode for o in objectives] if len(objectives) > 1 else objectives[0].mode
     quality = space.quality
-    total = len(product(space)) if space.algorithm == "grid" else space.num_samples
+    total = space.num_samples
+    if space.algorithm == "grid":  # every point, or with --num-samples N the first N in budget
+        points = len(product(space))
+        total = points if num_samples is None else min(num_samples, points)
     shown = [quality.metric] + [m for m in ("text_gain", "val_loss_mid", "align", "kid_proxy",
                                             "fid_proxy", "fid", "clip_score")
                                 if m != quality.metric]
@@ -192,23 +200,28 @@ def _run_sweep(space: Space, recipe, name: str, sweep_dir: Path, address, resume
             tuner = tune.Tuner.restore(str(sweep_dir), trainable, resume_unfinished=True,
                                        resume_errored=False)
     else:
-        callbacks = [Progress(space, total, shown), ResultsWriter(space, sweep_dir, recipe.steps)]
+        callbacks = [Progress(space, total, shown), ResultsWriter(space, sweep_dir, recipe.steps),
+                     signing.SignErrors()]
         if mlflow:
             callbacks.append(MLflowSweepLogger(name, tracking_uri, space, recipe, sweep_dir))
         inner = make_inner_searcher(space, metric, mode, sweep_dir)
         searcher = BudgetedSearch(inner, space, sweep_dir, metric, mode, progress=progress,
                                   cache=cache)
+        # Tune's own wrappers, made here so that its state files are signed as they are written
+        if space.max_concurrent:
+            searcher = ConcurrencyLimiter(searcher, max_concurrent=space.max_concurrent)
+        searcher = signing.SignedSearchGenerator(searcher)
         scheduler = make_scheduler(space.scheduler, quality.metric, quality.mode, recipe.steps,
                                    recipe.eval.every, sweep_dir / STOP_STATE)
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
-                                        num_samples=total,
-                                        max_concurrent_trials=space.max_concurrent),
+                                        num_samples=total),
             run_config=tune.RunConfig(
                 name=name, storage_path=str(sweep_dir.parent), callbacks=callbacks, verbose=0,
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                 failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)))
+        signing.sign(sweep_dir / "tuner.pkl")  # written by Tuner() itself
         progress(f"sweep {name}: {total} trials of {space.name} ({space.algorithm}, scheduler "
             f"{space.scheduler['kind']}), recipe {recipe.name}, budget "
             f"{space.budget.describe()}; results in {sweep_dir}")
@@ -226,6 +239,7 @@ def check_resumable(sweep_dir: Path) -> None:
     to restore the run state" and start the sweep over."""
     import json
 
+    signing.check(sweep_dir)  # Ray Tune's pickles, before Ray loads any of them
     for pattern in ("experiment_state-*.json",):  # (Ray's search_gen_state-*.json is a pickle)
         for path in sorted(sweep_dir.glob(pattern)):
             try:

@@ -71,6 +71,22 @@ RECONSTRUCTIONS = ("diffusion", "distill", "ema_distill")
 ADAPTERS = ("full", "lora")
 
 
+def ufogen_start(init_dir: str | Path, state: dict | None = None) -> dict:
+    """What a UFOGen fine-tuning starts from (`described`: spec, proxy spec, recipe), checked:
+    a diffusion run's checkpoint that says what it trained, not a one-step generator. A
+    CheckpointError (one line) otherwise: `train --init` and a UFOGen sweep refuse the same
+    runs, before anything trains."""
+    state = read_checkpoint(init_dir) if state is None else state
+    about = described(init_dir, state)
+    if about["proxy_spec"] is None or about["recipe"] is None:
+        raise CheckpointError(f"{checkpoint_path(init_dir)}: it does not say which spec "
+                              "and recipe it was trained from, so UFOGen cannot rebuild it")
+    if state.get("one_step"):
+        raise CheckpointError(f"{checkpoint_path(init_dir)}: already a one-step (UFOGen) "
+                              "generator; start from a diffusion run")
+    return about
+
+
 @dataclass
 class LoRA:
     rank: int = 4
@@ -235,15 +251,9 @@ class UFOGen(AdversarialRun):
         self.recipe, self.say = recipe, progress or quiet
         self.seed = recipe.seed if seed is None else seed
         start = read_checkpoint(self.init)
-        about = described(self.init, start)
-        if about["proxy_spec"] is None or about["recipe"] is None:
-            raise CheckpointError(f"{checkpoint_path(self.init)}: it does not say which spec "
-                                  "and recipe it was trained from, so UFOGen cannot rebuild it")
+        about = ufogen_start(self.init, start)
         self.spec, self.proxy = about["spec"], about["proxy_spec"]
         self.base = Recipe.from_dict(about["recipe"], f"{checkpoint_path(self.init)} (recipe)")
-        if start.get("one_step"):
-            raise CheckpointError(f"{checkpoint_path(self.init)}: already a one-step (UFOGen) "
-                                  "generator; start from a diffusion run")
         weights = start.get("ema") or start["model"]
         self.schedule = NoiseSchedule(kind=self.base.noise_schedule,
                                       prediction=self.base.prediction)
