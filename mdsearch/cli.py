@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import sys
@@ -633,6 +634,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"mdsearch {args.command}: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    except (PermissionError, IsADirectoryError, NotADirectoryError) as err:
+        # a file or folder the user named that cannot be read or written: one line, like bad input
+        if args.debug:
+            raise
+        print(f"mdsearch {args.command}: error: {err.filename}: {err.strerror.lower()} "
+              "(check the path and its permissions)", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if args.debug or err.errno not in (errno.EROFS, errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"mdsearch {args.command}: error: {err.filename or ''}: {err.strerror.lower()}; "
+              "what was written before is kept", file=sys.stderr)
         return 2
     return 0
 

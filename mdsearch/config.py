@@ -50,6 +50,8 @@ def load_yaml(path: str | Path, error=ConfigError) -> Any:
         return yaml.load(path.read_text(), Loader=_StrictLoader)  # a SafeLoader: no objects
     except UnicodeDecodeError:
         raise error(f"{path}: not a text file (expected YAML or JSON)") from None
+    except OSError as err:  # unreadable: permissions, a broken mount
+        raise error(f"{path}: cannot be read ({err.strerror})") from None
     except yaml.YAMLError as err:
         raise error(f"{path}: not valid YAML/JSON: {' '.join(str(err).split())}") from None
 
@@ -58,7 +60,8 @@ def named_file(path_or_name: str | Path, folder: Path) -> Path:
     """A file path as given, or the name of a YAML file in `folder` (`cpu_quick` ->
     folder/cpu_quick.yaml) when no such path exists."""
     path = Path(path_or_name)
-    if not path.exists() and (folder / f"{path_or_name}.yaml").exists():
+    # a built-in name wins over a local folder of that name (`runs/`, `full/`), never over a file
+    if not path.is_file() and (folder / f"{path_or_name}.yaml").is_file():
         return folder / f"{path_or_name}.yaml"
     bare = str(path_or_name)
     if not path.exists() and "/" not in bare and not bare.endswith((".yaml", ".yml")):

@@ -97,6 +97,12 @@ def check_out_dir(directory: str | Path, flag: str = "--out") -> Path:
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise RunDirError(f"{directory}: exists and is not a directory; give a directory")
+    existing = directory.absolute()
+    while not existing.exists():  # the folder, or the nearest one above it that exists
+        existing = existing.parent
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise RunDirError(f"{directory}: cannot be written ({existing} is not writable by this "
+                          "user, or on a read-only file system); give another " + flag)
     return directory
 
 
@@ -305,6 +311,13 @@ def read_results(sweep_dir: str | Path, required: tuple[str, ...] = ()) -> pd.Da
                           "column)")
     _check_rows(path, table)
     missing = [c for c in required if c not in table]
+    if missing and not table["status"].isin([COMPLETED, STOPPED]).any():
+        failed = table[table["status"] == FAILED]
+        first = (f"; the first: {failed['stop_reason'].iloc[0]}"
+                 if len(failed) and "stop_reason" in table else "")
+        raise RunDirError(f"{path}: no trial of this sweep finished ({len(failed)} failed, "
+                          f"{len(table) - len(failed)} other{first}), so there is nothing to "
+                          "rank; fix the cause and run the sweep again")
     if missing:
         raise RunDirError(f"{path}: lacks the column(s) {', '.join(missing)} (written by "
                           "mdsearch sweep for every trial)")

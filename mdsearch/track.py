@@ -51,7 +51,14 @@ class TrackingError(MdsearchError):
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
     """Fail at once, in one line, when an http(s) tracking server does not answer (MLflow's own
-    client would retry for minutes before failing)."""
+    client would retry for minutes before failing); and a file store, which MLflow 3 refuses
+    (maintenance mode) unless MLFLOW_ALLOW_FILE_STORE is set."""
+    scheme = uri.split("://", 1)[0] if "://" in uri else "file"
+    if scheme == "file" and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() != "true":
+        raise TrackingError(f"MLflow tracking URI {uri}: a file store, which this MLflow keeps "
+                            "in maintenance mode (it refuses to use it); give a database such as "
+                            "sqlite:///runs/mlflow.db (mdsearch's default is sqlite:///"
+                            "mlruns/mlflow.db), or set MLFLOW_ALLOW_FILE_STORE=true")
     if not uri.startswith(("http://", "https://")):
         return
     import urllib.error

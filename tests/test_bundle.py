@@ -100,6 +100,7 @@ def test_manifest_round_trip(tmp_path):
     (lambda d: d["autoencoder"].update(scaling_factor=0.0),
      "field autoencoder.scaling_factor: must be a positive finite number, got 0.0"),
     (lambda d: d.update(clip_x0=float("inf")), "field clip_x0: must be positive or null"),
+    (lambda d: d.update(clip_x0=1.0), "field clip_x0: null in a latent-space bundle"),
     # a shared bundle never makes generate open a file outside its folder
     (lambda d: d["files"].update(unet="/etc/passwd"),
      "field files.unet: '/etc/passwd' is not a path inside the bundle folder"),
@@ -249,6 +250,22 @@ def test_latent_bundle_decodes_with_the_vae(bundles):
     again = bundle.generate(PROMPT, seed=1)
     assert np.array_equal(again.pixels, result.pixels)
     assert not np.array_equal(bundle.generate(PROMPT, seed=2).pixels, result.pixels)
+
+
+@pytest.mark.minilm
+def test_a_manifest_whose_factor_the_decoder_contradicts_is_refused(bundles, tmp_path):
+    """resolution = latent_size x factor holds in the manifest, but the decoder upsamples 2x,
+    not 4x: refused on loading (its warm-up run), naming the fields, not a wrong-sized PNG."""
+    import shutil
+
+    _, out = bundles
+    copy = shutil.copytree(out["vae"], tmp_path / "b")
+    data = json.loads((copy / MANIFEST).read_text())
+    data["autoencoder"]["factor"], data["resolution"] = 4, 32
+    (copy / MANIFEST).write_text(json.dumps(data))
+    with pytest.raises(ExportError, match="fields resolution and autoencoder.factor say 32 px, "
+                                          "but .*decoder.onnx gives 16x16 images"):
+        Bundle(copy)
 
 
 @pytest.mark.minilm

@@ -1,6 +1,7 @@
 """The CLI contract that later tooling depends on."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -107,6 +108,9 @@ def test_console_script_is_installed():
     (["generate", "--bundle", "{tmp}", "--prompt", "x", "--guidance", "nan", "--out",
       "{tmp}/x.png"], "--guidance: must be a finite number > 0, got nan"),
     (["sweep", "{tmp}/nanspace.yaml"], "dimensions.f.values: must be finite numbers, got nan"),
+    (["train", "--trial", "{tmp}/ref1.yaml", "--out", "{tmp}/out", "--no-mlflow"],
+     "field eval.reference_images: FID's reference statistics need at least 2 images, got 1"),
+    (["vae", "cost", "--recipe", "{tmp}/grid0.yaml"], "field eval.grid: must be at least 1"),
 ])
 def test_bad_input_is_one_line_exit_2_and_leaves_nothing(tmp_path, capsys, monkeypatch, argv,
                                                          message):
@@ -121,6 +125,10 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(tmp_path, capsys, monke
             "text_encoder: {name: minilm, max_length: 8}\nwidth: 0.0625\nsteps: 2\n")
     (tmp_path / "acc.yaml").write_text("name: acc\nbatch_size: 6\naccumulate: 4\n" + tiny)
     (tmp_path / "w2.yaml").write_text("name: w2\nbatch_size: 4\nworkers: 2\n" + tiny)
+    (tmp_path / "ref1.yaml").write_text("name: ref1\neval: {reference_images: 1}\n" + tiny)
+    vae = yaml.safe_load(open("trials/vae_cpu.yaml"))
+    (tmp_path / "grid0.yaml").write_text(yaml.safe_dump({**vae, "eval": {**vae.get("eval", {}),
+                                                                          "grid": 0}}))
     (tmp_path / "nanspace.yaml").write_text(
         "base: md\nobjectives: [text_gain]\n"
         "dimensions: {f: {field: ffn_expansion, values: [.nan, 3]}}\n")
@@ -153,3 +161,59 @@ def test_fidelity_and_report_refuse_what_they_cannot_rank(tmp_path, capsys):
     shutil.copy(sweep / "results.csv", other / "results.csv")
     assert main(["fidelity", str(sweep), str(other), "--metric", "text_gain"]) == 2
     assert "rank agreement needs at least 2" in capsys.readouterr().err
+
+
+def test_a_local_folder_does_not_shadow_a_built_in_name(tmp_path, monkeypatch):
+    """`runs/`, `full/` or `quickstart/` in the working directory: `--trial full` and `sweep
+    quickstart` still mean the built-in files (a local *file* of that name still wins)."""
+    from mdsearch.search.space import load_space
+    from mdsearch.train.recipe import load_recipe
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("cpu_quick", "full", "quickstart"):
+        (tmp_path / name).mkdir()
+    assert load_recipe("cpu_quick").name == "cpu_quick" and load_recipe("full").name == "full"
+    assert load_space("quickstart").name == "quickstart"
+
+
+def test_files_that_cannot_be_read_or_written_are_one_line(tmp_path, capsys, monkeypatch):
+    """Inputs the user may not read and an --out it may not write: exit 2, one line naming the
+    path, before any work. (File modes do not bind root, which the CI runs as, so the operating
+    system's refusals are simulated: reads of the inputs raise EACCES and `os.access` says the
+    locked folder is not writable.)"""
+    import pathlib
+
+    base = tmp_path / "perm"
+    base.mkdir()
+    unreadable = {base / name for name in ("recipe.yaml", "space.yaml", "spec.yaml")}
+    for path in unreadable:
+        path.write_text("name: x\n")
+    (base / "locked").mkdir()
+    read_text = pathlib.Path.read_text
+
+    def denied(self, *args, **kwargs):
+        if self in unreadable:
+            raise PermissionError(13, "Permission denied", str(self))
+        return read_text(self, *args, **kwargs)
+
+    access = os.access
+    monkeypatch.setattr(pathlib.Path, "read_text", denied)
+    monkeypatch.setattr(os, "access", lambda p, mode: access(p, mode) and
+                        pathlib.Path(p) != base / "locked")
+    monkeypatch.setenv("MDSEARCH_CACHE_DIR", str(base / "cache"))
+    cases = [
+        (["cost", "--spec", f"{base}/spec.yaml"], f"{base}/spec.yaml: cannot be read"),
+        (["train", "--trial", f"{base}/recipe.yaml", "--out", f"{base}/out"],
+         f"{base}/recipe.yaml: cannot be read"),
+        (["sweep", f"{base}/space.yaml"], f"{base}/space.yaml: cannot be read"),
+        (["vae", "cost", "--recipe", f"{base}/recipe.yaml"], f"{base}/recipe.yaml: cannot be read"),
+        (["report", str(base), "--out", f"{base}/locked/report"],
+         f"{base}/locked/report: cannot be written ({base}/locked is not writable"),
+        (["train", "--out", f"{base}/locked/run"], f"{base}/locked/run: cannot be written"),
+    ]
+    for argv, message in cases:
+        code, _, err = run(capsys, *argv)
+        lines = [line for line in err.splitlines() if line.startswith("mdsearch")]
+        assert code == 2 and "Traceback" not in err, (argv, err)
+        assert len(lines) == 1 and message in lines[0], (argv, err)
+    assert not (base / "out").exists() and list((base / "locked").iterdir()) == []

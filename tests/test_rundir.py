@@ -126,6 +126,17 @@ def test_required_columns_are_named(tmp_path):
         read_results(tmp_path, required=("params", "gmacs", "steps"))
 
 
+def test_a_sweep_whose_every_trial_failed_says_so(tmp_path):
+    """Failed trials report no costs or metrics: the table then lacks those columns, and a
+    reader says that nothing finished (and why), not that a column is missing."""
+    pd.DataFrame([["a", FAILED, "ValueError: boom"], ["b", FAILED, "non-finite loss"]],
+                 columns=["trial_id", "status", "stop_reason"]).to_csv(tmp_path / RESULTS,
+                                                                       index=False)
+    with pytest.raises(RunDirError, match="no trial of this sweep finished \\(2 failed, 0 other; "
+                                          "the first: ValueError: boom\\)"):
+        read_results(tmp_path, required=("params", "gmacs"))
+
+
 def test_temporary_files_stay_out_of_the_folder_being_written(tmp_path):
     """Ray Tune copies a sweep's trial folders while trials write: a temporary file that
     vanishes mid-copy made it fail. atomic_path keeps the temporary file in the system temp

@@ -117,3 +117,17 @@ def test_report_from_an_unreachable_tracking_server_is_one_line_within_seconds(t
     err = capsys.readouterr().err
     assert code == 2 and time.monotonic() - started < 30, err
     assert "http://127.0.0.1:1 does not answer" in err and "Traceback" not in err
+
+
+def test_a_file_tracking_store_is_one_line_naming_the_way_out(tmp_path, capsys, monkeypatch):
+    """MLflow 3 refuses file stores (maintenance mode) with a traceback; mdsearch says so in one
+    line and names what works (a database URI, or MLflow's own opt-out)."""
+    from mdsearch.cli import main
+
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    for uri in (f"file://{tmp_path}/ml", str(tmp_path / "mlruns")):
+        code = main(["report", "--mlflow", "x", "--tracking-uri", uri,
+                     "--out", str(tmp_path / "r")])
+        err = capsys.readouterr().err
+        assert code == 2 and "Traceback" not in err, err
+        assert f"{uri}: a file store" in err and "MLFLOW_ALLOW_FILE_STORE=true" in err

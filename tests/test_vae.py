@@ -176,6 +176,10 @@ def test_decoder_training_needs_a_matching_init(trained, tmp_path):
     other = {**LIGHT, "arch": {**LIGHT["arch"], "latent_channels": 8}}
     with pytest.raises(RecipeError, match="latent_channels 4"):
         VAETraining(recipe(**other), tmp_path / "y", init=trained)
+    # train: all starts from scratch: an --init it would ignore is refused, not ignored
+    assert recipe().train == "all"
+    with pytest.raises(RecipeError, match="field train: all .* would be ignored"):
+        VAETraining(recipe(), tmp_path / "z", init=trained)
 
 
 def test_a_non_finite_loss_fails_the_run_with_its_reason(tmp_path, monkeypatch):
@@ -272,3 +276,19 @@ def test_latent_channel_space_sweeps_autoencoders_and_reports_the_study(tmp_path
     text = report.files["latent_channels_md"].read_text()
     assert "8 (paper)" in text and "Δ psnr vs the c before" in text
     assert report.files["reconstructions_c4"].is_file()
+
+
+def test_export_of_an_autoencoder_run_says_what_it_is(trained, tmp_path, capsys):
+    assert main(["export", "--checkpoint", str(trained), "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert "an autoencoder run (mdsearch vae train), not a diffusion run" in err
+    assert "Traceback" not in err and not (tmp_path / "b").exists()
+
+
+def test_a_perceptual_path_that_is_not_a_torch_export_is_one_line(tmp_path, capfd):
+    from mdsearch.train.vae import load_perceptual
+
+    (tmp_path / "lpips.pt2").write_text("root:x:0:0:root:/root:/bin/bash\n")
+    with pytest.raises(RecipeError, match="lpips.pt2: not a torch.export program"):
+        load_perceptual(tmp_path / "lpips.pt2")
+    assert "Traceback" not in capfd.readouterr().err  # nothing logged before the one line

@@ -167,6 +167,9 @@ def read_manifest(bundle: str | Path) -> Manifest:
         fail("files.decoder", "null exactly when autoencoder.kind is identity (pixel space), "
                               f"got {manifest.files.decoder!r} with kind "
                               f"{manifest.autoencoder.kind!r}")
+    if not pixel_space and manifest.clip_x0 is not None:
+        fail("clip_x0", f"null in a latent-space bundle (a VAE's latents have the VAE's range, "
+                        f"not [-1, 1]), got {manifest.clip_x0}")
     if pixel_space and manifest.latent_channels != 3:
         fail("latent_channels", f"pixel space has 3 channels, got {manifest.latent_channels}")
     manifest.folder = folder

@@ -161,7 +161,13 @@ def load_checkpoint(path: str | Path) -> tuple[ArchSpec, torch.nn.Module]:
         state = read_checkpoint(ckpt)
     except CheckpointError as err:
         raise ExportError(str(err)) from None
-    spec = described(ckpt, state)["proxy_spec"]
+    about = described(ckpt, state)
+    if "vae_recipe" in state or (about["recipe"] or {}).get("kind") == "vae":
+        raise ExportError(f"{ckpt}: an autoencoder run (mdsearch vae train), not a diffusion "
+                          "run: export takes a trained UNet, and bundles this autoencoder's "
+                          "decoder when the UNet's recipe names it (autoencoder: {kind: "
+                          f"diffusers, path: {ckpt.parent}}}; docs/export.md)")
+    spec = about["proxy_spec"]
     if spec is None:
         raise ExportError(f"{ckpt.parent / PROXY_SPEC}: the spec the checkpoint was trained "
                           "with is missing (neither in the checkpoint nor beside it)")

@@ -286,6 +286,11 @@ class Bundle:
                        context, null_context, self.alphas, m.noise_schedule.prediction, steps,
                        guidance, m.clip_x0)
         image = self.decoder(latents=latents) if self.decoder else latents
+        if image.shape[-2:] != (m.resolution, m.resolution):  # (first met in the warm-up run)
+            raise ExportError(f"{m.folder / 'manifest.json'}: fields resolution and "
+                              f"autoencoder.factor say {m.resolution} px, but "
+                              f"{self.decoder.path if self.decoder else 'the UNet'} gives "
+                              f"{image.shape[-1]}x{image.shape[-2]} images")
         return np.clip(image, -1, 1)[0]
 
     def generate(self, prompt: str, seed: int = 0, steps: int | None = None,

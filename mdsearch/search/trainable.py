@@ -31,7 +31,7 @@ def run_trial(config: dict, space: Space, recipe, init: str | None = None) -> No
     import torch
     from ray import tune
 
-    from ..train.checkpoint import read_checkpoint
+    from ..train.checkpoint import RESUMED, read_checkpoint
     from ..train.trainer import train_trial
 
     os.chdir(os.environ.get("TUNE_ORIG_WORKING_DIR", os.getcwd()))  # recipe paths as on the CLI
@@ -60,7 +60,7 @@ def run_trial(config: dict, space: Space, recipe, init: str | None = None) -> No
     node = ray.get_runtime_context().get_node_id()[:12]
     before = 0.0  # training seconds already spent by the run this one resumes
     if (work / CHECKPOINT).is_file():
-        before = float(read_checkpoint(work / CHECKPOINT)["seconds"])
+        before = float(read_checkpoint(work / CHECKPOINT, RESUMED)["seconds"])
     started = time.time()
 
     def report(record: dict) -> None:

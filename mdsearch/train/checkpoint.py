@@ -30,8 +30,14 @@ def checkpoint_path(path: str | Path) -> Path:
     return path / CHECKPOINT if path.is_dir() and path.suffix != ".pt" else path
 
 
-def read_checkpoint(path: str | Path) -> dict:
-    """The checkpoint's contents, loaded with weights_only=True (never unpickling code)."""
+RESUMED = "restore a copy, or delete it to train this run from step 0"
+"""The advice for a damaged checkpoint of the run being trained (its own --out)."""
+
+
+def read_checkpoint(path: str | Path, advice: str = "restore a copy, or train the run again"
+                    ) -> dict:
+    """The checkpoint's contents, loaded with weights_only=True (never unpickling code).
+    `advice`: what to do when it is damaged (RESUMED for the run being trained)."""
     ckpt = checkpoint_path(path)
     if not ckpt.exists():
         raise CheckpointError(f"{ckpt}: checkpoint not found")
@@ -47,7 +53,7 @@ def read_checkpoint(path: str | Path) -> dict:
             reason = f"{type(err).__name__}: the file is not a torch zip checkpoint"
         raise CheckpointError(
             f"{ckpt}: not a readable mdsearch checkpoint ({reason}). It is damaged or not "
-            "ours: restore a copy, or delete it to train this run from step 0") from None
+            f"ours: {advice}") from None
     if not isinstance(state, dict) or not ({"ema", "model"} & set(state)):
         raise CheckpointError(f"{ckpt}: no 'ema' or 'model' weights in it, so it is not an "
                               "mdsearch checkpoint")

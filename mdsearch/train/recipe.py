@@ -198,6 +198,9 @@ class Recipe(RecipeData):
         if (self.eval.every < 1 or self.eval.prompts < 2 or self.eval.sample_steps < 1
                 or self.eval.sample_every < 1):
             fail("eval", "every, sample_every and sample_steps must be >= 1, prompts >= 2")
+        if self.eval.reference_images < 2:
+            fail("eval.reference_images", "FID's reference statistics need at least 2 images, "
+                                          f"got {self.eval.reference_images}")
         if self.eval.bank != 0 and self.eval.bank < 3:
             fail("eval.bank", f"0 (no held-out bank) or at least 3 items, got {self.eval.bank}")
         if "kind" not in self.data:

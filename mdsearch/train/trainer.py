@@ -54,7 +54,7 @@ from ..arch.proxy import proxy_spec
 from ..arch.seeds import SeedStack
 from ..arch.spec import ArchSpec
 from ..config import ConfigError
-from .checkpoint import described, read_checkpoint
+from .checkpoint import RESUMED, described, read_checkpoint
 from ..rundir import (CHECKPOINT, PROXY_SPEC, RECIPE, RESULT, SPEC, atomic_path, atomic_write,
                       check_out_dir, locked, samples_file)
 from ..data.autoencoder import check_latent_channels
@@ -283,7 +283,7 @@ class Training:
     # -- checkpoints ---------------------------------------------------------------------------
 
     def load(self) -> None:
-        state = read_checkpoint(self.ckpt_path)
+        state = read_checkpoint(self.ckpt_path, RESUMED)
         saved = described(self.ckpt_path, state)["proxy_spec"]
         if saved is not None:  # the same UNet, but another autoencoder's latents
             check_latent_channels(self.pipeline(self.plan[0].resolution).autoencoder,

@@ -62,7 +62,8 @@ from ..data.autoencoder import check_latent_channels
 from ..rundir import (CHECKPOINT, PROXY_SPEC, RECIPE, SPEC, UFOGEN_RECIPE, atomic_path,
                       atomic_write, check_out_dir, locked, samples_file)
 from .gan import AdversarialRun
-from .checkpoint import CheckpointError, checkpoint_path, described, read_checkpoint
+from .checkpoint import (RESUMED, CheckpointError, checkpoint_path, described,
+                         read_checkpoint)
 from .diffusion import NoiseSchedule
 from .recipe import DEVICES, PRECISIONS, Recipe, RecipeData, RecipeError
 from .trainer import TrialResult, _step_generator, evaluate, make_evaluator, pick_device
@@ -297,7 +298,7 @@ class UFOGen(AdversarialRun):
     # -- checkpoints ---------------------------------------------------------------------------
 
     def load(self) -> None:
-        state = read_checkpoint(self.ckpt_path)
+        state = read_checkpoint(self.ckpt_path, RESUMED)
         if not state.get("one_step") or state.get("ufogen") != json.dumps(self.recipe.to_dict()):
             raise CheckpointError(f"{self.ckpt_path}: not a checkpoint of this UFOGen recipe "
                                   "(another recipe or a diffusion run); use a new --out")

@@ -67,7 +67,7 @@ from ..track import flatten
 from ..rundir import (CHECKPOINT, DIFFUSERS_CONFIG, DIFFUSERS_WEIGHTS, VAE_RECIPE,
                       atomic_path, atomic_write, check_out_dir, locked, samples_file)
 from .gan import AdversarialRun
-from .checkpoint import CheckpointError, read_checkpoint
+from .checkpoint import RESUMED, CheckpointError, read_checkpoint
 from .recipe import RecipeData, RecipeError
 from .trainer import TrialResult, _step_generator, pick_device
 
@@ -183,6 +183,8 @@ class VAERecipe(RecipeData):
             fail("discriminator", "width and layers must be positive")
         if self.eval.every < 1 or self.eval.images < 2:
             fail("eval", "every must be >= 1 and images >= 2")
+        if self.eval.grid < 1:
+            fail("eval.grid", f"must be at least 1 (images shown), got {self.eval.grid}")
         if "kind" not in self.data:
             fail("data.kind", "missing (synthetic, folder or coco)")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -291,6 +293,11 @@ def load_perceptual(path: str | Path):
     if not path.is_file():
         raise RecipeError(f"loss.perceptual_path {path}: file not found (give a torch.export'ed "
                           "program of a perceptual distance, e.g. LPIPS, saved locally)")
+    import zipfile
+
+    if not zipfile.is_zipfile(path):  # (torch would log its own traceback before failing)
+        raise RecipeError(f"loss.perceptual_path {path}: not a torch.export program (not a "
+                          "zip archive, which torch.export.save writes)")
     try:
         return torch.export.load(str(path)).module()
     except Exception as err:  # noqa: BLE001 - a damaged or foreign file: say which
@@ -316,6 +323,10 @@ class VAETraining(AdversarialRun):
         if recipe.train == "decoder" and self.init is None:
             raise RecipeError(f"{recipe.name}: field train: decoder trains a decoder for the "
                               "encoder of a trained VAE: give it with --init VAE_DIR")
+        if recipe.train == "all" and self.init is not None:
+            raise RecipeError(f"{recipe.name}: field train: all trains a whole VAE from scratch, "
+                              f"so --init {init} would be ignored; use train: decoder to train a "
+                              "decoder for its encoder, or drop --init")
         self.train_set = make_dataset(recipe.data, recipe.resolution, "train")
         self.val_set = make_dataset(recipe.data, recipe.resolution, "val")
         torch.manual_seed(self.seed)
@@ -361,7 +372,7 @@ class VAETraining(AdversarialRun):
     # -- checkpoints ---------------------------------------------------------------------------
 
     def load(self) -> None:
-        state = read_checkpoint(self.ckpt)
+        state = read_checkpoint(self.ckpt, RESUMED)
         if state.get("vae_recipe") != json.dumps(self.recipe.to_dict()):
             raise CheckpointError(f"{self.ckpt}: not a checkpoint of this autoencoder recipe "
                                   "(another recipe, or not an autoencoder run); use a new --out")
