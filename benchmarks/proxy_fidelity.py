@@ -45,9 +45,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-TAILED = ["val_loss", "val_loss_mid", "text_gain"]
+TAILED = ["val_loss", "val_loss_mid", "text_gain", "teacher_gap"]
 METRICS = ["val_loss", "val_loss_low", "val_loss_mid", "val_loss_high", "text_gain",
-           "fid_proxy", "kid_proxy", "align", *[f"{m}_tail" for m in TAILED]]
+           "teacher_gap", "fid_proxy", "kid_proxy", "align", *[f"{m}_tail" for m in TAILED]]
+"""`teacher_gap`: the teacher-relative arm, with `--set teacher.run=RUN_DIR` (and
+`teacher.weight=W` to distil toward it; mdsearch/train/teacher.py)."""
 """`<metric>_tail`: the trajectory-average arm, the mean of the metric over a run's evaluations
 in the last half of the budget (steps >= budget / 2), from the run's own history."""
 

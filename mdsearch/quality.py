@@ -30,6 +30,8 @@ DIRECTIONS: dict[str, str] = {
     "val_loss_mid": "min",
     "val_loss_high": "min",
     "text_gain": "max",
+    # with a recipe's teacher (mdsearch.train.teacher): distance to a trained run's predictions
+    "teacher_gap": "min",
     # sample-based metrics (mdsearch.train.metrics)
     "fid_proxy": "min",
     "kid_proxy": "min",

@@ -266,6 +266,13 @@ def test_a_manifest_whose_factor_the_decoder_contradicts_is_refused(bundles, tmp
     with pytest.raises(ExportError, match="fields resolution and autoencoder.factor say 32 px, "
                                           "but .*decoder.onnx gives 16x16 images"):
         Bundle(copy)
+    # the decoder's entry naming the UNet (same latents input): refused by the graph's inputs
+    data = json.loads((out["vae"] / MANIFEST).read_text())
+    data["files"]["decoder"] = data["files"]["unet"]
+    (copy / MANIFEST).write_text(json.dumps(data))
+    with pytest.raises(ExportError, match="field files.decoder: .* takes context, latents, "
+                                          "timesteps, not the decoder's latents"):
+        Bundle(copy)
 
 
 @pytest.mark.minilm

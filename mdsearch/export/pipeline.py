@@ -258,6 +258,13 @@ class Bundle:
     def _check_shapes(self) -> None:
         """ExportError unless the graphs take the sizes the manifest says."""
         m = self.manifest
+        for graph, field_name, takes in ((self.unet, "unet", {"latents", "timesteps", "context"}),
+                                         (self.decoder, "decoder", {"latents"})):
+            if graph is not None and set(graph.inputs) != takes:
+                raise ExportError(f"{m.folder / 'manifest.json'}: field files.{field_name}: "
+                                  f"{graph.path} takes {', '.join(sorted(graph.inputs))}, not "
+                                  f"the {field_name}'s {', '.join(sorted(takes))} (another "
+                                  "graph of the bundle?)")
         context = [1, m.text_encoder.max_length, m.text_encoder.dim]
         for graph, name, field_name, expected in (
                 (self.unet, "latents", "latent_size", list(self.latent_shape)),

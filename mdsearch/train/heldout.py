@@ -16,6 +16,8 @@ between two candidates is a difference between their weights, never between thei
     text_gain        val_loss with the empty caption minus val_loss with the   max
                      true caption: what the text is worth to the model; 0 for
                      a model that ignores its text
+    teacher_gap      with a recipe's teacher (`teacher.py`): the MSE between    min
+                     the model's and the teacher's predictions, true captions
 
 Timesteps are stratified: item i of N has t_i = floor((i + 0.5) / N * T), so every band has a
 third of the items and the mean is a stratified estimate of the training loss. One forward pass
@@ -58,6 +60,7 @@ class EvalBank:
         self.t = (strata * schedule_steps).floor().long().clamp_(0, schedule_steps - 1)
         self.band = (torch.arange(size) * len(BANDS)) // size  # 0, 1, 2 by thirds of the bank
         self.noise = torch.randn(self.latents.shape, generator=torch.Generator().manual_seed(seed))
+        self.teacher: torch.Tensor | None = None  # a teacher's predictions (`predictions`)
 
     def redraw(self, data, schedule_steps: int, seed: int) -> "EvalBank":
         """The same items with another draw of noise and of the timesteps within their strata."""
@@ -66,31 +69,52 @@ class EvalBank:
 
 
 @torch.no_grad()
-def item_losses(model, bank: EvalBank, schedule, context: torch.Tensor) -> torch.Tensor:
-    """Per-item training loss (mean over the latent's elements) of `model` on the bank."""
+def predictions(model, bank: EvalBank, schedule, context: torch.Tensor):
+    """`model`'s prediction for each bank item, with the true target beside it: batches of
+    (prediction, target), on the model's device."""
     device = next(model.parameters()).device
-    out = []
     for lo in range(0, bank.size, _BATCH):
         sl = slice(lo, lo + _BATCH)
         x0, noise, t = bank.latents[sl].to(device), bank.noise[sl].to(device), bank.t[sl].to(device)
         pred = model(schedule.add_noise(x0, noise, t), t, context[sl].to(device))
-        target = schedule.target(x0, noise, t)
-        out.append(F.mse_loss(pred.float(), target, reduction="none").flatten(1).mean(1).cpu())
+        yield pred.float(), schedule.target(x0, noise, t)
+
+
+def item_losses(model, bank: EvalBank, schedule, context: torch.Tensor,
+                against: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-item training loss (mean over the latent's elements) of `model` on the bank; against
+    another prediction of the bank's items (a teacher's) instead of the true target if given."""
+    out, lo = [], 0
+    for pred, target in predictions(model, bank, schedule, context):
+        if against is not None:
+            target = against[lo:lo + len(pred)].to(pred.device)
+        lo += len(pred)
+        out.append(F.mse_loss(pred, target, reduction="none").flatten(1).mean(1).cpu())
     return torch.cat(out).double()
+
+
+def teacher_predictions(teacher, bank: EvalBank, schedule) -> torch.Tensor:
+    """A teacher's predictions of the bank's items (true captions), kept on the CPU."""
+    return torch.cat([pred.cpu() for pred, _ in predictions(teacher, bank, schedule,
+                                                            bank.context)])
 
 
 @torch.no_grad()
 def heldout_metrics(model, bank: EvalBank, schedule) -> dict[str, float]:
-    """val_loss, val_loss_low / _mid / _high and text_gain of `model` (in eval mode) on `bank`."""
+    """val_loss, val_loss_low / _mid / _high, text_gain (and teacher_gap, where the bank holds a
+    teacher's predictions) of `model` (in eval mode) on `bank`."""
     was_training = model.training
     model.eval()
     true = item_losses(model, bank, schedule, bank.context)
     null = item_losses(model, bank, schedule, bank.null)
-    model.train(was_training)
     out = {"val_loss": float(true.mean())}
     for i, name in enumerate(BANDS):
         out[f"val_loss_{name}"] = float(true[bank.band == i].mean())
     out["text_gain"] = float((null - true).mean())
+    if bank.teacher is not None:
+        out["teacher_gap"] = float(item_losses(model, bank, schedule, bank.context,
+                                               against=bank.teacher).mean())
+    model.train(was_training)
     return out
 
 

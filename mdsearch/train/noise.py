@@ -25,9 +25,11 @@ from .trainer import Training, evaluate, make_evaluator
 NOISY_KEYS = ("num_generated", "num_reference", "align_chance", "align_ceiling")
 
 
-def load_run(run_dir: str | Path) -> Training:
+def load_run(run_dir: str | Path, purpose: str = "noise floors are measured on diffusion "
+             "training runs (mdsearch train) and their sweeps") -> Training:
     """A run directory's training state (model, EMA, data), restored from its checkpoint, which
-    names its spec and recipe (older runs: the YAML files beside it)."""
+    names its spec and recipe (older runs: the YAML files beside it). A UFOGen or autoencoder
+    run is refused, saying `purpose`."""
     run_dir = Path(run_dir)
     if not (run_dir / CHECKPOINT).is_file():
         raise RunDirError(f"{run_dir}: not a trained run directory (no {CHECKPOINT})")
@@ -39,8 +41,7 @@ def load_run(run_dir: str | Path) -> Training:
     state = read_checkpoint(run_dir / CHECKPOINT)
     kind = "ufogen" if state.get("one_step") else about["recipe"].get("kind")
     if kind is not None:  # a UFOGen or autoencoder run: another loop, another checkpoint
-        raise RunDirError(f"{run_dir}: a {kind} run; noise floors are measured on diffusion "
-                          "training runs (mdsearch train) and their sweeps")
+        raise RunDirError(f"{run_dir}: a {kind} run; {purpose}")
     recipe = Recipe.from_dict(about["recipe"], source=f"{run_dir / CHECKPOINT} (recipe)")
     return Training(about["spec"], recipe, run_dir)
 

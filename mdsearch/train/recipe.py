@@ -94,6 +94,16 @@ class Evaluation:
 
 
 @dataclass
+class Teacher:
+    """A trained run the candidate is measured against (the teacher-relative arm of the fidelity
+    study, `mdsearch.train.teacher`): `teacher_gap` on the held-out bank and, with weight > 0,
+    training toward the teacher's prediction (output distillation, as BK-SDM and KOALA distil)."""
+
+    run: str | None = None  # a diffusion run directory (mdsearch train), on the same data
+    weight: float = 0.0  # target = (1 - weight) * the true target + weight * the teacher's
+
+
+@dataclass
 class Stage:
     """One phase of a run. Unset fields take the recipe's top-level value."""
 
@@ -138,6 +148,7 @@ class Recipe(RecipeData):
     noise_schedule: str = "scaled_linear"  # SD's; or "linear" (DDPM's, for pixel space)
     caption_dropout: float = 0.1  # for classifier-free guidance
     eval: Evaluation = field(default_factory=Evaluation)
+    teacher: Teacher = field(default_factory=Teacher)
     checkpoint_every: int = 1000
     log_every: int = 50
     seed: int = 0
@@ -203,6 +214,13 @@ class Recipe(RecipeData):
                                           f"got {self.eval.reference_images}")
         if self.eval.bank != 0 and self.eval.bank < 3:
             fail("eval.bank", f"0 (no held-out bank) or at least 3 items, got {self.eval.bank}")
+        if not 0 <= self.teacher.weight <= 1:
+            fail("teacher.weight", f"must be in [0, 1], got {self.teacher.weight}")
+        if self.teacher.weight > 0 and not self.teacher.run:
+            fail("teacher.weight", "distilling needs teacher.run (a trained run directory)")
+        if self.teacher.run is not None and self.eval.bank == 0 and self.teacher.weight == 0:
+            fail("teacher.run", "a teacher without eval.bank (teacher_gap) or teacher.weight "
+                                "(distillation) is not used")
         if "kind" not in self.data:
             fail("data.kind", "missing (synthetic, folder or coco)")
         if self.workers < 1:

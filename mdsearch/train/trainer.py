@@ -60,8 +60,9 @@ from ..rundir import (CHECKPOINT, PROXY_SPEC, RECIPE, RESULT, SPEC, atomic_path,
 from ..data.autoencoder import check_latent_channels
 from ..data.pipeline import DataPipeline
 from .diffusion import NoiseSchedule, ddim_sample
-from .heldout import EvalBank, heldout_metrics, seed_summary
+from .heldout import EvalBank, heldout_metrics, seed_summary, teacher_predictions
 from .recipe import PlannedStage, Recipe
+from .teacher import load_teacher, teacher_target
 
 
 
@@ -209,7 +210,6 @@ class Training:
     def __init__(self, spec: ArchSpec, recipe: Recipe, out_dir: str | Path, *, seed=None,
                  progress=None, tracker=None, evaluator=None, device=None):
         self.out = Path(out_dir)
-        self.out.mkdir(parents=True, exist_ok=True)
         self.rank, self.workers = world()
         self.lead = self.rank == 0
         self.spec, self.recipe = spec, recipe
@@ -223,6 +223,10 @@ class Training:
                 raise TrainError(f"stage {stage.name}: batch size {stage.batch_size} does not "
                                  f"split over {self.workers} workers")
         self.device = pick_device(recipe.device, device)
+        self.teacher = None  # a trained run to be judged against and distilled toward
+        if recipe.teacher.run:
+            self.teacher = load_teacher(recipe, self.device)
+        self.out.mkdir(parents=True, exist_ok=True)
         self.say = (progress or quiet) if self.lead else quiet
         self.tracker = tracker if self.lead else None
         self.evaluator = evaluator
@@ -401,6 +405,8 @@ class Training:
             return {}
         if data.bank is None:
             data.bank = EvalBank(data, self.recipe.eval.bank, self.schedule.steps)
+            if self.teacher is not None:
+                data.bank.teacher = teacher_predictions(self.teacher, data.bank, self.schedule)
         if len(self.seeds) == 1:
             return heldout_metrics(self.ema.model.unet(0), data.bank, self.schedule)
         return seed_summary({k: heldout_metrics(self.ema.model.unet(k), data.bank, self.schedule)
@@ -489,9 +495,13 @@ class Training:
                 # DDP averages the gradients over the workers in the last backward only
                 last = i == n - 1
                 with self.ddp.no_sync() if self.ddp is not None and not last else nullcontext():
+                    noisy = self.schedule.add_noise(x0, eps, tp)
                     with autocast:
-                        pred = self.trained(self.schedule.add_noise(x0, eps, tp), tp, ctx)
+                        pred = self.trained(noisy, tp, ctx)
                     target = self.schedule.target(x0, eps, tp)
+                    if recipe.teacher.weight > 0:  # output distillation (teacher.py)
+                        target = teacher_target(self.teacher, target, noisy, tp, ctx,
+                                                recipe.teacher.weight)
                     # each seed's mean over the whole batch; seeds add up (their gradients are
                     # each seed's own: no weight is shared between seeds)
                     loss = torch.stack([F.mse_loss(pred[k].float(), target[k])

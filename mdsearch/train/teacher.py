@@ -1,0 +1,64 @@
+"""The teacher-relative arm of the fidelity study: a candidate judged, and optionally trained,
+against a trained run's predictions.
+
+A recipe's `teacher.run` names a diffusion run (mdsearch train) trained on the same data, text
+encoder, autoencoder, resolution and prediction target. Its EMA weights (its first live seed)
+are loaded once per trial, frozen, and used twice:
+
+    teacher_gap   held-out metric: the mean squared distance between the candidate's prediction
+                  and the teacher's on the held-out bank (true captions), each item with its own
+                  fixed timestep and noise (`heldout.py`); lower is closer to the teacher
+    weight w > 0  output distillation: the training target is (1 - w) * the true target
+                  + w * the teacher's prediction for the same noisy input, timestep and caption
+                  (the gradient of the MSE to that blend equals the gradient of
+                  (1 - w) * task loss + w * distillation loss)
+
+Why it might rank better: the true target is the sampled noise, whose variance is most of the
+loss and all of it irreducible; the teacher's prediction is a smoother target (its estimate of
+the conditional mean), so distillation trains with less gradient noise, and teacher_gap leaves
+out the noise a finite bank adds to val_loss. Whether it does is measured in docs/fidelity.md.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..rundir import RunDirError
+from .recipe import Recipe
+
+MATCHED = ("data", "text_encoder", "autoencoder", "prediction", "noise_schedule")
+"""Recipe fields a teacher shares with the student: what makes the two predict the same
+quantity for the same inputs."""
+
+
+def load_teacher(recipe: Recipe, device: torch.device) -> torch.nn.Module:
+    """The frozen teacher model of `recipe.teacher.run`, checked to match the recipe; a
+    RunDirError (one line) for a directory that is not a matching diffusion run."""
+    from .noise import load_run
+
+    where = f"{recipe.name}: field teacher.run: {recipe.teacher.run}"
+    if not Path(recipe.teacher.run).is_dir():
+        raise RunDirError(f"{where}: not a directory (give a trained run, mdsearch train --out)")
+    run = load_run(recipe.teacher.run, purpose="a teacher is a diffusion training run")
+    theirs = run.recipe
+    for name in MATCHED:
+        if getattr(theirs, name) != getattr(recipe, name):
+            raise RunDirError(f"{where}: trained with another {name} ({getattr(theirs, name)} "
+                              f"against this recipe's {getattr(recipe, name)})")
+    if theirs.final_resolution != recipe.final_resolution:
+        raise RunDirError(f"{where}: trained at {theirs.final_resolution} px, this recipe at "
+                          f"{recipe.final_resolution} px")
+    model = run.ema.model.unet(run.training_seeds()[0]).to(device)
+    return model.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def teacher_target(teacher: torch.nn.Module, target: torch.Tensor, noisy: torch.Tensor,
+                   t: torch.Tensor, context: torch.Tensor, weight: float) -> torch.Tensor:
+    """The distillation target for a stacked batch (K seeds, B items, ...): the blend of the true
+    target and the teacher's prediction on the same inputs (one teacher pass over all K x B)."""
+    k, b = t.shape[:2]
+    pred = teacher(noisy.flatten(0, 1), t.flatten(0, 1), context.flatten(0, 1)).float()
+    return torch.lerp(target, pred.view(k, b, *pred.shape[1:]), weight)
