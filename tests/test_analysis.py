@@ -199,15 +199,14 @@ def test_fidelity_against_the_same_sweep_at_an_earlier_step(tmp_path):
     import json
 
     rows = []
+    d = tmp_path / "sweep"
     for i, early in enumerate([3.0, 1.0, 2.0]):  # early ranking: t1 < t2 < t0; final: t0 < t1 < t2
-        trial = tmp_path / f"trial{i}"
-        trial.mkdir()
+        trial = d / f"trial{i}"  # a trial's folder is inside its sweep's (results.csv: its name)
+        trial.mkdir(parents=True)
         (trial / "result.json").write_text("\n".join(json.dumps(r) for r in (
             {"step": 60, "fid_proxy": early}, {"step": 120, "fid_proxy": 10.0 + i})))
         rows.append({"trial_id": f"t{i}", "inner_channels": 512 + 256 * i, "seed": 0,
                      "fid_proxy": 10.0 + i, "steps": 120, "path": str(trial)})
-    d = tmp_path / "sweep"
-    d.mkdir()
     results(rows).to_csv(d / "results.csv", index=False)
     out = fidelity(d, d, "fid_proxy", short_step=60)
     assert out["pairs"] == 3 and out["steps_short"] == 60 and out["steps_long"] == 120

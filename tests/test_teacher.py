@@ -90,3 +90,17 @@ def test_a_teacher_that_does_not_match_is_one_line_before_training(tmp_path, tea
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("mdsearch")]
     assert len(err) == 1 and "field teacher.run" in err[0]
     assert not (tmp_path / "cli").exists()  # nothing written
+
+
+def test_a_sweep_with_a_wrong_teacher_stops_before_any_trial(tmp_path, teacher):
+    from mdsearch.search.space import load_space
+    from mdsearch.search.sweep import run_sweep
+
+    from test_sweep import RECIPE, SPACE, write
+
+    space = load_space(write(tmp_path / "space.yaml", SPACE))
+    other = write(tmp_path / "recipe.yaml", {**RECIPE, "resolution": 32,
+                                             "teacher": {"run": str(teacher)}})
+    with pytest.raises(RunDirError, match="field teacher.run: .*trained at 16 px"):
+        run_sweep(space, other, name="t", storage=tmp_path / "s", mlflow=False)
+    assert not (tmp_path / "s" / "t").exists()

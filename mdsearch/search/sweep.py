@@ -83,6 +83,10 @@ def run_sweep(space: Space, trial: str | Path | None = None, *, name: str | None
     init = bind_init(space, recipe, init)
     check_recipe_fields(space, recipe)
     check_trial_resources(recipe)
+    if getattr(recipe, "teacher", None) is not None and recipe.teacher.run:
+        from ..train.teacher import check_teacher
+
+        check_teacher(recipe)  # every trial would fail on it inside Ray
     from ray import tune
 
     if resume and not (sweep_dir.is_dir() and tune.Tuner.can_restore(str(sweep_dir))):

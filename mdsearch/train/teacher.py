@@ -33,16 +33,24 @@ MATCHED = ("data", "text_encoder", "autoencoder", "prediction", "noise_schedule"
 quantity for the same inputs."""
 
 
-def load_teacher(recipe: Recipe, device: torch.device) -> torch.nn.Module:
-    """The frozen teacher model of `recipe.teacher.run`, checked to match the recipe; a
-    RunDirError (one line) for a directory that is not a matching diffusion run."""
-    from .noise import load_run
+def check_teacher(recipe: Recipe) -> None:
+    """A RunDirError (one line naming the field) unless `recipe.teacher.run` is a diffusion run
+    trained on the same data, text encoder, autoencoder, target and resolution. Reads the
+    teacher's checkpoint only (a sweep checks this before any trial starts)."""
+    from .checkpoint import CheckpointError, described, read_checkpoint
 
     where = f"{recipe.name}: field teacher.run: {recipe.teacher.run}"
     if not Path(recipe.teacher.run).is_dir():
         raise RunDirError(f"{where}: not a directory (give a trained run, mdsearch train --out)")
-    run = load_run(recipe.teacher.run, purpose="a teacher is a diffusion training run")
-    theirs = run.recipe
+    try:
+        state = read_checkpoint(recipe.teacher.run)
+        about = described(recipe.teacher.run, state)
+    except CheckpointError as err:
+        raise RunDirError(f"{where}: {err}") from None
+    kind = "ufogen" if state.get("one_step") else (about["recipe"] or {}).get("kind")
+    if about["recipe"] is None or about["spec"] is None or kind is not None:
+        raise RunDirError(f"{where}: not a diffusion training run (mdsearch train)")
+    theirs = Recipe.from_dict(about["recipe"], source=f"{where} (its recipe)")
     for name in MATCHED:
         if getattr(theirs, name) != getattr(recipe, name):
             raise RunDirError(f"{where}: trained with another {name} ({getattr(theirs, name)} "
@@ -50,6 +58,15 @@ def load_teacher(recipe: Recipe, device: torch.device) -> torch.nn.Module:
     if theirs.final_resolution != recipe.final_resolution:
         raise RunDirError(f"{where}: trained at {theirs.final_resolution} px, this recipe at "
                           f"{recipe.final_resolution} px")
+
+
+def load_teacher(recipe: Recipe, device: torch.device) -> torch.nn.Module:
+    """The frozen teacher model of `recipe.teacher.run` (its EMA weights, first live seed),
+    after `check_teacher`."""
+    from .noise import load_run
+
+    check_teacher(recipe)
+    run = load_run(recipe.teacher.run, purpose="a teacher is a diffusion training run")
     model = run.ema.model.unet(run.training_seeds()[0]).to(device)
     return model.eval().requires_grad_(False)
 
