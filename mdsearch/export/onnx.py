@@ -34,8 +34,8 @@ from ..arch.cost import example_inputs
 from ..arch.spec import ArchSpec
 from ..arch.unet import build
 from ..config import ConfigError
-from ..rundir import PROXY_SPEC
-from ..train.checkpoint import CheckpointError, checkpoint_path, described, read_checkpoint
+from ..train.checkpoint import (CheckpointError, checkpoint_path, described, ema_model,
+                                read_checkpoint, run_kind)
 
 OPSET = 18
 FP32_REL_TOLERANCE = 1e-4
@@ -159,26 +159,14 @@ def load_checkpoint(path: str | Path) -> tuple[ArchSpec, torch.nn.Module]:
     ckpt = checkpoint_path(path)
     try:
         state = read_checkpoint(ckpt)
+        if run_kind(state, described(ckpt, state)) == "vae":
+            raise ExportError(f"{ckpt}: an autoencoder run (mdsearch vae train), not a diffusion "
+                              "run: export takes a trained UNet, and bundles this autoencoder's "
+                              "decoder when the UNet's recipe names it (autoencoder: {kind: "
+                              f"diffusers, path: {ckpt.parent}}}; docs/export.md)")
+        return ema_model(ckpt, state)
     except CheckpointError as err:
         raise ExportError(str(err)) from None
-    about = described(ckpt, state)
-    if "vae_recipe" in state or (about["recipe"] or {}).get("kind") == "vae":
-        raise ExportError(f"{ckpt}: an autoencoder run (mdsearch vae train), not a diffusion "
-                          "run: export takes a trained UNet, and bundles this autoencoder's "
-                          "decoder when the UNet's recipe names it (autoencoder: {kind: "
-                          f"diffusers, path: {ckpt.parent}}}; docs/export.md)")
-    spec = about["proxy_spec"]
-    if spec is None:
-        raise ExportError(f"{ckpt.parent / PROXY_SPEC}: the spec the checkpoint was trained "
-                          "with is missing (neither in the checkpoint nor beside it)")
-    model = build(spec)
-    try:
-        model.load_state_dict(state.get("ema", state.get("model")))
-    except RuntimeError as err:  # weights of another spec
-        first = str(err).strip().splitlines()[1:2] or [str(err)]
-        raise ExportError(f"{ckpt}: its weights do not fit the spec it names "
-                          f"({first[0].strip()})") from None
-    return spec, model.eval()
 
 
 def random_model(spec: ArchSpec, seed: int = 0) -> torch.nn.Module:

@@ -16,6 +16,7 @@ import torch
 import yaml
 
 from ..arch.spec import ArchSpec
+from ..arch.unet import build
 from ..errors import MdsearchError
 from ..rundir import CHECKPOINT, PROXY_SPEC, RECIPE, SPEC
 
@@ -79,3 +80,33 @@ def described(path: str | Path, state: dict | None = None) -> dict:
         else:
             out[key] = ArchSpec.from_dict(yaml.safe_load(text), source=source)
     return out
+
+
+def run_kind(state: dict, about: dict) -> str | None:
+    """What trained a checkpoint (`state`, with `described`'s `about`): "ufogen" (a one-step
+    generator), "vae" (an autoencoder), or None for a diffusion training run (mdsearch train)."""
+    if state.get("one_step"):
+        return "ufogen"
+    if "vae_recipe" in state:
+        return "vae"
+    return (about["recipe"] or {}).get("kind")
+
+
+def ema_model(path: str | Path, state: dict | None = None) -> tuple[ArchSpec, torch.nn.Module]:
+    """A run's proxy spec and its EMA weights as a plain UNet in eval mode (a stacked run: its
+    first live seed), built from the checkpoint alone; a CheckpointError (one line) when the
+    spec is missing or the weights do not fit it."""
+    ckpt = checkpoint_path(path)
+    state = read_checkpoint(ckpt) if state is None else state
+    spec = described(ckpt, state)["proxy_spec"]
+    if spec is None:
+        raise CheckpointError(f"{ckpt.parent / PROXY_SPEC}: the spec the checkpoint was trained "
+                              "with is missing (neither in the checkpoint nor beside it)")
+    model = build(spec)
+    try:
+        model.load_state_dict(state.get("ema", state.get("model")))
+    except RuntimeError as err:  # weights of another spec
+        first = str(err).strip().splitlines()[1:2] or [str(err)]
+        raise CheckpointError(f"{ckpt}: its weights do not fit the spec it names "
+                              f"({first[0].strip()})") from None
+    return spec, model.eval()

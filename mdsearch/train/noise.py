@@ -17,7 +17,7 @@ import torch
 
 from ..progress import quiet
 from ..rundir import CHECKPOINT, RECIPE, SPEC, RunDirError
-from .checkpoint import described, read_checkpoint
+from .checkpoint import described, read_checkpoint, run_kind
 from .heldout import BANK_SEED, heldout_metrics
 from .recipe import Recipe
 from .trainer import Training, evaluate, make_evaluator
@@ -25,11 +25,9 @@ from .trainer import Training, evaluate, make_evaluator
 NOISY_KEYS = ("num_generated", "num_reference", "align_chance", "align_ceiling")
 
 
-def load_run(run_dir: str | Path, purpose: str = "noise floors are measured on diffusion "
-             "training runs (mdsearch train) and their sweeps") -> Training:
+def load_run(run_dir: str | Path) -> Training:
     """A run directory's training state (model, EMA, data), restored from its checkpoint, which
-    names its spec and recipe (older runs: the YAML files beside it). A UFOGen or autoencoder
-    run is refused, saying `purpose`."""
+    names its spec and recipe (older runs: the YAML files beside it)."""
     run_dir = Path(run_dir)
     if not (run_dir / CHECKPOINT).is_file():
         raise RunDirError(f"{run_dir}: not a trained run directory (no {CHECKPOINT})")
@@ -39,9 +37,10 @@ def load_run(run_dir: str | Path, purpose: str = "noise floors are measured on d
         raise RunDirError(f"{run_dir}: not a trained run directory (its checkpoint names no "
                           f"spec or recipe, and {', '.join(missing)} is missing)")
     state = read_checkpoint(run_dir / CHECKPOINT)
-    kind = "ufogen" if state.get("one_step") else about["recipe"].get("kind")
+    kind = run_kind(state, about)
     if kind is not None:  # a UFOGen or autoencoder run: another loop, another checkpoint
-        raise RunDirError(f"{run_dir}: a {kind} run; {purpose}")
+        raise RunDirError(f"{run_dir}: a {kind} run; noise floors are measured on diffusion "
+                          "training runs (mdsearch train) and their sweeps")
     recipe = Recipe.from_dict(about["recipe"], source=f"{run_dir / CHECKPOINT} (recipe)")
     return Training(about["spec"], recipe, run_dir)
 

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from ..rundir import RunDirError
+from .checkpoint import CheckpointError, described, ema_model, read_checkpoint, run_kind
 from .recipe import Recipe
 
 MATCHED = ("data", "text_encoder", "autoencoder", "prediction", "noise_schedule")
@@ -33,12 +34,10 @@ MATCHED = ("data", "text_encoder", "autoencoder", "prediction", "noise_schedule"
 quantity for the same inputs."""
 
 
-def check_teacher(recipe: Recipe) -> None:
+def check_teacher(recipe: Recipe) -> dict:
     """A RunDirError (one line naming the field) unless `recipe.teacher.run` is a diffusion run
     trained on the same data, text encoder, autoencoder, target and resolution. Reads the
-    teacher's checkpoint only (a sweep checks this before any trial starts)."""
-    from .checkpoint import CheckpointError, described, read_checkpoint
-
+    teacher's checkpoint only (a sweep checks this before any trial starts) and returns it."""
     where = f"{recipe.name}: field teacher.run: {recipe.teacher.run}"
     if not Path(recipe.teacher.run).is_dir():
         raise RunDirError(f"{where}: not a directory (give a trained run, mdsearch train --out)")
@@ -47,8 +46,7 @@ def check_teacher(recipe: Recipe) -> None:
         about = described(recipe.teacher.run, state)
     except CheckpointError as err:
         raise RunDirError(f"{where}: {err}") from None
-    kind = "ufogen" if state.get("one_step") else (about["recipe"] or {}).get("kind")
-    if about["recipe"] is None or about["spec"] is None or kind is not None:
+    if about["recipe"] is None or about["spec"] is None or run_kind(state, about) is not None:
         raise RunDirError(f"{where}: not a diffusion training run (mdsearch train)")
     theirs = Recipe.from_dict(about["recipe"], source=f"{where} (its recipe)")
     for name in MATCHED:
@@ -58,17 +56,17 @@ def check_teacher(recipe: Recipe) -> None:
     if theirs.final_resolution != recipe.final_resolution:
         raise RunDirError(f"{where}: trained at {theirs.final_resolution} px, this recipe at "
                           f"{recipe.final_resolution} px")
+    return state
 
 
 def load_teacher(recipe: Recipe, device: torch.device) -> torch.nn.Module:
     """The frozen teacher model of `recipe.teacher.run` (its EMA weights, first live seed),
-    after `check_teacher`."""
-    from .noise import load_run
-
-    check_teacher(recipe)
-    run = load_run(recipe.teacher.run, purpose="a teacher is a diffusion training run")
-    model = run.ema.model.unet(run.training_seeds()[0]).to(device)
-    return model.eval().requires_grad_(False)
+    after `check_teacher`; built from the checkpoint alone."""
+    try:
+        _, model = ema_model(recipe.teacher.run, check_teacher(recipe))
+    except CheckpointError as err:
+        raise RunDirError(f"{recipe.name}: field teacher.run: {err}") from None
+    return model.to(device).requires_grad_(False)
 
 
 @torch.no_grad()
