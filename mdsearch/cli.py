@@ -6,6 +6,7 @@ import argparse
 import errno
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -27,6 +28,16 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
     return value
 
 
@@ -96,15 +107,102 @@ def cmd_spec(args) -> None:
 
 
 def cmd_cost(args) -> None:
-    c = cost(_load_spec(args), args.resolution)
+    spec = _load_spec(args)
+    if (args.breakdown or args.plot) and not args.latency:
+        raise ConfigError("--breakdown and --plot need --latency TABLE.csv (the latency table "
+                          "the breakdown reads)")
+    table = latency = rows = None
+    if args.latency:
+        from .arch.latency import Table
+
+        table = Table(args.latency)
+        latency = table.predict(spec, args.resolution or table.resolution)
+        rows = latency.breakdown() if args.breakdown or args.plot else None
+    c = cost(spec, args.resolution or (table.resolution if table else 512))
+    if args.plot:
+        from .analysis.plots import latency_breakdown_plot
+
+        path = latency_breakdown_plot(rows, args.plot, f"{spec.name} at {c.resolution}x"
+                                      f"{c.resolution}: {latency.total_ms:.0f} ms predicted")
+        say(f"wrote {path}")
     if args.json:
-        print(json.dumps(c.to_dict()))
+        data = c.to_dict()
+        if latency:
+            data.update(latency_ms=latency.total_ms, latency_table=str(table.path))
+        if args.breakdown:
+            data["latency_breakdown"] = rows
+        print(json.dumps(data))
         return
     kinds = ", ".join(f"{k} {v:.1f}" for k, v in c.gmacs_by_kind.items())
     print(f"{c.name} at {c.resolution}x{c.resolution} (latent {c.latent_size}x{c.latent_size}): "
           f"{c.params:,} parameters ({c.params / 1e6:.1f}M), {c.gmacs:.1f} GMACs ({kinds})\n"
           f"channels {tuple(c.channels)}, {c.conv_blocks} conv blocks, "
           f"{c.sa_layers} SA + {c.ca_layers} CA layers")
+    if latency:
+        first = next(iter(table.rows.values()))
+        print(f"predicted latency {latency.total_ms:.1f} ms per UNet call ({len(latency.units)} "
+              f"units' entries {latency.entries_ms:.1f} ms + fitted terms "
+              f"{latency.terms_ms:+.1f} ms; {first.runtime} {first.runtime_version}, "
+              f"{first.threads} threads, {first.device}; table {table.path})")
+    if args.breakdown:
+        print(breakdown_text(rows))
+
+
+def breakdown_text(rows: list[dict]) -> str:
+    from .analysis.plots import breakdown_label
+
+    lines = [f"{'where':<34}{'ms':>9}{'share':>8}{'params':>10}{'GMACs':>9}"]
+    for r in rows:
+        params = f"{r['params'] / 1e6:.1f}M" if r["params"] is not None else "-"
+        gmacs = f"{r['gmacs']:.2f}" if r["gmacs"] is not None else "-"
+        lines.append(f"{breakdown_label(r):<34}{r['ms']:>9.1f}{100 * r['share']:>7.1f}%"
+                     f"{params:>10}{gmacs:>9}")
+    return "\n".join(lines)
+
+
+def cmd_latency_table(args) -> None:
+    from .export.latency import build_table, import_table
+
+    if args.imported:
+        rows, fitted = import_table(args.imported, args.manifest, args.table)
+        print(f"imported {len(rows)} rows into {args.table} (terms fitted on "
+              f"{len(fitted.measurements)} whole models: {_terms(fitted)})")
+        return
+    if not args.space:
+        raise ConfigError("latency table: give --space SPACE (or --import MEASURED.csv)")
+    specs, resolution = _space_specs(args)
+    fitted = build_table(specs, resolution, args.table, args.threads, fit_count=args.fit,
+                         repeats=args.repeats, progress=say)
+    worst = max(abs(m.measured_ms - m.entries_ms - fitted.extra_ms(m.entries_ms, m.units))
+                / m.measured_ms for m in fitted.measurements)
+    print(f"wrote {args.table} and {args.table.with_name(args.table.stem + '.fit.json')}: "
+          f"terms {_terms(fitted)}; largest error on the fit's own {len(fitted.measurements)} "
+          f"models {100 * worst:.1f}% (benchmarks/latency_model.py checks unseen specs)")
+
+
+def _terms(fitted) -> str:
+    return ", ".join(f"{k} {v:+.3g}" for k, v in fitted.terms.items())
+
+
+def _space_specs(args):
+    from .export.latency import space_specs
+    from .search.space import load_space
+
+    space = load_space(args.space)
+    if space.base is None:
+        raise ConfigError(f"{space.source}: base {space.base_name}: a latency table needs a "
+                          f"UNet space (a preset or spec base)")
+    return space_specs(space), args.resolution or space.budget.resolution
+
+
+def cmd_latency_probe(args) -> None:
+    from .export.latency import write_probe
+
+    specs, resolution = _space_specs(args)
+    manifest = write_probe(specs, resolution, args.out, fit_count=args.fit, progress=say)
+    print(f"wrote {manifest}: time each graph on the device and import the rows with "
+          f"`mdsearch latency table --import MEASURED.csv --manifest {args.out} --out "
+          f"TABLE.csv` (docs/latency.md)")
 
 
 def cmd_table1(args) -> None:
@@ -249,6 +347,7 @@ def cmd_promote(args) -> None:
     chosen, result = promote(args.run_dir, args.budget, trial=args.trial, out_dir=args.out,
                              metric=args.metric, workers=args.workers, address=args.address,
                              steps=args.steps, train=not args.no_train, progress=log,
+                             max_latency_ms=args.max_latency_ms,
                              mlflow=_mlflow(args, f"promoted-{args.budget}"))
     if result is None:
         print(json.dumps({"promotion": chosen.__dict__}) if args.json else chosen.describe())
@@ -429,10 +528,47 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("cost", help="parameters, GMACs and Table 1 columns of a spec")
     _add_spec_args(p)
-    p.add_argument("--resolution", type=positive_int, default=512,
-                   help="image resolution (latent = /8)")
+    p.add_argument("--resolution", type=positive_int, default=None,
+                   help="image resolution (latent = /8); default 512, or the --latency table's")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    p.add_argument("--latency", metavar="TABLE.csv", default=None,
+                   help="also print the latency predicted from this latency table "
+                        "(mdsearch latency table); --resolution defaults to the table's")
+    p.add_argument("--breakdown", action="store_true",
+                   help="with --latency: latency, params and GMACs per level and block type")
+    p.add_argument("--plot", metavar="PNG", default=None,
+                   help="with --latency: the breakdown as a bar chart")
     p.set_defaults(func=cmd_cost)
+
+    lat = sub.add_parser("latency", help="latency tables measured in ONNX Runtime, per block "
+                         "(docs/latency.md)").add_subparsers(dest="latency_command", required=True)
+    p = lat.add_parser("table", help="time every block of a space's configurations in ONNX "
+                       "Runtime and fit the terms outside the blocks (resumable)")
+    p.add_argument("--space", default=None, help="a search space file or name (md_search)")
+    p.add_argument("--resolution", type=positive_int, default=None,
+                   help="image side (default: the space's constraints.resolution)")
+    p.add_argument("--threads", type=positive_int, default=os.cpu_count() or 1,
+                   help="ONNX Runtime intra-op threads, fixed for every row (default: the CPU "
+                        "count)")
+    p.add_argument("--repeats", type=positive_int, default=10,
+                   help="timed runs per block at least (small blocks run for 0.5 s at least)")
+    p.add_argument("--fit", type=positive_int, default=4, metavar="K",
+                   help="whole models timed to fit the terms outside the blocks (default 4)")
+    p.add_argument("--import", dest="imported", metavar="MEASURED.csv", default=None,
+                   help="rows timed on a device from `mdsearch latency probe`'s graphs")
+    p.add_argument("--manifest", metavar="PROBE_DIR", default=None,
+                   help="with --import: the probe folder whose manifest the rows must match")
+    p.add_argument("--out", dest="table", type=Path, required=True, metavar="TABLE.csv",
+                   help="the table (resumed when it exists); its terms go to TABLE.fit.json")
+    p.set_defaults(func=cmd_latency_table)
+    p = lat.add_parser("probe", help="write a space's block graphs and a manifest for timing "
+                       "on a phone (ONNX Runtime Mobile, Core ML)")
+    p.add_argument("--space", required=True, help="a search space file or name")
+    p.add_argument("--resolution", type=positive_int, default=None)
+    p.add_argument("--fit", type=positive_int, default=4, metavar="K",
+                   help="whole models to include for fitting the terms (default 4)")
+    p.add_argument("--out", required=True, help="the probe folder")
+    p.set_defaults(func=cmd_latency_probe)
 
     p = sub.add_parser("table1", help="the paper's Table 1, reproduced beside our measurement")
     fmt = p.add_mutually_exclusive_group()
@@ -490,6 +626,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", default="md", choices=["md", "md-lite"],
                    help="md: <= 400M params, <= 200 GMACs (the paper's search budget); md-lite: "
                         "<= 300M params, <= 160 GMACs (default: md)")
+    p.add_argument("--max-latency-ms", type=positive_float, default=None, metavar="MS",
+                   help="also at most this predicted latency (the sweep's latency table)")
     p.add_argument("--trial", default="full",
                    help="full-training recipe, a file or a name in trials/ (default: full, the "
                         "paper's schedule; full_cpu runs the same stages on a CPU)")

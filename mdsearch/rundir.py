@@ -63,6 +63,9 @@ def samples_file(step: int, event: str = "") -> str:
 RESULTS = "results.csv"
 SWEEP_INIT = "init.txt"  # a UFOGen sweep: the run directory every trial fine-tunes
 PLOT = "pareto.png"
+LATENCY_PLOT = "pareto_latency.png"
+LATENCY_TABLE = "latency.csv"
+LATEST = "latest"  # STORAGE/latest: a link to the sweep started last  # a sweep's copy of its space's latency table (+ latency.fit.json)  # quality against predicted latency (a space's latency table)
 SPACE = "space.yaml"
 FILTERED = "filtered.jsonl"
 # not *.json: on --resume Ray Tune copies every top-level *.json and *.pkl file of the sweep
@@ -183,6 +186,29 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 FAULT_ENV = "MDSEARCH_FAULT_KILL"
 _FAULT_COUNTS: dict[str, int] = {}
+
+
+def link_duplicate_checkpoints(sweep_dir: str | Path) -> int:
+    """Each trial keeps its checkpoint as TRIAL/checkpoint.pt (what export, promote and the
+    reports read) and Ray Tune keeps the same bytes in TRIAL/checkpoint_N/ (what it resumes a
+    trial from). Where the two are identical, Tune's copy becomes a hard link to the trial's
+    file: one copy on disk, both paths intact. Returns the bytes saved."""
+    import filecmp
+
+    saved = 0
+    for ours in Path(sweep_dir).glob(f"*/{CHECKPOINT}"):
+        for theirs in ours.parent.glob(f"checkpoint_*/{CHECKPOINT}"):
+            try:
+                if theirs.samefile(ours) or not filecmp.cmp(ours, theirs, shallow=False):
+                    continue
+                tmp = theirs.with_name(f".{CHECKPOINT}.link")
+                tmp.unlink(missing_ok=True)
+                os.link(ours, tmp)
+                os.replace(tmp, theirs)
+                saved += ours.stat().st_size
+            except OSError:
+                continue  # a file system without hard links: both copies stay
+    return saved
 
 
 def fault_point(name: str) -> None:

@@ -80,6 +80,14 @@ def test_candidates_within_the_noise_floor_are_named(tmp_path):
     (run / "recipe.yaml").write_text(yaml.safe_dump(
         sweep_recipe(load_space("quickstart")).to_dict()))
     chosen = choose(run, "md", metric="fid_proxy")
-    assert chosen.trial_id == "0e0" and chosen.noise_floor == pytest.approx(37.5, abs=0.1)
-    assert chosen.within_noise == ["1e1", "2e2"]  # 1 and 30 away: inside 1.96 x sqrt 2 x 37.5
-    assert "2 other candidate(s) are within the noise" in chosen.describe()
+    # 1 and 30 away from md's 300: inside 1.96 x sqrt 2 x 37.5, so fid_proxy cannot rank the
+    # three, and promote follows its own advice: the cheapest of them (md-lite, the first of two
+    # equal costs), not md, the best by fid_proxy alone
+    assert chosen.noise_floor == pytest.approx(37.5, abs=0.1)
+    assert (chosen.trial_id, chosen.top_by_metric) == ("1e1", "0e0")
+    assert chosen.within_noise == ["0e0", "2e2"]
+    assert chosen.gmacs < cost(presets.get("md"), 512).gmacs
+    text = chosen.describe()
+    assert "2 other candidate(s) are within the noise" in text
+    assert "the cheapest of them was chosen (the best by fid_proxy alone was 0e0)" in text
+    assert choose(run, "md-lite", metric="fid_proxy").top_by_metric is None  # md is over it

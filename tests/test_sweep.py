@@ -121,7 +121,14 @@ def test_grid_sweep_filters_before_training_and_writes_results(tmp_path):
                  "--trial", str(full), "--out", str(out), "--no-mlflow", "--json"]) == 0
     promotion = json.loads((out / "promotion.json").read_text())
     best = done.sort_values("fid_proxy").iloc[0]
-    assert promotion["trial_id"] == best["trial_id"] and promotion["budget"] == "md-lite"
+    chosen = done.set_index("trial_id").loc[promotion["trial_id"]]
+    assert promotion["budget"] == "md-lite"
+    if promotion["top_by_metric"] is None:
+        assert promotion["trial_id"] == best["trial_id"]
+    else:  # the best is inside the noise of a cheaper one: that one is promoted
+        assert promotion["top_by_metric"] == best["trial_id"]
+        assert best["trial_id"] in promotion["within_noise"]
+        assert chosen["gmacs"] <= best["gmacs"]
     result = json.loads((out / RESULT).read_text())
     assert result["status"] == "ok" and result["steps"] == 5
     assert [(r["stage"], r.get("event")) for r in result["history"]] == [
@@ -575,3 +582,51 @@ def test_a_crafted_pickle_in_a_sweep_folder_is_refused_and_runs_nothing(tmp_path
     assert trusted.returncode == 0, trusted.stderr[-3000:]
     signing.check(sweep)
     assert len(trained(pd.read_csv(sweep / "results.csv"))) == 2
+
+
+def test_a_configuration_filtered_twice_is_one_row_and_trials_count_in_start_order(tmp_path):
+    from types import SimpleNamespace
+
+    from mdsearch.rundir import FILTERED
+    from mdsearch.search.callbacks import started_number
+    from mdsearch.search.searchers import BudgetedSearch
+
+    space = load_space(write(tmp_path / "space.yaml", SPACE))
+    over, fits = {"inner_channels": 1280, "inner_layers": 1}, {"inner_channels": 512,
+                                                               "inner_layers": 1}
+
+    class Inner:  # a sampler that repeats itself, as Optuna does on small spaces
+        queue, failed = [over, over, fits], 0
+
+        def suggest(self, trial_id):
+            return dict(self.queue.pop(0))
+
+        def on_trial_complete(self, trial_id, result=None, error=False):
+            Inner.failed += error
+
+    lines = []
+    search = BudgetedSearch(Inner(), space, tmp_path, "fid_proxy", "min", progress=lines.append)
+    assert search.suggest("t1") == {**fits, "seed": 0}
+    assert Inner.failed == 2  # the searcher hears of both suggestions
+    assert len(search.filtered) == 1 and len((tmp_path / FILTERED).read_text().splitlines()) == 1
+    assert sum(line.startswith("filtered") for line in lines) == 1
+
+    # Tune creates trials before they start: two starting together are 1 and 2, not 2 and 2
+    trials = [SimpleNamespace(status=s) for s in ("PENDING", "PENDING", "PENDING")]
+    assert started_number(trials[0], trials) == 1
+    trials[0].status = "RUNNING"
+    assert started_number(trials[1], trials) == 2
+    trials[1].status, trials[0].status = "RUNNING", "TERMINATED"
+    assert started_number(trials[2], trials) == 3
+
+
+def test_latest_links_to_the_sweep_started_last(tmp_path):
+    from mdsearch.search.sweep import link_latest
+
+    for name in ("qs-1", "qs-2"):
+        (tmp_path / name).mkdir()
+        link_latest(tmp_path, name)
+        assert (tmp_path / "latest").resolve() == (tmp_path / name).resolve()
+    assert (tmp_path / "latest").readlink().name == "qs-2"  # relative: moves with the folder
+    link_latest(tmp_path, "latest")  # a sweep named latest is never replaced by its own link
+    assert (tmp_path / "latest").is_symlink()

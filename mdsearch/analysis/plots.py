@@ -8,13 +8,15 @@ import numpy as np
 import pandas as pd
 
 from ..quality import difference_band, has_own_seeds, seed_tied
-from ..rundir import COMPLETED, FAILED, FILTERED_STATUS, PLOT, STOPPED, front
+from ..rundir import COMPLETED, FAILED, FILTERED_STATUS, LATENCY_PLOT, PLOT, STOPPED, front
 
 REFERENCES = ("md", "md-lite", "sd15")  # costed presets, drawn as vertical lines
 
 
 X_AXES = {"gmacs": ("full-size GMACs at 512x512 (multiply-accumulates)", "{:g} GMACs", 1.0),
-          "params": ("full-size parameters (millions)", "{:g}M params", 1e-6)}
+          "params": ("full-size parameters (millions)", "{:g}M params", 1e-6),
+          "latency_ms": ("predicted latency (ms per UNet call, from the space's latency table)",
+                         "{:g} ms", 1.0)}
 
 
 def pareto_plot(table: pd.DataFrame, metric: str, out: str | Path, mode: str = "min",
@@ -73,9 +75,9 @@ def pareto_plot(table: pd.DataFrame, metric: str, out: str | Path, mode: str = "
         best = front(done, [("gmacs", "min"), (metric, mode)])
         ax.step(best["gmacs"], best[metric], where="post", color="tab:blue", alpha=0.6,
                 label="Pareto front (completed)")
-        for _, row in best.iterrows():
-            ax.annotate(str(row["trial_id"])[:8], (row["gmacs"], row[metric]),
-                        textcoords="offset points", xytext=(4, 4), fontsize=7)
+    for _, row in pd.concat([done, stopped]).iterrows():  # every point named, as in results.csv
+        ax.annotate(str(row["trial_id"])[:8], (row["gmacs"], row[metric]),
+                    textcoords="offset points", xytext=(4, 4), fontsize=6)
     top = ax.get_ylim()[1]
     if len(failed):
         ax.scatter(failed["gmacs"], [top] * len(failed), marker="x", color="tab:red",
@@ -84,11 +86,12 @@ def pareto_plot(table: pd.DataFrame, metric: str, out: str | Path, mode: str = "
         ax.axvline(budget, color="black", linestyle="--", linewidth=1,
                    label="budget " + budget_label.format(budget))
     right = 1.25 * max([budget or 0, *table["gmacs"].dropna()])
+    styles = iter([":", "-.", (0, (1, 3)), (0, (5, 2))])
     for name, gmacs in (references or {}).items():
         if gmacs > right:  # e.g. sd15 (400 GMACs) beside a 175-GMAC budget: off the chart
             continue
-        ax.axvline(gmacs, color="grey", linestyle=":", linewidth=1)
-        ax.text(gmacs, top, f" {name}", rotation=90, va="top", fontsize=7, color="grey")
+        ax.axvline(gmacs, color="grey", linestyle=next(styles, ":"), linewidth=1,
+                   label=f"{name} (reference) at " + budget_label.format(round(gmacs, 1)))
     filtered = int((table["status"] == FILTERED_STATUS).sum())
     ax.set_xlabel(xlabel)
     ax.set_ylabel(f"{metric} ({'lower' if mode == 'min' else 'higher'} is better; proxy training)")
@@ -119,13 +122,75 @@ def reference_costs(resolution: int = 512) -> dict[str, dict[str, float]]:
 def sweep_plot(result, space) -> Path | None:
     """The Pareto plot a sweep ends with (SWEEP/pareto.png): its quality metric against
     full-size GMACs, with the noise floor, the budget and the paper's reference models; None
-    when nothing reported the metric. Also sets `result.plot`."""
+    when nothing reported the metric. Also sets `result.plot`. A space with a latency table
+    also gets the same plot against predicted latency (SWEEP/pareto_latency.png)."""
     table, metric = result.table, space.quality.metric
     if "gmacs" not in table or metric not in table:
         return None
+    title = f"sweep {result.path.name} ({space.name}, recipe {result.recipe})"
+    noise = result.floors.get(metric, {}).get("floor")
     result.plot = pareto_plot(
         table, metric, result.path / PLOT, space.quality.mode, space.budget.max_gmacs,
-        title=f"sweep {result.path.name} ({space.name}, recipe {result.recipe})",
-        references=reference_costs()["gmacs"],
-        noise=result.floors.get(metric, {}).get("floor"))
+        title=title, references=reference_costs()["gmacs"], noise=noise)
+    if "latency_ms" in table and table["latency_ms"].notna().any():
+        pareto_plot(table, metric, result.path / LATENCY_PLOT, space.quality.mode,
+                    space.budget.max_latency_ms, title=title, x="latency_ms", noise=noise,
+                    references=latency_references(space.latency))
     return result.plot
+
+
+def latency_references(table) -> dict[str, float]:
+    """The reference models' predicted latency, for those whose units the table holds."""
+    from ..arch import presets
+    from ..arch.latency import LatencyError
+
+    out = {}
+    for name in REFERENCES if table is not None else ():
+        try:
+            out[name] = table.predict(presets.get(name)).total_ms
+        except LatencyError:
+            continue  # a table of another space: this reference's blocks were never timed
+    return out
+
+
+def latency_breakdown_plot(rows: list[dict], out: str | Path, title: str) -> Path:
+    """Where a spec's time goes (arch.latency.Latency.breakdown): per level, side and unit
+    type, its share of the predicted latency beside its share of the GMACs and of the
+    parameters, so that the groups whose time exceeds their MACs stand out. Writes `out` (.png)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    units = [r for r in rows if r["level"] is not None]
+    labels = [breakdown_label(r) for r in rows]
+    total_gmacs = sum(r["gmacs"] for r in units) or 1.0
+    total_params = sum(r["params"] for r in units) or 1
+    series = [("latency (table + fitted terms)", [100 * r["share"] for r in rows], "tab:red"),
+              ("GMACs", [100 * (r["gmacs"] or 0) / total_gmacs for r in rows], "tab:blue"),
+              ("parameters", [100 * (r["params"] or 0) / total_params for r in rows], "tab:grey")]
+    fig, ax = plt.subplots(figsize=(8, 0.42 * len(rows) + 1.6), dpi=120)
+    y = np.arange(len(rows))
+    height = 0.27
+    for n, (name, values, color) in enumerate(series):
+        ax.barh(y + (n - 1) * height, values, height, label=name, color=color, alpha=0.85)
+    for i, r in enumerate(rows):
+        ax.text(100 * r["share"] + 0.5, i - height, f"{r['ms']:.1f} ms", va="center", fontsize=7)
+    ax.set_yticks(y, labels, fontsize=8)
+    ax.invert_yaxis()  # the forward pass reads top to bottom
+    ax.set_xlabel("share of the whole model (%)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def breakdown_label(row: dict) -> str:
+    if row["level"] is None:
+        return row["type"]
+    return f"L{row['level']} {row['side']}: {row['type']}"

@@ -21,10 +21,12 @@ import pandas as pd
 
 from ..quality import DEFAULT_QUALITY, direction
 from ..quality import is_quality, noise_floors, winner_statement
-from ..rundir import (COMPLETED, FAILED, FILTERED_STATUS, NOT_RUN, RECIPE, SPACE, STOPPED,
+from ..rundir import (COMPLETED, FAILED, FILTERED_STATUS, LATENCY_PLOT, LATENCY_TABLE, NOT_RUN,
+                      RECIPE, SPACE, STOPPED,
                       PLOT, RESULTS, RunDirError, front, numeric_column, read_results,
                       trial_status)
 from ..search.space import AUTOENCODER_BASE
+from .plots import latency_references
 
 ABLATION_METRICS = ("val_loss_mid", "text_gain", "align", "kid_proxy")
 """Metrics an ablation table shows beside the sweep's own quality metric, where measured."""
@@ -43,6 +45,9 @@ def _load(run_dir: Path):
     for column in [c for c in table.columns if is_quality(c)]:
         table[column] = numeric_column(table, column, run_dir / RESULTS)
     space = load_space(run_dir / SPACE) if (run_dir / SPACE).is_file() else None
+    if space is not None and (run_dir / LATENCY_TABLE).is_file():
+        space.latency_table = run_dir / LATENCY_TABLE  # the sweep's own copy
+        space.load_latency()
     recipe = None
     if (run_dir / RECIPE).is_file():
         import yaml
@@ -105,9 +110,11 @@ def front_table(table: pd.DataFrame, metric: str, mode: str, cost: str = "gmacs"
 
 
 def scatter(table: pd.DataFrame, x: str, y: str, out: Path, title: str, xlabel: str,
-            ylabel: str, xnoise: float | None = None, ynoise: float | None = None) -> Path:
+            ylabel: str, xnoise: float | None = None, ynoise: float | None = None,
+            xchance: float | None = None) -> Path:
     """A plain scatter of completed (filled) and stopped (hollow) trials, labelled by trial;
-    `xnoise`/`ynoise` (each metric's noise floor, one std) draw error bars on the completed."""
+    `xnoise`/`ynoise` (each metric's noise floor, one std) draw error bars on the completed;
+    `xchance` draws x's chance level (align's: guessing every attribute)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -128,6 +135,9 @@ def scatter(table: pd.DataFrame, x: str, y: str, out: Path, title: str, xlabel: 
                         ecolor="tab:blue", alpha=0.4, capsize=2,
                         label="noise floor (1 std): " + ", ".join(
                             f"{name} ±{v:.2g}" for name, v in ((x, xnoise), (y, ynoise)) if v))
+    if xchance is not None and math.isfinite(xchance):
+        ax.axvline(xchance, color="tab:red", linestyle=":", linewidth=1,
+                   label=f"chance ({x} {xchance:.3f})")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
@@ -158,7 +168,7 @@ def build_report(run_dir: str | Path | None = None, out: str | Path | None = Non
     metric = space.quality.metric if space else DEFAULT_QUALITY
     mode = space.quality.mode if space else direction(metric)
     dims = [d.name for d in space.dimensions] if space else []
-    name = mlflow_experiment or Path(run_dir).name
+    name = mlflow_experiment or Path(run_dir).resolve().name  # (latest: the sweep it links to)
     budget = space.budget if space else None
 
     floors = noise_floors(table, dims, recipe, run_dir)
@@ -178,13 +188,21 @@ def build_report(run_dir: str | Path | None = None, out: str | Path | None = Non
             table, metric, report.out / "pareto_params.png", mode,
             budget.max_params if budget else None, title=f"{name}: {metric} vs parameters",
             references=refs["params"], x="params", noise=noise, xlabel=labels["params"])
+        if "latency_ms" in table and table["latency_ms"].notna().any():
+            report.files["pareto_latency"] = pareto_plot(
+                table, metric, report.out / LATENCY_PLOT, mode,
+                budget.max_latency_ms if budget else None, x="latency_ms", noise=noise,
+                title=f"{name}: {metric} vs predicted latency",
+                references=latency_references(space.latency if space else None))
         if "align" in table:
             report.files["quality_vs_align"] = scatter(
                 table, "align", metric, report.out / "quality_vs_align.png",
                 f"{name}: {metric} vs alignment (the paper's FID-vs-CLIP view)",
                 "align (attribute accuracy; higher is better)",
                 f"{metric} ({'lower' if mode == 'min' else 'higher'} is better)",
-                xnoise=floors.get("align", {}).get("floor"), ynoise=noise)
+                xnoise=floors.get("align", {}).get("floor"), ynoise=noise,
+                xchance=(float(table["align_chance"].median()) if "align_chance" in table
+                         else None))
         front = front_table(table, metric, mode)
         keep = ["trial_id", *dims, "seed", "params", "gmacs", metric, "align", "steps"]
         front = front.reindex(columns=[c for c in keep if c in front.columns])
@@ -221,6 +239,8 @@ def build_report(run_dir: str | Path | None = None, out: str | Path | None = Non
         report.files.update(_reconstruction_grids(table, report.out))
 
     summary = _summary(table, space, recipe, name, metric, mode, report, ablation, floors)
+    if metric in table and space is not None and space.latency is not None:
+        summary += _latency_section(table, space, metric, mode, report)
     if table5 is not None:
         from .tables import lora_vs_full, table5_markdown
 
@@ -293,7 +313,7 @@ def _summary(table, space, recipe, name, metric, mode, report, ablation, floors)
     if metric in table:
         best = table[table["status"] == COMPLETED].sort_values(metric, ascending=mode == "min")
         cols = ["trial_id", *([d.name for d in space.dimensions] if space else []), "seed",
-                "params", "gmacs", metric, "align", "steps"]
+                "params", "gmacs", "latency_ms", metric, "align", "steps"]
         best = best.reindex(columns=[c for c in cols if c in best.columns]).head(5)
         if "params" in best:
             best = best.assign(params=(best["params"] / 1e6).round(1).astype(str) + "M")
@@ -318,12 +338,46 @@ def _summary(table, space, recipe, name, metric, mode, report, ablation, floors)
                   "",
                   "Files: [ablation.md](ablation.md), [ablation.tex](ablation.tex), "
                   "[ablation.csv](ablation.csv)", ""]
-    figures = [k for k in ("pareto", "pareto_params", "quality_vs_align") if k in report.files]
+    figures = [k for k in ("pareto", "pareto_params", "pareto_latency", "quality_vs_align")
+               if k in report.files]
     if figures:
         lines += ["## Figures", ""] + [f"![{k}]({report.files[k].name})" for k in figures] + [
             "", "The front's rows: [pareto.csv](pareto.csv)", ""]
     lines += _paper_section(metric)
     return "\n".join(lines) + "\n"
+
+
+def _latency_section(table, space, metric: str, mode: str, report: Report) -> str:
+    """Where the best completed trial's predicted time goes (per level and block type, beside
+    its params and GMACs): a table and LATENCY_BREAKDOWN.png (SnapFusion's per-block view)."""
+    from .plots import breakdown_label, latency_breakdown_plot
+
+    done = table[(table["status"] == COMPLETED) & table[metric].notna()]
+    if done.empty:
+        return ""
+    best = done.sort_values(metric, ascending=mode == "min").iloc[0]
+    point = {d.name: next((v for v in d.values if v == best[d.name]), best[d.name])
+             for d in space.dimensions if d.name in best and pd.notna(best[d.name])}
+    spec = space.spec_for(point)  # (a results column's 1024.0 is the dimension's 1024)
+    predicted = space.latency.predict(spec)
+    rows = predicted.breakdown()
+    report.files["latency_breakdown"] = latency_breakdown_plot(
+        rows, report.out / "latency_breakdown.png",
+        f"trial {best['trial_id']} ({metric} {best[metric]:.4g}): "
+        f"{predicted.total_ms:.0f} ms predicted at {predicted.resolution}px")
+    shown = pd.DataFrame([{"where": breakdown_label(r), "ms": round(r["ms"], 1),
+                           "share": f"{100 * r['share']:.1f}%",
+                           "params": "-" if r["params"] is None else f"{r['params'] / 1e6:.1f}M",
+                           "GMACs": "-" if r["gmacs"] is None else round(r["gmacs"], 2)}
+                          for r in rows])
+    first = next(iter(space.latency.rows.values()))
+    return "\n".join([
+        f"## Where the time goes (trial {best['trial_id']}, the best by {metric})", "",
+        f"Predicted {predicted.total_ms:.1f} ms per UNet call at {predicted.resolution}x"
+        f"{predicted.resolution} from the space's latency table ({first.runtime} "
+        f"{first.runtime_version}, {first.threads} threads, {first.device}): each group's "
+        f"table entries; the fitted terms cover the stem, the head and the graph overhead.", "",
+        shown.to_markdown(index=False), "", "![latency_breakdown](latency_breakdown.png)", ""])
 
 
 def _noise_section(floors: dict, table: pd.DataFrame) -> list[str]:

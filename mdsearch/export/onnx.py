@@ -21,6 +21,9 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
+import warnings
+from contextlib import contextmanager
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -129,20 +132,39 @@ def needs_external_data(params: int, fp16: bool) -> bool:
 
 
 def write_graph(module: torch.nn.Module, inputs: tuple, path: Path, input_names: list[str],
-                output_names: list[str], opset: int, large: bool) -> float:
+                output_names: list[str], opset: int, large: bool, check: bool = True) -> float:
     """Export `module` on `inputs` to `path` through torch's export-based ONNX exporter
-    (external data beside it when `large`) and check the file; the export's seconds."""
+    (external data beside it when `large`) and, with `check`, check the file; the export's
+    seconds."""
     import onnx
 
     started = time.time()
-    program = torch.onnx.export(module, inputs, dynamo=True, opset_version=opset,
-                                input_names=input_names, output_names=output_names,
-                                verbose=False)
-    program.save(str(path), external_data=large)
+    with quiet_exporter():
+        program = torch.onnx.export(module, inputs, dynamo=True, opset_version=opset,
+                                    input_names=input_names, output_names=output_names,
+                                    verbose=False)
+        program.save(str(path), external_data=large)
     seconds = time.time() - started
     del program
-    onnx.checker.check_model(str(path) if large else onnx.load(str(path)))
+    if check:
+        onnx.checker.check_model(str(path) if large else onnx.load(str(path)))
     return seconds
+
+
+@contextmanager
+def quiet_exporter():
+    """torch's exporter and onnxscript's optimiser log at WARNING what is not a problem (a line
+    per missing optional package such as torchvision; "Evaluation failed: cannot reshape ..."
+    when constant folding skips a node it cannot evaluate, which the graph keeps as it is) and
+    raise FutureWarnings about their own internals: none of it reaches the user."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(previous)
 
 
 def cpu_session(path: str | Path):

@@ -16,7 +16,7 @@ from ..rundir import (COMPLETED, FAILED, FILTERED, FILTERED_STATUS, RESULTS, STO
                       front, in_resumed, read_jsonl, trial_folder_name, trial_status,
                       write_results)
 from .callbacks import TUNE_KEYS, error_text, reason_from_traceback
-from .space import Space
+from .space import COST_METRICS as COSTS, Space
 
 
 @dataclass
@@ -65,9 +65,9 @@ def results_table(grid, space: Space, sweep_dir: Path, steps_total: int) -> pd.D
     for rec in read_jsonl(sweep_dir / FILTERED):
         rows.append({**{k: rec.get(k) for k in ("trial_id", "status", "stop_reason")},
                      **{d: rec.get(d) for d in dims}, "seed": rec.get("seed"),
-                     "params": rec.get("params"), "gmacs": rec.get("gmacs"), "steps": 0})
+                     **{k: rec.get(k) for k in COSTS if k in rec}, "steps": 0})
     table = pd.DataFrame(rows)
-    first = ["trial_id", "status", "stop_reason", *dims, "seed", "params", "gmacs"]
+    first = ["trial_id", "status", "stop_reason", *dims, "seed", *COSTS]
     quality = [o.metric for o in space.objectives if not o.is_cost]
     tail = ["steps", "steps_total", "seconds", "node_id", "path"]
     middle = quality + sorted(c for c in table.columns if c not in first + quality + tail)
@@ -142,7 +142,7 @@ def summary(result: SweepResult, space: Space) -> str:
         lines.append(f"trial-steps trained: {int(t['steps'].fillna(0).sum())}")
     if len(result.best):
         front = "Pareto front" if len(space.objectives) > 1 else "best trials"
-        cols = ["trial_id", *[d.name for d in space.dimensions], "seed", "params", "gmacs",
+        cols = ["trial_id", *[d.name for d in space.dimensions], "seed", *COSTS,
                 *[o.metric for o in space.objectives if not o.is_cost], "align", "steps"]
         best = result.best.reindex(columns=list(dict.fromkeys(c for c in cols if c in t)))
         best = best.assign(params=(best["params"] / 1e6).round(1).astype(str) + "M")

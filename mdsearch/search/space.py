@@ -24,6 +24,9 @@
         values: [5.0e-4, 1.0e-3]
     ties: {levels.1.up.layers: levels.1.down.layers}   # field <- dimension name or field
     constraints: {resolution: 512, max_params: 400_000_000, max_gmacs: 200}
+                                      # max_latency_ms: 900 (needs `latency`)
+    latency: {table: TABLE.csv}       # a latency table (mdsearch latency table): its predicted
+                                      # latency_ms is a cost, a constraint and an objective
     objectives: [{fid_proxy: min}, {gmacs: min}]
     search: {algorithm: tpe, num_samples: 16, seed: 0, max_concurrent: 2}
     seeds: [0]                        # training seeds per configuration (several: grid only)
@@ -70,10 +73,10 @@ AUTOENCODER_BASE = "autoencoder"  # `base: autoencoder`: autoencoder trainings (
 RECIPE_ONLY_BASES = (INIT_BASE, AUTOENCODER_BASE)
 ALGORITHMS = ("tpe", "nsga2", "random", "grid")
 SCHEDULERS = ("paper", "asha", "none")
-COST_METRICS = ("params", "gmacs")  # objectives known before training
+COST_METRICS = ("params", "gmacs", "latency_ms")  # objectives known before training
 TOP_KEYS = ("name", "description", "base", "set", "trial", "trial_overrides", "dimensions",
             "ties", "constraints", "objectives", "search", "seeds", "seeds_per_trial",
-            "scheduler")
+            "scheduler", "latency")
 DIM_KINDS = ("values", "range", "bool", "variants")
 MAX_DIMENSION_VALUES = 10_000  # a range longer than this is a typo
 
@@ -126,13 +129,21 @@ class Budget:
     resolution: int = 512
     max_params: float | None = None
     max_gmacs: float | None = None
+    max_latency_ms: float | None = None  # predicted by the space's latency table
 
-    def violations(self, params: int, gmacs: float) -> list[str]:
+    @property
+    def limited(self) -> bool:
+        return any(v is not None for v in (self.max_params, self.max_gmacs, self.max_latency_ms))
+
+    def violations(self, params: int, gmacs: float, latency_ms: float | None = None) -> list[str]:
         out = []
         if self.max_params is not None and params > self.max_params:
             out.append(f"params {params / 1e6:.1f}M > {self.max_params / 1e6:.1f}M")
         if self.max_gmacs is not None and gmacs > self.max_gmacs:
             out.append(f"GMACs {gmacs:.1f} > {self.max_gmacs:.1f}")
+        if self.max_latency_ms is not None and latency_ms is not None and \
+                latency_ms > self.max_latency_ms:
+            out.append(f"latency {latency_ms:.1f} ms > {self.max_latency_ms:g} ms")
         return out
 
     def describe(self) -> str:
@@ -141,6 +152,8 @@ class Budget:
             parts.append(f"params <= {self.max_params / 1e6:.0f}M")
         if self.max_gmacs is not None:
             parts.append(f"GMACs <= {self.max_gmacs:g}")
+        if self.max_latency_ms is not None:
+            parts.append(f"latency <= {self.max_latency_ms:g} ms")
         return (" and ".join(parts) or "no budget") + f" at {self.resolution}x{self.resolution}"
 
 
@@ -176,6 +189,22 @@ class Space:
     description: str = ""
     base_name: str = ""  # as written: a preset, a spec file, init or autoencoder
     autoencoder: Any = None  # `base: autoencoder`: the sweep's VAERecipe (bound by the sweep)
+    latency_table: Path | None = None  # `latency: {table: PATH}` (relative to the space file)
+    latency: Any = None  # its arch.latency.Table, once `load_latency` read it
+
+    def load_latency(self):
+        """The space's latency table (read and checked once; None when it names none): a
+        table measured at another resolution than the constraints' is refused."""
+        if self.latency_table is not None and self.latency is None:
+            from ..arch.latency import Table
+
+            table = Table(self.latency_table)
+            if table.resolution != self.budget.resolution:
+                raise SpaceError(f"{self.source}: latency.table: {self.latency_table} was "
+                                 f"measured at {table.resolution}x{table.resolution}, the "
+                                 f"constraints' resolution is {self.budget.resolution}")
+            self.latency = table
+        return self.latency
 
     @property
     def base_label(self) -> str:
@@ -257,7 +286,7 @@ class Space:
             except SpecError as err:
                 return None, f"invalid spec: {err}"
             c = cache.get(spec, self.budget.resolution)
-        broken = self.budget.violations(c["params"], c["gmacs"])
+        broken = self.budget.violations(c["params"], c["gmacs"], c.get("latency_ms"))
         return c, ("over budget: " + ", ".join(broken)) if broken else None
 
     def check_feasible(self, cache: "CostCache", tries: int = 32) -> None:
@@ -265,7 +294,7 @@ class Space:
 
         The cheapest corner is found by one pass of coordinate descent over the dimensions,
         then random points are tried; a grid is checked exhaustively by the runner."""
-        if self.budget.max_params is None and self.budget.max_gmacs is None:
+        if not self.budget.limited:
             return
         point = self.grid_fill({})
         best, best_why = None, None
@@ -289,8 +318,9 @@ class Space:
             c, why = self.screen(self.sample(rng), cache)
             if c is not None and why is None:
                 return
-        cheapest = (f"; the cheapest configuration found has {best['params'] / 1e6:.1f}M params "
-                    f"and {best['gmacs']:.1f} GMACs ({best_why})") if best else ""
+        latency = f", {best['latency_ms']:.1f} ms" if best and "latency_ms" in best else ""
+        cheapest = (f"; the cheapest configuration found has {best['params'] / 1e6:.1f}M params"
+                    f", {best['gmacs']:.1f} GMACs{latency} ({best_why})") if best else ""
         raise SpaceError(f"{self.source}: constraints: no configuration of this space satisfies "
                          f"{self.budget.describe()}{cheapest}. Loosen the constraints or "
                          f"allow smaller configurations.")
@@ -310,6 +340,8 @@ class Space:
             excess += max(0.0, c["params"] / b.max_params - 1)
         if b.max_gmacs is not None:
             excess += max(0.0, c["gmacs"] / b.max_gmacs - 1)
+        if b.max_latency_ms is not None and "latency_ms" in c:
+            excess += max(0.0, c["latency_ms"] / b.max_latency_ms - 1)
         return excess
 
     # ---- objectives ----------------------------------------------------------------------
@@ -321,11 +353,13 @@ class Space:
 
 class CostCache:
     """Full-size costs by spec, so a configuration sampled twice is costed once; a new spec
-    reuses the costs of the blocks it shares with those before it (arch.cost.BlockCosts)."""
+    reuses the costs of the blocks it shares with those before it (arch.cost.BlockCosts).
+    With a latency table (arch.latency.Table), a spec's predicted latency_ms too."""
 
-    def __init__(self):
+    def __init__(self, latency=None):
         self._cache: dict[tuple[str, int], dict] = {}
         self.blocks = BlockCosts()
+        self.latency = latency
 
     def get(self, spec: ArchSpec, resolution: int) -> dict:
         data = spec.to_dict()
@@ -334,6 +368,8 @@ class CostCache:
         if key not in self._cache:
             c = cost(spec, resolution, cache=self.blocks)
             self._cache[key] = {"params": c.params, "gmacs": round(c.gmacs, 3)}
+            if self.latency is not None:
+                self._cache[key]["latency_ms"] = round(self.latency.predict(spec).total_ms, 3)
         return self._cache[key]
 
     def get_autoencoder(self, recipe, resolution: int) -> dict:
@@ -390,6 +426,15 @@ def parse_space(data: Any, source: str = "space", base_dir: Path | None = None) 
 
     budget = _parse_budget(data.get("constraints") or {}, fail)
     objectives = _parse_objectives(data["objectives"], fail)
+    latency_table = _parse_latency(data.get("latency"), base_dir, fail)
+    wants = [w for w, on in (("constraints.max_latency_ms", budget.max_latency_ms is not None),
+                             ("objectives: latency_ms",
+                              any(o.metric == "latency_ms" for o in objectives))) if on]
+    if wants and latency_table is None:
+        fail(wants[0], "needs `latency: {table: TABLE.csv}` (a table from `mdsearch latency "
+                       "table`), which predicts each configuration's latency")
+    if latency_table is not None and base is None:
+        fail("latency", f"`base: {base_name}` has no UNet to time")
     search = _mapping(data.get("search") or {}, "search", fail)
     for key in search:
         if key not in ("algorithm", "num_samples", "seed", "max_concurrent"):
@@ -430,7 +475,7 @@ def parse_space(data: Any, source: str = "space", base_dir: Path | None = None) 
                  search_seed=int(search.get("seed", 0)), max_concurrent=max_conc, seeds=seeds,
                  seeds_per_trial=per_trial,
                  scheduler=scheduler, description=str(data.get("description", "")).strip(),
-                 base_name=base_name)
+                 base_name=base_name, latency_table=latency_table)
 
 
 def _load_base(base: Any, base_dir: Path | None, fail) -> ArchSpec:
@@ -583,9 +628,22 @@ def _expand_range(rng: Any, step: Any, where: str, fail) -> list:
     return values if as_int else [round(float(v), 10) for v in values]
 
 
+def _parse_latency(raw: Any, base_dir: Path | None, fail) -> Path | None:
+    if raw is None:
+        return None
+    raw = _mapping(raw, "latency", fail)
+    for key in raw:
+        if key != "table":
+            fail(f"latency.{key}", "unknown; the one key is `table: TABLE.csv`")
+    if not isinstance(raw.get("table"), str) or not raw["table"].strip():
+        fail("latency.table", "a latency table file (mdsearch latency table --out TABLE.csv)")
+    path = Path(raw["table"]).expanduser()
+    return path if path.is_absolute() or base_dir is None else base_dir / path
+
+
 def _parse_budget(raw: Any, fail) -> Budget:
     raw = _mapping(raw, "constraints", fail)
-    known = ("resolution", "max_params", "max_gmacs")
+    known = ("resolution", "max_params", "max_gmacs", "max_latency_ms")
     for key in raw:
         if key not in known:
             fail(f"constraints.{key}", "unknown" + did_you_mean(key, known))
@@ -594,7 +652,7 @@ def _parse_budget(raw: Any, fail) -> Budget:
         if not isinstance(raw["resolution"], int) or raw["resolution"] < 8:
             fail("constraints.resolution", f"an image size in pixels, got {raw['resolution']!r}")
         budget.resolution = raw["resolution"]
-    for key in ("max_params", "max_gmacs"):
+    for key in ("max_params", "max_gmacs", "max_latency_ms"):
         if key in raw and raw[key] is not None:
             value = _number(raw[key])
             if value is None or value <= 0:
@@ -637,7 +695,8 @@ def _parse_objectives(raw: Any, fail) -> list[Objective]:
                                                        f"objectives[{i}].{metric}", fail)))
     if all(o.is_cost for o in objectives):
         fail("objectives", "needs at least one quality metric measured by training "
-                           "(e.g. fid_proxy: min); params and gmacs alone need no sweep")
+                           "(e.g. fid_proxy: min); params, gmacs and latency_ms alone need no "
+                           "sweep")
     if len(objectives) > 2:
         fail("objectives", "at most two (one for TPE, two for NSGA-II)")
     return objectives

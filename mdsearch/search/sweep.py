@@ -36,7 +36,8 @@ import yaml
 
 from ..config import ConfigError
 from ..quality import noise_floors
-from ..rundir import (FILTERED_STATUS, LOCK, RECIPE, SPACE, STOP_STATE, SWEEP_INIT, atomic_write,
+from ..arch.latency import copy_table
+from ..rundir import (FILTERED_STATUS, LATENCY_TABLE, LATEST, LOCK, link_duplicate_checkpoints, RECIPE, SPACE, STOP_STATE, SWEEP_INIT, atomic_write,
                       locked, resuming, write_results)
 from ..raylocal import check_address, start_ray
 from ..progress import say
@@ -92,6 +93,7 @@ def run_sweep(space: Space, trial: str | Path | None = None, *, name: str | None
     if resume and not (sweep_dir.is_dir() and tune.Tuner.can_restore(str(sweep_dir))):
         raise SweepError(f"{sweep_dir}: no sweep to resume here (run without --resume to start)")
     with locked(sweep_dir, f"sweep {name}"):
+        link_latest(root, name)
         if resume and trust_state:
             progress(f"--trust-state: signed {signing.sign_all(sweep_dir)} Ray Tune state files "
                      f"of {sweep_dir} as they are")
@@ -154,6 +156,10 @@ def _run_sweep(space: Space, recipe, name: str, sweep_dir: Path, address, resume
 
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")  # a killed driver loses <= 2 s
+    # Tune's newer console output prints a configuration box and a TensorBoard hint (TensorBoard
+    # is not installed) even at verbose=0; the classic reporter at verbose=0 prints nothing, and
+    # mdsearch's own progress lines say what happens
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
 
@@ -163,7 +169,7 @@ def _run_sweep(space: Space, recipe, name: str, sweep_dir: Path, address, resume
         raise SweepError(f"{sweep_dir} already holds a sweep; pass --resume to continue it, or "
                          "choose another --name")
 
-    cache = CostCache()
+    cache = CostCache(space.load_latency())  # a missing or foreign table: one line, here
     if not resume:
         if space.algorithm == "grid":
             _check_grid(space, cache)
@@ -171,6 +177,8 @@ def _run_sweep(space: Space, recipe, name: str, sweep_dir: Path, address, resume
             space.check_feasible(cache)
         if Path(space.source).is_file():
             shutil.copy2(space.source, sweep_dir / SPACE)
+        if space.latency is not None:  # the folder stays readable when it moves (report)
+            copy_table(space.latency.path, sweep_dir / LATENCY_TABLE)
         atomic_write(sweep_dir / RECIPE, yaml.safe_dump(recipe.to_dict(), sort_keys=False))
         if init is not None:
             atomic_write(sweep_dir / SWEEP_INIT, init + "\n")
@@ -233,6 +241,7 @@ def _run_sweep(space: Space, recipe, name: str, sweep_dir: Path, address, resume
         grid = tuner.fit()
     table = results_table(grid, space, sweep_dir, recipe.steps)
     write_results(table, sweep_dir)
+    link_duplicate_checkpoints(sweep_dir)
     floors = noise_floors(table, [d.name for d in space.dimensions], recipe.to_dict(), sweep_dir)
     return SweepResult(sweep_dir, table, int((table["status"] == FILTERED_STATUS).sum()),
                        best_trials(table, space), None, floors, recipe.name)
@@ -282,6 +291,20 @@ def check_journal(path: Path) -> None:
                 raise SweepError(f"{path}: line {number} is not an Optuna journal record (one "
                                  "JSON object per line); nothing was changed. Restore the file "
                                  "from a copy, or start a new sweep (another --name)")
+
+
+def link_latest(root: Path, name: str) -> None:
+    """STORAGE/latest -> the sweep started last (a relative link, so README's paths work
+    whatever --name a sweep got). Where links cannot be made (some shared mounts), nothing."""
+    if name == LATEST:
+        return
+    tmp = root / f".{LATEST}.{os.getpid()}"
+    try:
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(name, target_is_directory=True)
+        os.replace(tmp, root / LATEST)
+    except OSError:
+        tmp.unlink(missing_ok=True)
 
 
 def default_name(space: Space, root: Path, resume: bool) -> str:

@@ -51,7 +51,7 @@ def run_trial(config: dict, space: Space, recipe, init: str | None = None) -> No
         with restored.as_directory() as d:
             shutil.copy2(Path(d) / CHECKPOINT, work / CHECKPOINT)
 
-    cache = CostCache()  # full-size costs at 512 px, as the sweep's screen rounds them
+    cache = CostCache(space.latency)  # full-size costs at 512 px, as the sweep's screen rounds them
     if space.autoencoder is not None:  # the autoencoder's params, its decoder's GMACs
         full = cache.get_autoencoder(trial_recipe, 512)
     else:
@@ -66,6 +66,7 @@ def run_trial(config: dict, space: Space, recipe, init: str | None = None) -> No
     def report(record: dict) -> None:
         metrics = {k: v for k, v in record.items() if isinstance(v, (int, float))}
         metrics.update(params=full["params"], gmacs=full["gmacs"], steps_total=recipe.steps,
+                       **{k: full[k] for k in ("latency_ms",) if k in full},
                        seconds=round(before + time.time() - started, 2), node_id=node)
         with tempfile.TemporaryDirectory() as d:
             shutil.copy2(work / CHECKPOINT, Path(d) / CHECKPOINT)
