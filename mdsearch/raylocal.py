@@ -1,6 +1,7 @@
 """Keeping a local Ray on this machine: a laptop sweep or data-parallel run opens no port to the
 network. (A bottom-layer module: the trainer's distributed runs and the sweeps both use it.)"""
 
+import logging
 import os
 import socket
 import sys
@@ -56,6 +57,12 @@ def start_ray(address: str | None = None, progress=None, **init_args) -> bool:
         if not keep_ray_on_loopback() and progress is not None:
             progress("warning: Ray was imported before mdsearch could keep it on 127.0.0.1; set "
                 f"{LOOPBACK_ENV}=0 before importing ray")
+        # Ray turns token authentication on for a new local cluster (good) and logs a WARNING
+        # saying so into the user's terminal (noise: nothing is wrong). Only that logger is
+        # quietened; RAY_AUTH_MODE is left alone (set after Ray's import, it would make the
+        # driver and its GCS disagree on the mode).
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
+            logging.ERROR)
         ray.init(**{"address": "local", "include_dashboard": False, "logging_level": "WARNING",
                     "log_to_driver": False, **init_args})
     else:

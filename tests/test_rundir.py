@@ -147,3 +147,22 @@ def test_temporary_files_stay_out_of_the_folder_being_written(tmp_path):
         tmp.write_text("new")
         assert tmp.parent != target.parent and list(target.parent.iterdir()) == []
     assert target.read_text() == "new" and not tmp.exists()
+
+
+def test_tunes_copy_of_a_trials_checkpoint_becomes_a_link_to_it(tmp_path):
+    from mdsearch.rundir import CHECKPOINT, link_duplicate_checkpoints
+
+    trial = tmp_path / "run_trial_1"
+    (trial / "checkpoint_000003").mkdir(parents=True)
+    (trial / CHECKPOINT).write_bytes(b"weights" * 1000)
+    (trial / "checkpoint_000003" / CHECKPOINT).write_bytes(b"weights" * 1000)
+    other = tmp_path / "run_trial_2"
+    (other / "checkpoint_000001").mkdir(parents=True)
+    (other / CHECKPOINT).write_bytes(b"newer steps")  # the driver died before reporting them
+    (other / "checkpoint_000001" / CHECKPOINT).write_bytes(b"older")
+    assert link_duplicate_checkpoints(tmp_path) == 7000
+    assert (trial / "checkpoint_000003" / CHECKPOINT).samefile(trial / CHECKPOINT)
+    assert (other / "checkpoint_000001" / CHECKPOINT).read_bytes() == b"older"  # kept as it was
+    assert link_duplicate_checkpoints(tmp_path) == 0  # already one file
+    (trial / CHECKPOINT).unlink()  # either path can go; the other keeps the bytes
+    assert (trial / "checkpoint_000003" / CHECKPOINT).read_bytes() == b"weights" * 1000

@@ -24,6 +24,13 @@ def _point(config: dict, space: Space) -> str:
     return ", ".join(f"{d.name}={config[d.name]}" for d in space.dimensions if d.name in config)
 
 
+def started_number(trial, trials) -> int:
+    """Which trial this is to start: 1 + the others that have started before it (running or
+    ended). Not len(trials): Tune creates the next trials before they start, so two starting
+    together both counted 2 (and a resumed sweep counts the trials it already ran)."""
+    return 1 + sum(t is not trial and t.status != "PENDING" for t in trials)
+
+
 class Progress(Callback):
     """One line per trial start, evaluation, stop and failure, on stderr."""
 
@@ -36,7 +43,8 @@ class Progress(Callback):
         say(f"[{elapsed:6.0f}s] {trial.trial_id} {text}")
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        self._line(trial, f"start ({len(trials)}/{self.total}): {_point(trial.config, self.space)}")
+        self._line(trial, f"start ({started_number(trial, trials)}/{self.total}): "
+                          f"{_point(trial.config, self.space)}")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         shown = "  ".join(f"{m} {result[m]:.4g}" for m in self.metrics if m in result)

@@ -93,6 +93,9 @@ class BudgetedSearch(Searcher):
                 self.seen.add(key)
                 return config
             self.inner.on_trial_complete(inner_id, None, error=True)
+            if key in self._filtered_keys():  # filtered before: one row, one count
+                self.duplicates += 1
+                continue
             record = {"trial_id": f"filtered_{len(self.filtered) + 1:04d}",
                       "status": FILTERED_STATUS, "stop_reason": why, **config, **(c or {})}
             self.filtered.append(record)
@@ -116,6 +119,12 @@ class BudgetedSearch(Searcher):
     def on_trial_complete(self, trial_id: str, result=None, error: bool = False) -> None:
         if trial_id in self.ids:
             self.inner.on_trial_complete(self.ids[trial_id], result=result, error=error)
+
+    def _filtered_keys(self) -> set[str]:
+        """The configurations filtered so far (the config fields of each record)."""
+        names = [d.name for d in self.space.dimensions] + ["seed"]
+        return {json.dumps({k: r[k] for k in names if k in r}, sort_keys=True)
+                for r in self.filtered}
 
     # filtered records survive a killed driver: the file is cut back to the restored state
     def _append_filtered(self, record: dict) -> None:

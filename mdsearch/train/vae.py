@@ -22,6 +22,10 @@ The loss of a batch x (images in [-1, 1]), with z ~ q(z | x) and x' = decoder(z)
                   last layer, times `loss.adv_weight`
     G loss = l2 + perceptual_weight * perceptual + kl_weight * kl + adaptive * adversarial
 
+The training log prints l2 per pixel and the KL term as the loss sums it (`kl_sum`, per image);
+evaluations report `kl` per latent element (kl_sum / latent elements), so the two differ by the
+latent's size (4 x 64 x 64 = 16384 at 512 px), not by a bug.
+
 `train: decoder` is the paper's lightweight decoder: the encoder (and its quant conv) of the VAE in
 `init` is copied and frozen, and a decoder with the widths and depth of `arch.decoder_widths` and
 `arch.decoder_layers` is trained from scratch; the recipe drops the KL term and lowers the
@@ -495,7 +499,10 @@ class VAETraining(AdversarialRun):
             adv = -self.disc(recon).mean()
             self.disc.requires_grad_(True)
             loss = loss + self.adaptive_weight(nll, adv) * adv
-        return loss, recon, {"l2": l2.item() / x[0].numel(), "kl": kl.item(), "adv": adv.item()}
+        # the training log's kl_sum is the loss's term (summed over an image's latent elements);
+        # the evaluation's kl is per latent element, comparable across latent sizes
+        return loss, recon, {"l2": l2.item() / x[0].numel(), "kl_sum": kl.item(),
+                             "adv": adv.item()}
 
     def adaptive_weight(self, nll: torch.Tensor, adv: torch.Tensor) -> torch.Tensor:
         """adv_weight x |grad nll| / |grad adv| at the decoder's last layer (latent diffusion's
