@@ -63,9 +63,9 @@ def samples_file(step: int, event: str = "") -> str:
 RESULTS = "results.csv"
 SWEEP_INIT = "init.txt"  # a UFOGen sweep: the run directory every trial fine-tunes
 PLOT = "pareto.png"
-LATENCY_PLOT = "pareto_latency.png"
-LATENCY_TABLE = "latency.csv"
-LATEST = "latest"  # STORAGE/latest: a link to the sweep started last  # a sweep's copy of its space's latency table (+ latency.fit.json)  # quality against predicted latency (a space's latency table)
+LATENCY_PLOT = "pareto_latency.png"  # quality against predicted latency (a space's latency table)
+LATENCY_TABLE = "latency.csv"  # a sweep's copy of its space's latency table (+ latency.fit.json)
+LATEST = "latest"  # STORAGE/latest: a link to the sweep started last
 SPACE = "space.yaml"
 FILTERED = "filtered.jsonl"
 # not *.json: on --resume Ray Tune copies every top-level *.json and *.pkl file of the sweep

@@ -26,12 +26,12 @@ TINY_SET = {"levels.0.channels": 32, "levels.1.channels": 64, "levels.2.channels
 
 def fake_table(path, specs, terms=None, resolution=RES, ms=lambda u: 1.0 + int(u.key[:2], 16) / 64):
     """A latency table for `specs` with made-up entries (no timing) and given fitted terms."""
-    latency.write_header(path)
+    rows = []
     for unit in latency.distinct(latency.units(s, resolution) for s in specs):
         value = ms(unit)
-        latency.append_row(path, Row(unit.key, unit.kind, unit.label,
-                                     latency.shapes_text(unit.inputs), value, 0.9 * value,
-                                     1.1 * value, *WHERE))
+        rows.append(Row(unit.key, unit.kind, unit.label, latency.shapes_text(unit.inputs), value,
+                        0.9 * value, 1.1 * value, *WHERE))
+    latency.write_rows(path, rows)
     fitted = latency.Fit({"graph_ms": 0.0, "per_unit_ms": 0.0, "scale": 0.0, **(terms or {})},
                          [Measurement("m", 1.0, 1.0, 1)], resolution, WHERE)
     latency.fit_path(path).write_text(fitted.to_json())
@@ -242,6 +242,19 @@ def test_a_probe_and_its_device_rows_import_as_a_table(tmp_path):
         out = run("latency", "table", "--import", str(measured), "--manifest", str(probe),
                   "--out", str(tmp_path / "bad.csv"))
         assert out.returncode == 2 and expected in out.stderr, out.stderr
+    write(rows)
+    good = (probe / "manifest.json").read_text()
+    for edit, expected in [(lambda m: m["models"][0]["units"].append("feedfeedfeedfeed"),
+                            "field models[0].units: 'feedfeedfeedfeed'"),
+                           (lambda m: m.pop("resolution"), "field resolution"),
+                           (lambda m: m.__setitem__("units", {}), "field units: a list")]:
+        broken = json.loads(good)
+        edit(broken)
+        (probe / "manifest.json").write_text(json.dumps(broken))
+        out = run("latency", "table", "--import", str(measured), "--manifest", str(probe),
+                  "--out", str(tmp_path / "bad.csv"))
+        assert out.returncode == 2 and expected in out.stderr, out.stderr
+        assert len(out.stderr.strip().splitlines()) == 1
 
 
 # ---- latency in a search space ----------------------------------------------------------------

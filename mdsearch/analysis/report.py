@@ -240,7 +240,7 @@ def build_report(run_dir: str | Path | None = None, out: str | Path | None = Non
 
     summary = _summary(table, space, recipe, name, metric, mode, report, ablation, floors)
     if metric in table and space is not None and space.latency is not None:
-        summary += _latency_section(table, space, metric, mode, report)
+        summary += _latency_section(table, space, metric, mode, report, noise)
     if table5 is not None:
         from .tables import lora_vs_full, table5_markdown
 
@@ -347,7 +347,8 @@ def _summary(table, space, recipe, name, metric, mode, report, ablation, floors)
     return "\n".join(lines) + "\n"
 
 
-def _latency_section(table, space, metric: str, mode: str, report: Report) -> str:
+def _latency_section(table, space, metric: str, mode: str, report: Report,
+                     noise: float | None) -> str:
     """Where the best completed trial's predicted time goes (per level and block type, beside
     its params and GMACs): a table and LATENCY_BREAKDOWN.png (SnapFusion's per-block view)."""
     from .plots import breakdown_label, latency_breakdown_plot
@@ -371,8 +372,13 @@ def _latency_section(table, space, metric: str, mode: str, report: Report) -> st
                            "GMACs": "-" if r["gmacs"] is None else round(r["gmacs"], 2)}
                           for r in rows])
     first = next(iter(space.latency.rows.values()))
+    floor = (f"noise floor ±{noise:.2g}" if noise is not None and math.isfinite(noise)
+             else "noise floor unknown")
     return "\n".join([
-        f"## Where the time goes (trial {best['trial_id']}, the best by {metric})", "",
+        f"## Where the time goes (trial {best['trial_id']}, the top {metric})", "",
+        f"The trial with the {'lowest' if mode == 'min' else 'highest'} {metric} "
+        f"({best[metric]:.4g}; {floor}): whether it is ahead of the others is the winner "
+        f"statement's call above, not this section's.", "",
         f"Predicted {predicted.total_ms:.1f} ms per UNet call at {predicted.resolution}x"
         f"{predicted.resolution} from the space's latency table ({first.runtime} "
         f"{first.runtime_version}, {first.threads} threads, {first.device}): each group's "

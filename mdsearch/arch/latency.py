@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError
-from ..rundir import fault_point
+from ..rundir import atomic_write, fault_point
 from .blocks import Downsample, Upsample
 from .cost import _block_key, _fields, example_inputs, latent_size
 from .spec import ArchSpec
@@ -265,9 +265,13 @@ def read_rows(path: str | Path, partial_last: bool = False) -> dict[str, Row]:
     return rows
 
 
-def write_header(path: str | Path) -> None:
-    with open(path, "w", newline="") as f:
-        csv.writer(f).writerow(COLUMNS)
+def write_rows(path: str | Path, rows) -> None:
+    """A whole table (the header and `rows`), written atomically (rundir.atomic_write)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, COLUMNS)
+    writer.writeheader()
+    writer.writerows(row.to_csv() for row in rows)
+    atomic_write(path, buffer.getvalue())
 
 
 def append_row(path: str | Path, row: Row) -> None:

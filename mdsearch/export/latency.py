@@ -182,7 +182,7 @@ def measure_table(unit_list: list[Unit], out: str | Path, threads: int, repeats:
             raise LatencyError(f"{out}: measured on {first.where}, this run would measure on "
                                f"{here}; write a new table (another --out)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    _rewrite(out, rows)  # drops a half-written last line; the header for a new table
+    latency.write_rows(out, rows.values())  # drops a half-written last line; a new table's header
     todo = [u for u in unit_list if u.key not in rows]
     say(f"latency table {out}: {len(unit_list)} units, {len(rows)} already timed, "
         f"{len(todo)} to time ({threads} threads, {here[0]} {here[1]})")
@@ -201,14 +201,6 @@ def measure_table(unit_list: list[Unit], out: str | Path, threads: int, repeats:
             f"{timing.median_ms:.2f} ms (p10-p90 {timing.p10_ms:.2f}-{timing.p90_ms:.2f}); "
             f"about {left / 60:.1f} min left")
     return rows
-
-
-def _rewrite(out: Path, rows: dict[str, Row]) -> None:
-    tmp = out.with_name(out.name + ".tmp")
-    latency.write_header(tmp)
-    for row in rows.values():
-        latency.append_row(tmp, row)
-    os.replace(tmp, out)
 
 
 def measure_models(specs: list[ArchSpec], resolution: int, rows: dict[str, Row], threads: int,
@@ -340,7 +332,36 @@ def read_manifest(probe: str | Path) -> dict:
         raise LatencyError(f"{path}: not readable as JSON ({err})") from None
     if not isinstance(data, dict) or data.get("format") != PROBE_FORMAT:
         raise LatencyError(f"{path}: field format: not a {PROBE_FORMAT} manifest")
+    _check_manifest(data, path)
     return data
+
+
+def _check_manifest(data: dict, path: Path) -> None:
+    """Every field `import_table` reads, of the type it reads it as: a hand-edited or foreign
+    manifest is one line naming the field, not a KeyError."""
+    def fail(where, reason):
+        raise LatencyError(f"{path}: field {where}: {reason}")
+
+    if not isinstance(data.get("resolution"), int) or data["resolution"] < 8:
+        fail("resolution", "an image size in pixels")
+    if data.get("measured_columns") != ["key", "median_ms", "p10_ms", "p90_ms", "runtime",
+                                        "runtime_version", "device", "threads"]:
+        fail("measured_columns", "not the columns this mdsearch reads")
+    units, models = data.get("units"), data.get("models")
+    if not isinstance(units, list) or not isinstance(models, list):
+        fail("units" if not isinstance(units, list) else "models", "a list")
+    for i, unit in enumerate(units):
+        if not isinstance(unit, dict) or not isinstance(unit.get("inputs"), dict) or not all(
+                isinstance(unit.get(k), str) for k in ("key", "kind", "label")):
+            fail(f"units[{i}]", "needs key, kind, label (text) and inputs (a mapping)")
+    keys = {unit["key"] for unit in units}
+    for i, model in enumerate(models):
+        if not isinstance(model, dict) or not isinstance(model.get("key"), str) or not \
+                isinstance(model.get("spec"), dict) or not isinstance(model.get("units"), list):
+            fail(f"models[{i}]", "needs key (text), spec (a mapping) and units (a list)")
+        unknown = [k for k in model["units"] if k not in keys]
+        if unknown:
+            fail(f"models[{i}].units", f"{unknown[0]!r} is not a key of the manifest's units")
 
 
 def import_table(measured: str | Path, probe: str | Path | None,
@@ -398,13 +419,13 @@ def import_table(measured: str | Path, probe: str | Path | None,
     if missing:
         raise LatencyError(f"{path}: {len(missing)} graphs of the manifest not measured, the "
                            f"first: {missing[0]}")
-    measurements = [Measurement(models[k]["spec"]["name"], r.median_ms,
+    measurements = [Measurement(str(models[k]["spec"].get("name", k)), r.median_ms,
                                 sum(rows[u].median_ms for u in models[k]["units"]),
                                 len(models[k]["units"]), r.p10_ms, r.p90_ms)
                     for k, r in timed.items()]
     fitted = latency.fit(measurements, int(manifest["resolution"]), first.where)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    _rewrite(out, rows)
+    latency.write_rows(out, rows.values())
     atomic_write(latency.fit_path(out), fitted.to_json())
     return rows, fitted

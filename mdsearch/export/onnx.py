@@ -22,10 +22,10 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import warnings
-from contextlib import contextmanager
 import statistics
 import time
+import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 

@@ -37,7 +37,8 @@ import yaml
 from ..config import ConfigError
 from ..quality import noise_floors
 from ..arch.latency import copy_table
-from ..rundir import (FILTERED_STATUS, LATENCY_TABLE, LATEST, LOCK, link_duplicate_checkpoints, RECIPE, SPACE, STOP_STATE, SWEEP_INIT, atomic_write,
+from ..rundir import (FILTERED_STATUS, LATENCY_TABLE, LATEST, LOCK, RECIPE, SPACE, STOP_STATE,
+                      SWEEP_INIT, atomic_write, link_duplicate_checkpoints,
                       locked, resuming, write_results)
 from ..raylocal import check_address, start_ray
 from ..progress import say

@@ -65,8 +65,8 @@ def run_trial(config: dict, space: Space, recipe, init: str | None = None) -> No
 
     def report(record: dict) -> None:
         metrics = {k: v for k, v in record.items() if isinstance(v, (int, float))}
-        metrics.update(params=full["params"], gmacs=full["gmacs"], steps_total=recipe.steps,
-                       **{k: full[k] for k in ("latency_ms",) if k in full},
+        metrics.update(full)  # params, gmacs and, with a latency table, latency_ms
+        metrics.update(steps_total=recipe.steps,
                        seconds=round(before + time.time() - started, 2), node_id=node)
         with tempfile.TemporaryDirectory() as d:
             shutil.copy2(work / CHECKPOINT, Path(d) / CHECKPOINT)
