@@ -91,3 +91,19 @@ def test_candidates_within_the_noise_floor_are_named(tmp_path):
     assert "2 other candidate(s) are within the noise" in text
     assert "the cheapest of them was chosen (the best by fid_proxy alone was 0e0)" in text
     assert choose(run, "md-lite", metric="fid_proxy").top_by_metric is None  # md is over it
+
+
+def test_a_latency_limit_filters_candidates_and_needs_a_latency_column(tmp_path):
+    run = sweep(tmp_path, [("completed", "md", 300.0, 0.4), ("completed", "md-lite", 350.0, 0.4)])
+    with pytest.raises(PromoteError, match="no latency_ms column, so --max-latency-ms"):
+        choose(run, "md", max_latency_ms=1000)
+    table = pd.read_csv(run / "results.csv", dtype={"trial_id": str})
+    table["latency_ms"] = [1956.0, 1500.0]  # md's and md-lite's predicted ms
+    table.to_csv(run / "results.csv", index=False)
+    assert choose(run, "md").trial_id == "0e0"  # no limit: the better fid_proxy
+    limited = choose(run, "md", max_latency_ms=1600)
+    assert (limited.trial_id, limited.latency_ms, limited.candidates) == ("1e1", 1500.0, 1)
+    assert "latency <= 1600 ms" in limited.budget_text and "1500.0 ms predicted" in \
+        limited.describe()
+    with pytest.raises(PromoteError, match="none of the 2 completed trials .*latency <= 1000 ms"):
+        choose(run, "md", max_latency_ms=1000)
