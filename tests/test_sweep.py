@@ -306,8 +306,9 @@ def test_unnamed_sweeps_are_timestamped_and_resume_takes_the_latest(tmp_path):
 
 
 def test_a_driver_killed_at_any_point_resumes_to_every_trial_exactly_once(tmp_path):
-    """Fault injection: the driver is killed five times, at the worst moments of its writes
-    (mid results.csv, mid searcher state) and at arbitrary times, and resumed each time."""
+    """Fault injection: the driver is killed six times, at the worst moments of its writes
+    (mid results.csv, mid searcher state, mid copy of the searcher state into the sweep folder)
+    and at arbitrary times, and resumed each time."""
     import os
 
     space_file = write(tmp_path / "space.yaml", {**SPACE, "search": {
@@ -315,7 +316,8 @@ def test_a_driver_killed_at_any_point_resumes_to_every_trial_exactly_once(tmp_pa
     recipe_file = write(tmp_path / "recipe.yaml", {
         **RECIPE, "steps": 30, "checkpoint_every": 10, "eval": {**RECIPE["eval"], "every": 10}})
     kills = [("fault", "results.csv:1"), ("fault", "searcher-state:3"),
-             ("fault", "results.csv:1"), ("after", 12.0), ("after", 6.0)]
+             ("fault", "results.csv:1"), ("fault", "storage-copy-searcher-state:2"),
+             ("after", 12.0), ("after", 6.0)]
     started, seen = False, []
     for how, what in kills:
         env = dict(os.environ)
@@ -335,7 +337,7 @@ def test_a_driver_killed_at_any_point_resumes_to_every_trial_exactly_once(tmp_pa
         started = started or (tmp_path / "killed" / "tuner.pkl").is_file()
         if driver.returncode == 0:
             break
-    assert seen.count(-signal.SIGKILL) >= 3, seen  # the faults did fire
+    assert seen[:4] == [-signal.SIGKILL] * 4, seen  # the four faults did fire
     final = subprocess.run(_sweep_cmd(space_file, recipe_file, tmp_path, "--resume"),
                            capture_output=True, text=True, timeout=600)
     assert final.returncode == 0, final.stderr[-3000:]
@@ -343,6 +345,7 @@ def test_a_driver_killed_at_any_point_resumes_to_every_trial_exactly_once(tmp_pa
     done = trained(table)
     assert len(done) == 4 and done["trial_id"].is_unique, table
     assert (done["status"] == "completed").all() and (done["steps"] == 30).all()
+    assert not list((tmp_path / "killed").rglob("*.mdsearch-partial"))  # a killed copy's temp
 
 
 def test_a_sweep_without_address_never_joins_a_ray_already_running_here(tmp_path):

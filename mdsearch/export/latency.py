@@ -200,7 +200,7 @@ def measure_table(unit_list: list[Unit], out: str | Path, threads: int, repeats:
         say(f"[{n}/{len(todo)}] {unit.label} {latency.shapes_text(unit.inputs[:1])}: "
             f"{timing.median_ms:.2f} ms (p10-p90 {timing.p10_ms:.2f}-{timing.p90_ms:.2f}); "
             f"about {left / 60:.1f} min left")
-    return rows
+    return latency.read_rows(out)  # as stored (6 significant digits): what predictions read
 
 
 def measure_models(specs: list[ArchSpec], resolution: int, rows: dict[str, Row], threads: int,

@@ -46,6 +46,7 @@ from .callbacks import MLflowSweepLogger, Progress
 from .results import ResultsWriter, SweepResult, best_trials, results_table
 from . import signing
 from .searchers import OPTUNA_JOURNAL, BudgetedSearch, make_inner_searcher
+from .storage import atomic_local_fs, remove_partials
 from .space import (AUTOENCODER_BASE, CostCache, Space, SpaceError, check_recipe_fields, product,
                     sweep_recipe)
 from .trainable import run_trial
@@ -166,6 +167,7 @@ def _run_sweep(space: Space, recipe, name: str, sweep_dir: Path, address, resume
 
     if resume:
         check_resumable(sweep_dir)
+        remove_partials(sweep_dir)
     if not resume and any(p.name != LOCK for p in sweep_dir.iterdir()):
         raise SweepError(f"{sweep_dir} already holds a sweep; pass --resume to continue it, or "
                          "choose another --name")
@@ -211,7 +213,7 @@ def _run_sweep(space: Space, recipe, name: str, sweep_dir: Path, address, resume
         progress(f"resuming {sweep_dir}")
         with resuming(sweep_dir):
             tuner = tune.Tuner.restore(str(sweep_dir), trainable, resume_unfinished=True,
-                                       resume_errored=False)
+                                       resume_errored=False, storage_filesystem=atomic_local_fs())
     else:
         callbacks = [Progress(space, total, shown), ResultsWriter(space, sweep_dir, recipe.steps),
                      signing.SignErrors()]
@@ -232,6 +234,7 @@ def _run_sweep(space: Space, recipe, name: str, sweep_dir: Path, address, resume
                                         num_samples=total),
             run_config=tune.RunConfig(
                 name=name, storage_path=str(sweep_dir.parent), callbacks=callbacks, verbose=0,
+                storage_filesystem=atomic_local_fs(),  # a killed copy never leaves a cut file
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                 failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)))
         signing.sign(sweep_dir / "tuner.pkl")  # written by Tuner() itself
