@@ -494,8 +494,23 @@ def cmd_export(args) -> None:
 
 
 def cmd_generate(args) -> None:
-    from .export.pipeline import PIXEL_TOLERANCE, generate, latency_table
+    from .export.pipeline import (PIXEL_TOLERANCE, generate, generate_grid, latency_table,
+                                  read_prompts)
 
+    if args.grid is not None:
+        if args.check is not None:
+            raise ConfigError("--check compares one image: give it with --prompt, not --grid")
+        results = generate_grid(args.bundle, read_prompts(args.grid), args.image, seed=args.seed,
+                                steps=args.steps, guidance=args.guidance, columns=args.columns,
+                                progress=prefixed("generate"))
+        if args.json:
+            print(json.dumps({"path": str(args.image), "images": [
+                {k: v for k, v in r.to_dict().items() if k != "path"} for r in results]}))
+        else:
+            print(f"{args.image}: {len(results)} prompts, {results[0].sampler}, "
+                  f"{results[0].describe()}")
+            print(latency_table(results[:1]))
+        return
     result = generate(args.bundle, args.prompt, out=args.image, seed=args.seed, steps=args.steps,
                       guidance=args.guidance, check=args.check, progress=prefixed("generate"))
     if args.json:
@@ -747,7 +762,13 @@ def main(argv: list[str] | None = None) -> int:
                                         "Runtime alone (text encoder, UNet sampler, decoder)")
     p.add_argument("--bundle", required=True, metavar="DIR",
                    help="a folder written by mdsearch export --checkpoint RUN (manifest.json)")
-    p.add_argument("--prompt", required=True, help="the caption")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", help="the caption")
+    what.add_argument("--grid", metavar="PROMPTS.txt",
+                      help="one image per caption of this file (one per line, '#' comments), "
+                           "written as one PNG grid with each caption above its image")
+    p.add_argument("--columns", type=positive_int, default=4,
+                   help="with --grid: images per row (default 4)")
     p.add_argument("--out", dest="image", required=True, metavar="PNG",
                    help="the image file to write")
     p.add_argument("--seed", type=seed_int, default=0, help="the starting noise's seed (default 0)")

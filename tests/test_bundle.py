@@ -373,3 +373,54 @@ def test_generate_check_against_another_run_fails_in_one_line(bundles, tmp_path,
     with pytest.raises(SystemExit, match="check failed: the bundle's image differs from"):
         main(["generate", "--bundle", str(out["pixel"]), "--prompt", PROMPT, "--out",
               str(tmp_path / "other.png"), "--check", str(other)])
+
+
+@pytest.mark.minilm
+def test_generate_grid_draws_each_prompt_from_the_bundle(bundles, tmp_path, capsys):
+    from PIL import Image
+
+    from mdsearch.export.pipeline import Bundle, generate_grid
+
+    _, out = bundles
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"# the README's grid\n{PROMPT}\n\n  two small red circles at the top on "
+                       "a gray background  \nthree large white rings on a striped background\n")
+    png = tmp_path / "grid" / "grid.png"
+    assert main(["generate", "--bundle", str(out["pixel"]), "--grid", str(prompts), "--out",
+                 str(png), "--seed", "2", "--columns", "2", "--json"]) == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["path"] == str(png)
+    assert [i["prompt"] for i in last["images"]] == [
+        PROMPT, "two small red circles at the top on a gray background",
+        "three large white rings on a striped background"]
+    with Image.open(png) as image:
+        two_columns = image.size
+    results = generate_grid(out["pixel"], [PROMPT] * 3, tmp_path / "four.png", seed=2)
+    with Image.open(tmp_path / "four.png") as image:
+        assert image.size[0] > 1.4 * two_columns[0]  # 3 images in a row, not 2
+    bundle = Bundle(out["pixel"])
+    assert np.array_equal(results[0].pixels, bundle.generate(PROMPT, seed=2).pixels)
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "no such prompts file"),
+    ("# only a comment\n\n", "no prompts (one caption per line"),
+    (b"a red circle\n\xff\xfe\n", "not UTF-8 text"),
+    ("a red circle\nblue\x07square\n", "line 2: not a caption"),
+    ("".join(f"prompt {i}\n" for i in range(65)), "65 prompts; a grid takes at most 64")])
+def test_a_bad_prompts_file_is_one_line_and_writes_nothing(tmp_path, capsys, content, message):
+    prompts = tmp_path / "prompts.txt"
+    if isinstance(content, bytes):
+        prompts.write_bytes(content)
+    elif content is not None:
+        prompts.write_text(content)
+    png = tmp_path / "grid.png"
+    assert main(["generate", "--bundle", str(tmp_path), "--grid", str(prompts), "--out",
+                 str(png)]) == 2
+    line = error_line(capsys.readouterr().err)
+    assert str(prompts) in line and message in line
+    assert not png.exists()
+    with pytest.raises(SystemExit) as exit_:  # one image or a grid, not both
+        main(["generate", "--bundle", str(tmp_path), "--grid", str(prompts), "--prompt", "x",
+              "--out", str(png)])
+    assert exit_.value.code == 2

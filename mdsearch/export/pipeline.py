@@ -392,6 +392,66 @@ def generate(bundle: str | Path | Bundle, prompt: str, out: str | Path | None = 
     return result
 
 
+MAX_GRID_PROMPTS = 64
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """The captions of a prompts file: one per line; blank lines and lines starting with '#'
+    are skipped. A missing, unreadable or empty file, or more than MAX_GRID_PROMPTS captions,
+    is an ExportError naming the file (and the line)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ExportError(f"{path}: no such prompts file") from None
+    except UnicodeDecodeError as err:
+        raise ExportError(f"{path}: not UTF-8 text (byte {err.start}); a prompts file is one "
+                          "caption per line") from None
+    except OSError as err:
+        raise ExportError(f"{path}: cannot read the prompts file ({err.strerror})") from None
+    prompts = []
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if "\x00" in line or not line.isprintable():
+            raise ExportError(f"{path}: line {number}: not a caption (control characters)")
+        prompts.append(line)
+    if not prompts:
+        raise ExportError(f"{path}: no prompts (one caption per line; '#' starts a comment)")
+    if len(prompts) > MAX_GRID_PROMPTS:
+        raise ExportError(f"{path}: {len(prompts)} prompts; a grid takes at most "
+                          f"{MAX_GRID_PROMPTS}")
+    return prompts
+
+
+def generate_grid(bundle: str | Path | Bundle, prompts: list[str], out: str | Path,
+                  seed: int = 0, steps: int | None = None, guidance: float | None = None,
+                  columns: int = 4, progress=None) -> list[Generated]:
+    """One image per prompt (each from noise `seed`), written as one PNG grid at `out` with each
+    prompt above its image (nearest-neighbour upscaled, `mdsearch.train.grid.save_grid`)."""
+    import torch
+
+    from ..train.grid import save_grid
+
+    say = progress or quiet
+    image_path(out)  # refused before any work
+    if not isinstance(bundle, Bundle):
+        say(f"loading the bundle {bundle}")
+        bundle = Bundle(bundle)
+    results = []
+    for n, prompt in enumerate(prompts, 1):
+        results.append(bundle.generate(prompt, seed=seed, steps=steps, guidance=guidance))
+        say(f"[{n}/{len(prompts)}] {prompt}")
+    images = torch.from_numpy(np.stack([r.pixels for r in results])).float()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp:
+        save_grid(images, prompts, tmp, ncols=columns)
+    for r in results:
+        r.path = str(out)
+    return results
+
+
 def latency_table(results: list[Generated], names: list[str] | None = None) -> str:
     """A markdown table of the images' latencies, one row each, shaped as the paper's Table 4:
     text encoder, UNet per call and calls, decoder, and the whole image, in ms."""

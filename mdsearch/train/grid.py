@@ -68,5 +68,5 @@ def save_grid(images: torch.Tensor, captions: Sequence[str], path: str | Path,
                  ha="center", va="top", fontsize=6.5, linespacing=1.15)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, facecolor="white")
+    fig.savefig(path, facecolor="white", format="png")
     return path
