@@ -163,3 +163,17 @@ def test_asking_for_a_gpu_that_is_not_there_is_a_clear_error(tmp_path):
         train_trial(presets.get("md"), staged(device="cuda"), tmp_path, evaluator=ImageStats())
     with pytest.raises(TrainError, match="device cuda but resources.gpu is 0"):
         train_distributed(presets.get("md"), staged(device="cuda"), tmp_path, workers=2)
+
+
+def test_every_recipe_in_trials_loads_as_what_its_kind_says():
+    """A recipe named in README (laptop, ufogen_laptop, full_cpu, ...) is refused at its first
+    use if it no longer validates; every file in trials/ is checked here instead."""
+    from mdsearch.paths import TRIALS
+    from mdsearch.train.ufogen import UFOGenRecipe, load_any_recipe
+    from mdsearch.train.vae import VAERecipe
+
+    kinds = {p.stem: type(load_any_recipe(p.stem)) for p in TRIALS.glob("*.yaml")}
+    assert kinds["laptop"] is kinds["full_cpu"] is kinds["cpu_quick"]
+    assert kinds["ufogen_laptop"] is UFOGenRecipe and kinds["vae_cpu"] is VAERecipe
+    laptop = load_recipe("laptop")
+    assert laptop.steps == sum(s.end - s.start for s in laptop.plan())
