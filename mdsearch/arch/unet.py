@@ -51,6 +51,7 @@ class LevelPath(nn.Module):
         for j in range(path.conv_blocks):
             extra = skip_channels[j] if side == "up" and j < self.num_skips else 0
             blocks.append(block(spec, level, path, cin + extra, cout))
+            blocks[-1].in_parts = (cin, extra)  # its input: [x, skip] (the supernet slices each)
             cin = cout
         self.blocks = nn.ModuleList(blocks)
         innermost = index == len(spec.levels) - 1
