@@ -292,6 +292,53 @@ def cmd_train(args) -> None:
     _print_result(result, args.json)
 
 
+def cmd_supernet_train(args) -> None:
+    from .rundir import locked
+    from .search.space import load_space, sweep_recipe
+    from .train.recipe import Recipe
+    from .train.supernet import SupernetTraining
+
+    space = load_space(args.space)
+    recipe = sweep_recipe(space, args.trial)
+    if not isinstance(recipe, Recipe):
+        raise ConfigError(f"--trial {recipe.name}: a supernet trains with a diffusion recipe")
+    with locked(args.out, "supernet training"):
+        run = SupernetTraining(space, recipe, args.out, random=args.random, seed=args.seed,
+                               progress=prefixed("supernet"))
+        result = run.run(args.steps)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{result['checkpoint']}: {result['configurations']} configurations, step "
+              f"{result['steps']}, last loss {result['loss']:.4g}")
+
+
+def cmd_supernet_score(args) -> None:
+    import pandas as pd
+
+    from .rundir import SPACE, atomic_path, locked
+    from .search.space import load_space
+    from .train.supernet import open_supernet
+
+    folder = Path(args.dir)
+    if args.space is None and not (folder / SPACE).is_file():
+        raise ConfigError(f"{folder}: no {SPACE} beside the supernet; give --space")
+    space = load_space(args.space or folder / SPACE)
+    with locked(folder, "supernet scoring"):
+        run = open_supernet(folder, space, progress=prefixed("supernet"))
+        records = run.score(progress=prefixed("score"))
+        out = folder / "scores.csv"
+        with atomic_path(out) as tmp:
+            pd.DataFrame(records).to_csv(tmp, index=False)
+    if args.json:
+        print(json.dumps({"scores": str(out), "configurations": len(records),
+                          "supernet_step": run.step}))
+    else:
+        print(f"{out}: {len(records)} configurations scored on the held-out bank with the "
+              f"supernet's weights at step {run.step}. How far these rank like stand-alone "
+              "training is not measured yet (docs/supernet.md): treat them as a screen.")
+
+
 def _train_ufogen(args, recipe) -> None:
     """`train --init RUN_DIR --trial ufogen_cpu`: one-step fine-tuning of a trained run."""
     from .train.ufogen import UFOGenRecipe, ufogen_trial
@@ -554,6 +601,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plot", metavar="PNG", default=None,
                    help="with --latency: the breakdown as a bar chart")
     p.set_defaults(func=cmd_cost)
+
+    sup = sub.add_parser("supernet", help="one elastic supernet holding every configuration "
+                         "of a space (weight sharing; in progress: training)").add_subparsers(
+                             dest="supernet_command", required=True)
+    p = sup.add_parser("train", help="train a space's supernet by the sandwich rule (largest, "
+                       "smallest and random configurations each step; resumable)")
+    p.add_argument("--space", required=True, help="a search space file or name (quickstart)")
+    p.add_argument("--trial", default=None,
+                   help="the diffusion recipe (default: the space's, with its trial_overrides)")
+    p.add_argument("--out", required=True, help="the supernet's folder (resumed if it has one)")
+    p.add_argument("--steps", type=positive_int, default=None,
+                   help="stop after this many steps (the schedule is the recipe's)")
+    p.add_argument("--random", type=int, default=2,
+                   help="random configurations per step beside the largest and smallest (2)")
+    p.add_argument("--seed", type=seed_int, default=None, help="default: the recipe's")
+    p.add_argument("--json", action="store_true", help="last stdout line: the result as JSON")
+    p.set_defaults(func=cmd_supernet_train)
+    p = sup.add_parser("score", help="score every configuration on the held-out bank with its "
+                       "slice of a trained supernet (no training): DIR/scores.csv")
+    p.add_argument("dir", help="a folder written by mdsearch supernet train")
+    p.add_argument("--space", default=None, help="default: DIR/space.yaml (copied at training)")
+    p.add_argument("--json", action="store_true", help="last stdout line: the result as JSON")
+    p.set_defaults(func=cmd_supernet_score)
 
     lat = sub.add_parser("latency", help="latency tables measured in ONNX Runtime, per block "
                          "(docs/latency.md)").add_subparsers(dest="latency_command", required=True)

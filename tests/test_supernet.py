@@ -1,6 +1,8 @@
 """The elastic supernet's weight sharing: every configuration of a space is a slice of one set of
 weights, and a slice computes what the configuration's own UNet computes with those weights."""
 
+import json
+
 import pytest
 import torch
 
@@ -145,3 +147,101 @@ def test_a_configuration_larger_than_the_supernet_is_refused_naming_the_weight()
     with pytest.raises(SupernetError, match=r"needs \d+ along dim 0, the supernet holds \d+: "
                                             "not a sub-network"):
         subnet_weights(net, SMALL)
+
+
+# --- Training the supernet (mdsearch.train.supernet) -------------------------------------------
+
+TINY_RECIPE = {
+    "name": "tiny", "data": {"kind": "synthetic", "size": 64, "eval_size": 32, "seed": 0},
+    "text_encoder": {"name": "minilm", "max_length": 8}, "resolution": 16, "width": 0.0625,
+    "batch_size": 4, "steps": 4, "ema_decay": 0.9, "checkpoint_every": 2, "log_every": 2,
+    "eval": {"every": 2, "sample_steps": 2, "prompts": 8, "reference_images": 32},
+    "optimizer": {"lr": 1e-3, "warmup_steps": 1}}
+TINY_SPACE = {
+    "name": "tiny_space", "base": "md",
+    "dimensions": {
+        "inner_channels": {"field": "levels.2.channels", "values": [512, 640]},
+        "inner_layers": {"fields": ["levels.2.down.layers", "levels.2.up.layers"],
+                         "values": [1, 2]},
+        "ffn_expansion": {"field": "ffn_expansion", "values": [2, 3]}},
+    "objectives": [{"text_gain": "max"}],
+    "search": {"algorithm": "grid"}}
+
+
+def tiny_run(tmp_path, out, space=TINY_SPACE, **kwargs):
+    from mdsearch.search.space import parse_space
+    from mdsearch.train.recipe import Recipe
+    from mdsearch.train.supernet import SupernetTraining
+
+    return SupernetTraining(parse_space(space, "tiny_space.yaml"),
+                            Recipe.from_dict(TINY_RECIPE), tmp_path / out, **kwargs)
+
+
+@pytest.mark.minilm
+def test_a_killed_supernet_training_resumes_to_the_uninterrupted_weights(tmp_path):
+    whole = tiny_run(tmp_path, "whole")
+    assert len(whole.specs) == 8
+    whole.run()
+    cut = tiny_run(tmp_path, "cut")
+    cut.run(steps=2)  # a run stopped at its checkpoint (a kill after it loses nothing more)
+    again = tiny_run(tmp_path, "cut")
+    assert again.step == 2
+    again.run()
+    for a, b in zip(whole.net.state_dict().values(), again.net.state_dict().values()):
+        assert torch.equal(a, b)
+    for a, b in zip(whole.ema.model.state_dict().values(), again.ema.model.state_dict().values()):
+        assert torch.equal(a, b)
+    assert whole.losses == again.losses
+    # each step trained the sandwich: the largest and the smallest configuration, then random
+    g = torch.Generator().manual_seed(5)
+    chosen = whole.step_configurations(g)
+    sizes = [sum(p.numel() for p in whole.extract(s).parameters()) for s in whole.specs]
+    assert sizes[chosen[0]] == max(sizes) and sizes[chosen[1]] == min(sizes) and len(chosen) == 4
+    model = whole.extract(whole.specs[chosen[1]])  # a plain UNet with the EMA's weights
+    assert model(torch.zeros(1, 3, 16, 16), 5, torch.zeros(1, 8, 384)).shape == (1, 3, 16, 16)
+
+
+@pytest.mark.minilm
+def test_supernet_train_refuses_a_space_it_cannot_hold_in_one_line(tmp_path, capsys):
+    import yaml
+
+    from mdsearch.cli import main
+
+    space = dict(TINY_SPACE, dimensions={
+        "conv_32": {"field": "levels.1.conv", "values": ["full", "separable"]}})
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(TINY_RECIPE))
+    code = main(["supernet", "train", "--space", str(tmp_path / "space.yaml"), "--trial",
+                 str(tmp_path / "recipe.yaml"), "--out", str(tmp_path / "sn")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "levels.1.conv: the configurations differ ('full' vs 'separable')" in err
+    assert not (tmp_path / "sn" / "supernet.pt").exists()
+
+
+@pytest.mark.minilm
+def test_supernet_score_ranks_every_configuration_on_one_bank_without_training(tmp_path, capsys):
+    import pandas as pd
+    import yaml
+
+    from mdsearch.cli import main
+
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(TINY_SPACE))
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(
+        {**TINY_RECIPE, "eval": {**TINY_RECIPE["eval"], "bank": 24}}))
+    sn = tmp_path / "sn"
+    assert main(["supernet", "train", "--space", str(tmp_path / "space.yaml"), "--trial",
+                 str(tmp_path / "recipe.yaml"), "--out", str(sn), "--json"]) == 0
+    assert (sn / "space.yaml").is_file()  # score needs only the folder
+    before = (sn / "supernet.pt").read_bytes()
+    assert main(["supernet", "score", str(sn), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["configurations"] == 8
+    scores = pd.read_csv(sn / "scores.csv")
+    assert len(scores) == 8 and scores[["inner_channels", "inner_layers",
+                                        "ffn_expansion"]].drop_duplicates().shape[0] == 8
+    assert scores["params"].is_unique and scores["text_gain"].notna().all()
+    assert (scores["supernet_step"] == 4).all()
+    assert (sn / "supernet.pt").read_bytes() == before  # scoring trains nothing
+    assert main(["supernet", "score", str(sn)]) == 0  # the same bank: the same numbers again
+    assert pd.read_csv(sn / "scores.csv").equals(scores)
+    assert "not measured yet" in capsys.readouterr().out

@@ -105,7 +105,7 @@ def build_supernet(spec: ArchSpec) -> UNet:
     return UNet(spec, block=_SupernetBlock)
 
 
-def _sub_model(sub_spec: ArchSpec) -> UNet:
+def sub_model(sub_spec: ArchSpec) -> UNet:
     """The configuration's module tree without memory (its weights come from the supernet)."""
     with torch.device("meta"):
         return UNet(sub_spec)
@@ -140,7 +140,7 @@ def subnet_weights(net: UNet, sub_spec: ArchSpec, sub: UNet | None = None
                    ) -> dict[str, torch.Tensor]:
     """The configuration's parameters as slices of the supernet's (differentiable: a loss on
     them trains the supernet), by the names `build(sub_spec)` gives them."""
-    sub = sub if sub is not None else _sub_model(sub_spec)
+    sub = sub if sub is not None else sub_model(sub_spec)
     shared = dict(net.named_parameters())
     out = {}
     for mname, module in sub.named_modules():
@@ -184,7 +184,7 @@ def _special(sub: UNet, net: UNet, mname: str, module: nn.Module):
 
 def run_subnet(net: UNet, sub_spec: ArchSpec, *inputs, sub: UNet | None = None):
     """The configuration's forward pass on the supernet's weights."""
-    sub = sub if sub is not None else _sub_model(sub_spec)
+    sub = sub if sub is not None else sub_model(sub_spec)
     return torch.func.functional_call(sub, subnet_weights(net, sub_spec, sub), inputs)
 
 

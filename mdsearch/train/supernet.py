@@ -1,0 +1,235 @@
+"""Training the elastic supernet of a search space (issue 27): one set of weights in which
+every configuration of the space is a sub-network (`mdsearch.arch.supernet`), trained by the
+sandwich rule (BigNAS): at every step the largest configuration, the smallest, and `random`
+others drawn from (seed, step), each on the same batch, their diffusion losses averaged.
+
+    run = SupernetTraining(space, recipe, "runs/qs-supernet", random=2)
+    run.run()                    # resumes from runs/qs-supernet/supernet.pt if it is there
+    model = run.extract(spec)    # a configuration's UNet with its trained (EMA) weights
+
+Everything a step draws (the batch's items, caption dropout, timesteps, noise and the random
+configurations) comes from a generator seeded by (seed, step), so a run killed after any
+checkpoint and started again equals the uninterrupted run bit for bit. The checkpoint
+(`supernet.pt`, weights only, written atomically) holds the supernet spec, the configurations
+(as the space's points), the recipe, the weights, the EMA, the optimiser and the step.
+
+Not yet: MLflow tracking, evaluation during training (scoring is `mdsearch sweep --supernet`,
+to come), data-parallel workers, stages.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..arch.cost import cost
+from ..arch.proxy import proxy_spec
+from ..arch.spec import ArchSpec, SpecError
+from ..arch.supernet import build_supernet, extract, run_subnet, sub_model, supernet_spec
+from ..data.pipeline import DataPipeline
+from ..progress import quiet
+from ..rundir import SPACE, atomic_path
+from .checkpoint import RESUMED, read_checkpoint
+from .diffusion import NoiseSchedule
+from .heldout import EvalBank, heldout_metrics
+from .recipe import Recipe
+from .trainer import EMA, TrainError, _step_generator, lr_factor
+
+SUPERNET_CHECKPOINT = "supernet.pt"
+SUPERNET_SPEC = "supernet_spec.yaml"
+
+
+def configurations(space) -> list[tuple[dict, ArchSpec]]:
+    """Every valid configuration of a space: (point, full-size spec)."""
+    out = []
+    for point in space.grid():
+        try:
+            out.append((point, space.spec_for(point)))
+        except SpecError:
+            continue  # an invalid combination is never trained
+    if not out:
+        raise TrainError(f"{space.source}: no valid configuration to build a supernet of")
+    return out
+
+
+def open_supernet(folder: str | Path, space, progress=None) -> "SupernetTraining":
+    """A trained supernet's folder, as it was trained: its recipe, seed and sandwich from the
+    checkpoint; `space`: its space (FOLDER/space.yaml is a copy of it)."""
+    folder = Path(folder)
+    state = read_checkpoint(folder / SUPERNET_CHECKPOINT)
+    if "supernet_spec" not in state:
+        raise TrainError(f"{folder / SUPERNET_CHECKPOINT}: not a supernet checkpoint")
+    recipe = Recipe.from_dict(json.loads(state["recipe"]), str(folder / SUPERNET_CHECKPOINT))
+    return SupernetTraining(space, recipe, folder, random=state["random"], seed=state["seed"],
+                            progress=progress)
+
+
+def check_recipe(recipe: Recipe) -> None:
+    """What the supernet loop does not do yet, refused in one line each."""
+    refusals = [(len(recipe.plan()) > 1, "stages", "one stage"),
+                (recipe.seeds > 1, "seeds", "1"), (recipe.workers > 1, "workers", "1"),
+                (recipe.accumulate > 1, "accumulate", "1"),
+                (bool(recipe.teacher.run), "teacher", "none")]
+    for bad, field, allowed in refusals:
+        if bad:
+            raise TrainError(f"{recipe.name}: field {field}: supernet training takes {allowed} "
+                             "(not supported yet)")
+
+
+class SupernetTraining:
+    def __init__(self, space, recipe: Recipe, out_dir: str | Path, *, random: int = 2,
+                 seed: int | None = None, progress=None):
+        check_recipe(recipe)
+        if random < 0:
+            raise TrainError(f"--random {random}: the random configurations per step must be >= 0")
+        self.space, self.recipe, self.out = space, recipe, Path(out_dir)
+        self.seed = recipe.seed if seed is None else seed
+        self.random, self.say = random, progress or quiet
+        self.data = DataPipeline(recipe.data, recipe.text_encoder, recipe.autoencoder,
+                                 recipe.resolution, recipe.eval.prompts, recipe.eval.bank)
+        d = self.data
+        self.points, self.specs = [], []
+        for point, spec in configurations(space):
+            self.points.append(point)
+            self.specs.append(proxy_spec(spec, recipe.width, d.autoencoder.channels,
+                                         d.encoder.dim, d.encoder.max_length))
+        self.spec = supernet_spec(self.specs)  # refuses what slicing cannot hold, by field
+        size = [sum(p.numel() for p in sub_model(s).parameters()) for s in self.specs]
+        self.largest = max(range(len(size)), key=size.__getitem__)
+        self.smallest = min(range(len(size)), key=size.__getitem__)
+        torch.manual_seed(self.seed)
+        self.net = build_supernet(self.spec)
+        self.ema = EMA(self.net, recipe.ema_decay)
+        opt = recipe.optimizer
+        self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=opt.lr,
+                                           betas=tuple(opt.betas), weight_decay=opt.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, opt.warmup_steps, recipe.steps, opt.anneal))
+        self.schedule = NoiseSchedule(kind=recipe.noise_schedule, prediction=recipe.prediction)
+        self.step, self.losses = 0, []
+        self.ckpt = self.out / SUPERNET_CHECKPOINT
+        if self.ckpt.exists():
+            self.load()
+
+    def step_configurations(self, g: torch.Generator) -> list[int]:
+        """The sandwich of a step: largest, smallest, then `random` others (indices)."""
+        chosen = [self.largest, self.smallest]
+        if self.random:
+            chosen += torch.randint(len(self.specs), (self.random,), generator=g).tolist()
+        return chosen
+
+    def run(self, steps: int | None = None) -> dict:
+        """Train to the recipe's steps (or stop at `steps`); a checkpoint every
+        `checkpoint_every` steps and at the end."""
+        recipe, data, size = self.recipe, self.data, self.recipe.batch_size
+        end = min(steps or recipe.steps, recipe.steps)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.say(f"supernet of {len(self.specs)} configurations of {self.space.name}: "
+                 f"{sum(p.numel() for p in self.net.parameters()) / 1e6:.2f}M shared weights; "
+                 f"per step the largest, the smallest and {self.random} random; steps "
+                 f"{self.step}-{end}")
+        subs = {}
+        last = time.time()
+        while self.step < end:
+            g = _step_generator(self.seed, self.step)
+            idx = torch.randint(len(data.train), (size,), generator=g)
+            drop = torch.rand(size, generator=g) < recipe.caption_dropout
+            t = torch.randint(0, self.schedule.steps, (size,), generator=g)
+            noise = torch.randn(data.latent_shape(size), generator=g)
+            chosen = self.step_configurations(g)
+            latents, captions = data.batch(idx.tolist())
+            context = data.context(["" if d else c for c, d in zip(captions, drop.tolist())])
+            noisy = self.schedule.add_noise(latents, noise, t)
+            target = self.schedule.target(latents, noise, t)
+            self.optimizer.zero_grad(set_to_none=True)
+            total = 0.0
+            for k in chosen:
+                sub = subs.setdefault(k, sub_model(self.specs[k]))
+                pred = run_subnet(self.net, self.specs[k], noisy, t, context, sub=sub)
+                loss = F.mse_loss(pred.float(), target) / len(chosen)
+                loss.backward()
+                total += loss.item()
+            if not torch.isfinite(torch.tensor(total)):
+                raise TrainError(f"supernet training diverged at step {self.step} (loss "
+                                 f"{total}); the checkpoint at {self.ckpt} is the last good "
+                                 "state: lower the optimizer's lr")
+            if recipe.optimizer.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.net.parameters(), recipe.optimizer.grad_clip)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.ema.update(self.net)
+            self.losses.append(total)
+            self.step += 1
+            if self.step % recipe.log_every == 0 or self.step == end:
+                recent = self.losses[-recipe.log_every:]
+                rate = len(recent) / max(time.time() - last, 1e-9)
+                last = time.time()
+                self.say(f"step {self.step}/{end}  loss {sum(recent) / len(recent):.4f}  "
+                         f"{rate:.2f} steps/s  eta {(end - self.step) / max(rate, 1e-9):.0f}s")
+            if self.step % recipe.checkpoint_every == 0 or self.step == end:
+                self.save()
+        return {"steps": self.step, "configurations": len(self.specs),
+                "loss": self.losses[-1] if self.losses else None, "checkpoint": str(self.ckpt)}
+
+    def save(self) -> None:
+        (self.out / SUPERNET_SPEC).write_text(self.spec.to_yaml())
+        source = Path(self.space.source)
+        if source.is_file() and not (self.out / SPACE).exists():  # `score DIR` reads it
+            (self.out / SPACE).write_text(source.read_text())
+        with atomic_path(self.ckpt) as tmp:
+            torch.save({"model": self.net.state_dict(), "ema": self.ema.model.state_dict(),
+                        "ema_updates": self.ema.updates,
+                        "optimizer": self.optimizer.state_dict(),
+                        "scheduler": self.scheduler.state_dict(), "step": self.step,
+                        "seed": self.seed, "random": self.random,
+                        "losses": json.dumps(self.losses),
+                        "supernet_spec": json.dumps(self.spec.to_dict()),
+                        "points": json.dumps(self.points),
+                        "recipe": json.dumps(self.recipe.to_dict())}, tmp)
+
+    def load(self) -> None:
+        state = read_checkpoint(self.ckpt, RESUMED)
+        saved = ArchSpec.from_dict(json.loads(state["supernet_spec"]), str(self.ckpt))
+        if saved != self.spec or json.loads(state["points"]) != self.points:
+            raise TrainError(f"{self.ckpt}: a supernet of other configurations than this "
+                             "space's; train into a new --out")
+        if (state["seed"], state["random"]) != (self.seed, self.random):
+            raise TrainError(f"{self.ckpt}: trained with seed {state['seed']} and "
+                             f"{state['random']} random configurations per step; resume with "
+                             "the same, or train into a new --out")
+        self.net.load_state_dict(state["model"])
+        self.ema.model.load_state_dict(state["ema"])
+        self.ema.updates = state["ema_updates"]
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.losses = state["step"], json.loads(state["losses"])
+        self.say(f"resuming {self.ckpt} at step {self.step}")
+
+    def score(self, progress=None) -> list[dict]:
+        """Every configuration scored on the recipe's held-out bank (`val_loss`, its bands,
+        `text_gain`; the same items, timesteps and noise for all of them) with its slice of the
+        EMA weights, beside its full-size params and GMACs at 512 px: one record each."""
+        say = progress or quiet
+        if not self.recipe.eval.bank:
+            raise TrainError(f"{self.recipe.name}: field eval.bank: 0; scoring needs the "
+                             "held-out bank")
+        bank = EvalBank(self.data, self.recipe.eval.bank, self.schedule.steps)
+        records = []
+        for n, (point, spec) in enumerate(zip(self.points, self.specs), 1):
+            full = cost(self.space.spec_for(point), 512)
+            with torch.no_grad():
+                metrics = heldout_metrics(self.extract(spec), bank, self.schedule)
+            records.append({**point, "params": full.params, "gmacs": round(full.gmacs, 3),
+                            **metrics, "supernet_step": self.step})
+            say(f"[{n}/{len(self.specs)}] {point}: text_gain {metrics['text_gain']:.4g}, "
+                f"val_loss_mid {metrics['val_loss_mid']:.4g}")
+        return records
+
+    def extract(self, spec: ArchSpec, ema: bool = True):
+        """A configuration (a proxy spec of this supernet) as a plain UNet with its trained
+        weights (the EMA's by default)."""
+        return extract(self.ema.model if ema else self.net, spec)
