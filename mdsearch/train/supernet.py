@@ -91,12 +91,10 @@ class SupernetTraining:
         self.random, self.say = random, progress or quiet
         self.data = DataPipeline(recipe.data, recipe.text_encoder, recipe.autoencoder,
                                  recipe.resolution, recipe.eval.prompts, recipe.eval.bank)
-        d = self.data
         self.points, self.specs = [], []
         for point, spec in configurations(space):
             self.points.append(point)
-            self.specs.append(proxy_spec(spec, recipe.width, d.autoencoder.channels,
-                                         d.encoder.dim, d.encoder.max_length))
+            self.specs.append(self.proxy(spec))
         self.spec = supernet_spec(self.specs)  # refuses what slicing cannot hold, by field
         size = [sum(p.numel() for p in sub_model(s).parameters()) for s in self.specs]
         self.largest = max(range(len(size)), key=size.__getitem__)
@@ -110,10 +108,16 @@ class SupernetTraining:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, opt.warmup_steps, recipe.steps, opt.anneal))
         self.schedule = NoiseSchedule(kind=recipe.noise_schedule, prediction=recipe.prediction)
-        self.step, self.losses = 0, []
+        self.step, self.losses, self.seconds = 0, [], 0.0  # seconds: training, all sessions
         self.ckpt = self.out / SUPERNET_CHECKPOINT
         if self.ckpt.exists():
             self.load()
+
+    def proxy(self, spec: ArchSpec) -> ArchSpec:
+        """A full-size spec as this supernet's recipe trains it (its width and conditioning)."""
+        d = self.data
+        return proxy_spec(spec, self.recipe.width, d.autoencoder.channels, d.encoder.dim,
+                          d.encoder.max_length)
 
     def step_configurations(self, g: torch.Generator) -> list[int]:
         """The sandwich of a step: largest, smallest, then `random` others (indices)."""
@@ -133,7 +137,8 @@ class SupernetTraining:
                  f"per step the largest, the smallest and {self.random} random; steps "
                  f"{self.step}-{end}")
         subs = {}
-        last = time.time()
+        last = started = time.time()
+        before = self.seconds
         while self.step < end:
             g = _step_generator(self.seed, self.step)
             idx = torch.randint(len(data.train), (size,), generator=g)
@@ -164,6 +169,7 @@ class SupernetTraining:
             self.ema.update(self.net)
             self.losses.append(total)
             self.step += 1
+            self.seconds = before + time.time() - started
             if self.step % recipe.log_every == 0 or self.step == end:
                 recent = self.losses[-recipe.log_every:]
                 rate = len(recent) / max(time.time() - last, 1e-9)
@@ -173,7 +179,8 @@ class SupernetTraining:
             if self.step % recipe.checkpoint_every == 0 or self.step == end:
                 self.save()
         return {"steps": self.step, "configurations": len(self.specs),
-                "loss": self.losses[-1] if self.losses else None, "checkpoint": str(self.ckpt)}
+                "loss": self.losses[-1] if self.losses else None, "checkpoint": str(self.ckpt),
+                "seconds": round(self.seconds, 1)}
 
     def save(self) -> None:
         (self.out / SUPERNET_SPEC).write_text(self.spec.to_yaml())
@@ -185,7 +192,7 @@ class SupernetTraining:
                         "ema_updates": self.ema.updates,
                         "optimizer": self.optimizer.state_dict(),
                         "scheduler": self.scheduler.state_dict(), "step": self.step,
-                        "seed": self.seed, "random": self.random,
+                        "seed": self.seed, "random": self.random, "seconds": self.seconds,
                         "losses": json.dumps(self.losses),
                         "supernet_spec": json.dumps(self.spec.to_dict()),
                         "points": json.dumps(self.points),
@@ -207,25 +214,31 @@ class SupernetTraining:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.losses = state["step"], json.loads(state["losses"])
+        self.seconds = float(state.get("seconds", 0.0))
         self.say(f"resuming {self.ckpt} at step {self.step}")
 
-    def score(self, progress=None) -> list[dict]:
-        """Every configuration scored on the recipe's held-out bank (`val_loss`, its bands,
-        `text_gain`; the same items, timesteps and noise for all of them) with its slice of the
-        EMA weights, beside its full-size params and GMACs at 512 px: one record each."""
+    def score(self, configs: list[tuple[dict, ArchSpec]] | None = None,
+              progress=None) -> list[dict]:
+        """Configurations scored on the recipe's held-out bank (`val_loss`, its bands,
+        `text_gain`; the same items, timesteps and noise for all of them) with their slices of
+        the EMA weights, beside their full-size params and GMACs at 512 px: one record each.
+        `configs`: (label fields, full-size spec) pairs; default every configuration of the
+        space (labelled by its point). A spec that is not a sub-network is a SupernetError."""
         say = progress or quiet
         if not self.recipe.eval.bank:
             raise TrainError(f"{self.recipe.name}: field eval.bank: 0; scoring needs the "
                              "held-out bank")
+        if configs is None:
+            configs = [(p, self.space.spec_for(p)) for p in self.points]
         bank = EvalBank(self.data, self.recipe.eval.bank, self.schedule.steps)
         records = []
-        for n, (point, spec) in enumerate(zip(self.points, self.specs), 1):
-            full = cost(self.space.spec_for(point), 512)
+        for n, (label, spec) in enumerate(configs, 1):
+            full = cost(spec, 512)
             with torch.no_grad():
-                metrics = heldout_metrics(self.extract(spec), bank, self.schedule)
-            records.append({**point, "params": full.params, "gmacs": round(full.gmacs, 3),
+                metrics = heldout_metrics(self.extract(self.proxy(spec)), bank, self.schedule)
+            records.append({**label, "params": full.params, "gmacs": round(full.gmacs, 3),
                             **metrics, "supernet_step": self.step})
-            say(f"[{n}/{len(self.specs)}] {point}: text_gain {metrics['text_gain']:.4g}, "
+            say(f"[{n}/{len(configs)}] {label}: text_gain {metrics['text_gain']:.4g}, "
                 f"val_loss_mid {metrics['val_loss_mid']:.4g}")
         return records
 
