@@ -244,4 +244,4 @@ def test_supernet_score_ranks_every_configuration_on_one_bank_without_training(t
     assert (sn / "supernet.pt").read_bytes() == before  # scoring trains nothing
     assert main(["supernet", "score", str(sn)]) == 0  # the same bank: the same numbers again
     assert pd.read_csv(sn / "scores.csv").equals(scores)
-    assert "not measured yet" in capsys.readouterr().out
+    assert "ranked text_gain inverted" in capsys.readouterr().out

@@ -274,6 +274,17 @@ class Space:
             points = grown
         return points
 
+    def valid_points(self) -> list[tuple[dict[str, Any], ArchSpec]]:
+        """Every point of the grid whose combination is a valid UNet, with its full-size spec
+        (an invalid combination is never trained, so never timed or held by a supernet)."""
+        out = []
+        for point in self.grid():
+            try:
+                out.append((point, self.spec_for(point)))
+            except SpecError:
+                continue
+        return out
+
     # ---- budget --------------------------------------------------------------------------
     def screen(self, point: dict[str, Any], cache: "CostCache") -> tuple[dict | None, str | None]:
         """Cost a point's full-size spec: (cost summary, None) or (summary|None, why filtered)."""

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from ..arch.cost import cost
 from ..arch.proxy import proxy_spec
-from ..arch.spec import ArchSpec, SpecError
+from ..arch.spec import ArchSpec
 from ..arch.supernet import build_supernet, extract, run_subnet, sub_model, supernet_spec
 from ..data.pipeline import DataPipeline
 from ..progress import quiet
@@ -45,12 +45,7 @@ SUPERNET_SPEC = "supernet_spec.yaml"
 
 def configurations(space) -> list[tuple[dict, ArchSpec]]:
     """Every valid configuration of a space: (point, full-size spec)."""
-    out = []
-    for point in space.grid():
-        try:
-            out.append((point, space.spec_for(point)))
-        except SpecError:
-            continue  # an invalid combination is never trained
+    out = space.valid_points()
     if not out:
         raise TrainError(f"{space.source}: no valid configuration to build a supernet of")
     return out
