@@ -304,7 +304,8 @@ def cmd_supernet_train(args) -> None:
         raise ConfigError(f"--trial {recipe.name}: a supernet trains with a diffusion recipe")
     with locked(args.out, "supernet training"):
         run = SupernetTraining(space, recipe, args.out, random=args.random, seed=args.seed,
-                               progress=prefixed("supernet"))
+                               rule=args.rule, progress=prefixed("supernet"),
+                               tracker=_tracker(args, f"supernet-{space.name}"))
         result = run.run(args.steps)
     if args.json:
         print(json.dumps(result))
@@ -313,19 +314,26 @@ def cmd_supernet_train(args) -> None:
               f"{result['steps']}, last loss {result['loss']:.4g}")
 
 
-def cmd_supernet_score(args) -> None:
-    import pandas as pd
-
-    from .rundir import SPACE, atomic_path, locked
+def _supernet_space(args):
+    """The space of `args.dir`'s supernet: --space, else the copy beside it."""
+    from .rundir import SPACE
     from .search.space import load_space
-    from .train.supernet import open_supernet
 
     folder = Path(args.dir)
     if args.space is None and not (folder / SPACE).is_file():
         raise ConfigError(f"{folder}: no {SPACE} beside the supernet; give --space")
-    space = load_space(args.space or folder / SPACE)
+    return folder, load_space(args.space or folder / SPACE)
+
+
+def cmd_supernet_score(args) -> None:
+    import pandas as pd
+
+    from .rundir import atomic_path, locked
+    from .train.supernet import open_supernet
+
+    folder, space = _supernet_space(args)
     with locked(folder, "supernet scoring"):
-        run = open_supernet(folder, space, progress=prefixed("supernet"))
+        run = open_supernet(folder, space)
         records = run.score(progress=prefixed("score"))
         out = folder / "scores.csv"
         with atomic_path(out) as tmp:
@@ -337,6 +345,35 @@ def cmd_supernet_score(args) -> None:
         print(f"{out}: {len(records)} configurations scored on the held-out bank with the "
               f"supernet's weights at step {run.step}. Their first comparison with stand-alone "
               "training ranked text_gain inverted (docs/supernet.md): treat them as a screen.")
+
+
+def cmd_supernet_evolve(args) -> None:
+    from .arch.latency import Table
+    from .rundir import atomic_write, locked
+    from .search.evolve import evolve
+    from .train.supernet import open_supernet
+
+    folder, space = _supernet_space(args)
+    table = Table(args.latency)  # a missing or damaged table: one line, before anything runs
+    out = Path(args.out or folder / f"evolved-{args.target_ms:g}ms.yaml")
+    with locked(folder, "supernet evolution"):
+        run = open_supernet(folder, space)
+        result = evolve(run, table, args.target_ms, args.metric, progress=prefixed("evolve"))
+    spec = result.pop("spec")
+    atomic_write(out, spec.to_yaml())
+    history = out.with_suffix(".json")
+    atomic_write(history, json.dumps(result, indent=1, default=str))
+    metric = result["metric"]
+    if args.json:
+        print(json.dumps({"spec": str(out), "history": str(history), "point": result["point"],
+                          metric: result[metric], "latency_ms": result["latency_ms"],
+                          "actions": len(result["actions"]), "scored": result["scored"]}))
+    else:
+        print(f"{out}: {result['point']}, {metric} {result[metric]:.4g} on the supernet, "
+              f"{result['latency_ms']:.1f} ms predicted (target {args.target_ms:g}); "
+              f"{len(result['actions'])} actions from the largest ({result['start']['latency_ms']:.1f}"
+              f" ms), {result['scored']} configurations scored; actions in {history}. Train it "
+              f"alone to confirm: mdsearch train --spec {out}")
 
 
 def _train_ufogen(args, recipe) -> None:
@@ -412,10 +449,14 @@ def cmd_sweep(args) -> None:
     from .search.space import load_space
     from .search.sweep import run_sweep
 
+    if args.finetune and args.supernet is None:
+        raise ConfigError(f"--finetune {args.finetune} fine-tunes slices of a supernet: give "
+                          "--supernet DIR")
     space = load_space(args.space)
     result = run_sweep(space, args.trial, name=args.name, storage=args.storage,
                        address=args.address, resume=args.resume, num_samples=args.num_samples,
-                       mlflow=not args.no_mlflow, init=args.init, trust_state=args.trust_state)
+                       mlflow=not args.no_mlflow, init=args.init, trust_state=args.trust_state,
+                       supernet=args.supernet, finetune=args.finetune)
     sweep_plot(result, space)
     print(summary(result, space))
 
@@ -615,6 +656,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="stop after this many steps (the schedule is the recipe's)")
     p.add_argument("--random", type=int, default=2,
                    help="random configurations per step beside the largest and smallest (2)")
+    p.add_argument("--rule", choices=["sandwich", "uniform"], default="sandwich",
+                   help="sandwich: the largest, the smallest and --random others each step; "
+                        "uniform: --random configurations drawn uniformly, nothing fixed")
+    p.add_argument("--experiment", default="supernet", help="MLflow experiment name")
+    p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     p.add_argument("--seed", type=seed_int, default=None, help="default: the recipe's")
     p.add_argument("--json", action="store_true", help="last stdout line: the result as JSON")
     p.set_defaults(func=cmd_supernet_train)
@@ -624,6 +670,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--space", default=None, help="default: DIR/space.yaml (copied at training)")
     p.add_argument("--json", action="store_true", help="last stdout line: the result as JSON")
     p.set_defaults(func=cmd_supernet_score)
+    p = sup.add_parser("evolve", help="SnapFusion's evolution: from the largest configuration, "
+                       "remove (then add) blocks by quality change per latency change until a "
+                       "latency target is met; writes the chosen spec")
+    p.add_argument("dir", help="a folder written by mdsearch supernet train")
+    p.add_argument("--latency", required=True, metavar="TABLE.csv",
+                   help="a latency table of the space (mdsearch latency table)")
+    p.add_argument("--target-ms", type=float, required=True,
+                   help="predicted milliseconds per UNet call at the table's resolution")
+    p.add_argument("--metric", default=None,
+                   help="the supernet score to keep (default: the space's quality objective)")
+    p.add_argument("--space", default=None, help="default: DIR/space.yaml (copied at training)")
+    p.add_argument("--out", default=None, metavar="SPEC.yaml",
+                   help="the chosen spec (default DIR/evolved-<target>ms.yaml; its actions "
+                        "beside it as .json)")
+    p.add_argument("--json", action="store_true", help="last stdout line: the result as JSON")
+    p.set_defaults(func=cmd_supernet_evolve)
 
     lat = sub.add_parser("latency", help="latency tables measured in ONNX Runtime, per block "
                          "(docs/latency.md)").add_subparsers(dest="latency_command", required=True)
@@ -751,6 +813,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="trained trials (default: the space's search.num_samples)")
     p.add_argument("--init", metavar="RUN_DIR", default=None,
                    help="a UFOGen space (base: init): the trained run every trial fine-tunes")
+    p.add_argument("--supernet", metavar="DIR", default=None,
+                   help="score each trial's configuration as a slice of this space's supernet "
+                        "(mdsearch supernet train) instead of training it: seconds per trial")
+    p.add_argument("--finetune", metavar="N", type=positive_int, default=0,
+                   help="with --supernet: fine-tune each slice N steps before scoring it")
     p.add_argument("--no-mlflow", action="store_true", help="do not log trials to MLflow")
     p.set_defaults(func=cmd_sweep)
 

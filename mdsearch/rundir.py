@@ -62,6 +62,7 @@ def samples_file(step: int, event: str = "") -> str:
 # sweep files
 RESULTS = "results.csv"
 SWEEP_INIT = "init.txt"  # a UFOGen sweep: the run directory every trial fine-tunes
+SWEEP_SUPERNET = "supernet.json"  # a supernet-scored sweep: {"supernet": folder, "finetune": N}
 PLOT = "pareto.png"
 LATENCY_PLOT = "pareto_latency.png"  # quality against predicted latency (a space's latency table)
 LATENCY_TABLE = "latency.csv"  # a sweep's copy of its space's latency table (+ latency.fit.json)

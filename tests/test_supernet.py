@@ -212,7 +212,7 @@ def test_supernet_train_refuses_a_space_it_cannot_hold_in_one_line(tmp_path, cap
     (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(TINY_RECIPE))
     code = main(["supernet", "train", "--space", str(tmp_path / "space.yaml"), "--trial",
-                 str(tmp_path / "recipe.yaml"), "--out", str(tmp_path / "sn")])
+                 str(tmp_path / "recipe.yaml"), "--out", str(tmp_path / "sn"), "--no-mlflow"])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     assert "levels.1.conv: the configurations differ ('full' vs 'separable')" in err
@@ -231,7 +231,7 @@ def test_supernet_score_ranks_every_configuration_on_one_bank_without_training(t
         {**TINY_RECIPE, "eval": {**TINY_RECIPE["eval"], "bank": 24}}))
     sn = tmp_path / "sn"
     assert main(["supernet", "train", "--space", str(tmp_path / "space.yaml"), "--trial",
-                 str(tmp_path / "recipe.yaml"), "--out", str(sn), "--json"]) == 0
+                 str(tmp_path / "recipe.yaml"), "--out", str(sn), "--json", "--no-mlflow"]) == 0
     assert (sn / "space.yaml").is_file()  # score needs only the folder
     before = (sn / "supernet.pt").read_bytes()
     assert main(["supernet", "score", str(sn), "--json"]) == 0
@@ -245,3 +245,183 @@ def test_supernet_score_ranks_every_configuration_on_one_bank_without_training(t
     assert main(["supernet", "score", str(sn)]) == 0  # the same bank: the same numbers again
     assert pd.read_csv(sn / "scores.csv").equals(scores)
     assert "ranked text_gain inverted" in capsys.readouterr().out
+
+
+@pytest.mark.minilm
+def test_supernet_training_is_one_mlflow_run_continued_on_resume(tmp_path, monkeypatch):
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    from mdsearch.cli import main
+    from mdsearch.track import default_tracking_uri
+
+    monkeypatch.chdir(tmp_path)  # the default store: ./mlruns
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(TINY_SPACE))
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(TINY_RECIPE))
+    train = ["supernet", "train", "--space", "space.yaml", "--trial", "recipe.yaml",
+             "--out", "sn", "--rule", "uniform", "--random", "3"]
+    assert main([*train, "--steps", "2"]) == 0  # stopped, then resumed: one run
+    assert main(train) == 0
+    client = MlflowClient(default_tracking_uri())
+    experiment = client.get_experiment_by_name("supernet")
+    [run] = client.search_runs([experiment.experiment_id])
+    assert run.data.params["rule"] == "uniform" and run.data.params["random"] == "3"
+    assert run.data.params["configurations"] == "8" and run.data.tags["status"] == "finished"
+    losses = client.get_metric_history(run.info.run_id, "loss")
+    assert sorted(m.step for m in losses) == [2, 4]
+    assert run.data.metrics["shared_params"] > 0
+
+
+# --- Sweeps scored on a supernet (mdsearch sweep SPACE --supernet DIR) ---------------------------
+
+@pytest.fixture
+def trained_supernet(tmp_path, monkeypatch):
+    """A trained tiny supernet's folder and its space file (grid search; 8 configurations)."""
+    import yaml
+
+    monkeypatch.setenv("MDSEARCH_CACHE_DIR", str(tmp_path / "cache"))
+    recipe = {**TINY_RECIPE, "eval": {**TINY_RECIPE["eval"], "bank": 24},
+              "resources": {"cpu": 1, "gpu": 0}}
+    space = {**TINY_SPACE, "search": {"algorithm": "tpe", "num_samples": 3, "seed": 0,
+                                      "max_concurrent": 1}}
+    space["dimensions"] = {**space["dimensions"],  # (640 would be 512's proxy at 1/16 width)
+                           "inner_channels": {"field": "levels.2.channels", "values": [512, 768]}}
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
+    from mdsearch.search.space import load_space
+    from mdsearch.train.recipe import Recipe
+    from mdsearch.train.supernet import SupernetTraining
+
+    run = SupernetTraining(load_space(tmp_path / "space.yaml"), Recipe.from_dict(recipe),
+                           tmp_path / "sn")
+    run.run()
+    yield tmp_path / "sn", tmp_path / "space.yaml"
+    import ray
+
+    ray.shutdown()
+
+
+@pytest.mark.minilm
+def test_a_supernet_scored_sweep_writes_each_slices_score_as_a_trial(trained_supernet, tmp_path):
+    from mdsearch.search.space import load_space
+    from mdsearch.search.sweep import run_sweep
+    from mdsearch.train.supernet import finetune_recipe, open_supernet
+    from mdsearch.train.trainer import train_trial
+
+    sn, space_file = trained_supernet
+    before = (sn / "supernet.pt").read_bytes()
+    result = run_sweep(load_space(space_file), supernet=sn, name="scored",
+                       storage=tmp_path / "sweeps", mlflow=False)
+    table = result.table
+    assert len(table) == 3 and (table["status"] == "completed").all()
+    assert (table["steps"] == 0).all() and (table["supernet_step"] == 4).all()
+    assert (sn / "supernet.pt").read_bytes() == before  # scoring trains nothing
+    shared = open_supernet(sn, load_space(space_file))
+    dims = ["inner_channels", "inner_layers", "ffn_expansion"]
+    for _, row in table.iterrows():  # each trial's numbers are its slice's, scored here again
+        spec = shared.space.spec_for({d: int(row[d]) for d in dims})
+        mine = shared.score_one(spec)
+        assert row["text_gain"] == pytest.approx(mine["text_gain"], rel=1e-5, abs=1e-7)
+        assert row["val_loss_mid"] == pytest.approx(mine["val_loss_mid"], rel=1e-5)
+        assert row["params"] > 0 and row["gmacs"] > 0
+    assert (tmp_path / "sweeps" / "scored" / "results.csv").is_file()
+    again = run_sweep(load_space(space_file), name="scored", storage=tmp_path / "sweeps",
+                      mlflow=False, resume=True)  # remembers its supernet; nothing to redo
+    assert again.table[dims + ["text_gain"]].equals(table[dims + ["text_gain"]])
+
+    # --finetune N: each slice trained N steps from the supernet's weights, then evaluated
+    tuned = run_sweep(load_space(space_file), supernet=sn, finetune=2, name="tuned",
+                      storage=tmp_path / "sweeps", mlflow=False).table
+    assert len(tuned) == 3 and (tuned["status"] == "completed").all()
+    assert (tuned["steps"] == 2).all()
+    row = tuned.iloc[0]
+    spec = shared.space.spec_for({d: int(row[d]) for d in dims})
+    alone = train_trial(spec, finetune_recipe(shared.recipe, 2), tmp_path / "alone",
+                        seed=int(row["seed"]),
+                        start=shared.extract(shared.proxy(spec)).state_dict())
+    assert row["text_gain"] == pytest.approx(alone.metrics["text_gain"], rel=1e-4, abs=1e-6)
+    scratch = train_trial(spec, finetune_recipe(shared.recipe, 2), tmp_path / "scratch",
+                          seed=int(row["seed"]))
+    assert scratch.metrics["val_loss"] != pytest.approx(alone.metrics["val_loss"], rel=1e-3)
+
+
+@pytest.mark.minilm
+@pytest.mark.parametrize("args, message", [
+    (["--supernet", "{sn}", "--trial", "cpu_quick"], "--trial cpu_quick with --supernet"),
+    (["--finetune", "3"], "--finetune 3 fine-tunes slices of a supernet: give --supernet DIR"),
+    (["--supernet", "{tmp}"], "no supernet.pt here"),
+    (["--supernet", "{sn}", "--space-seeds"], "field seeds: [0, 1]; a supernet score"),
+    (["--supernet", "{sn}", "--other-space"], "a supernet of other configurations than"),
+])
+def test_a_supernet_sweep_it_cannot_score_is_refused_in_one_line(trained_supernet, tmp_path,
+                                                                 capsys, args, message):
+    import yaml
+
+    from mdsearch.cli import main
+
+    sn, space_file = trained_supernet
+    space = yaml.safe_load(space_file.read_text())
+    if "--space-seeds" in args:
+        space["seeds"], space["search"] = [0, 1], {"algorithm": "grid"}
+    if "--other-space" in args:
+        space["dimensions"]["ffn_expansion"]["values"] = [2, 4]
+    (tmp_path / "asked.yaml").write_text(yaml.safe_dump(space))
+    args = [a.format(sn=sn, tmp=tmp_path) for a in args if a not in ("--space-seeds",
+                                                                      "--other-space")]
+    code = main(["sweep", str(tmp_path / "asked.yaml"), *args, "--storage",
+                 str(tmp_path / "sweeps"), "--no-mlflow"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert message in err
+    assert not (tmp_path / "sweeps").exists() or not any((tmp_path / "sweeps").rglob("*.csv"))
+
+
+@pytest.mark.minilm
+def test_evolve_removes_the_block_with_the_least_loss_per_ms_until_the_target(trained_supernet,
+                                                                             tmp_path, capsys):
+    from test_latency import fake_table
+
+    from mdsearch.arch.latency import Table, unit_cost
+    from mdsearch.arch.spec import ArchSpec
+    from mdsearch.cli import main
+    from mdsearch.search.evolve import neighbours
+    from mdsearch.search.space import load_space
+    from mdsearch.train.supernet import open_supernet
+
+    sn, space_file = trained_supernet
+    shared = open_supernet(sn, load_space(space_file))
+    specs = [shared.space.spec_for(p) for p in shared.points]
+    table = Table(fake_table(tmp_path / "lat.csv", specs, ms=lambda u: 1 + 10 * unit_cost(u)[1]))
+    ms = {i: table.predict(s).total_ms for i, s in enumerate(specs)}
+    start = shared.points[shared.largest]
+    target = sorted(ms.values())[2]  # three configurations meet it
+    assert main(["supernet", "evolve", str(sn), "--latency", str(tmp_path / "lat.csv"),
+                 "--target-ms", str(target), "--out", str(tmp_path / "chosen.yaml"),
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    history = json.loads((tmp_path / "chosen.json").read_text())
+    assert out["latency_ms"] <= target and history["start"]["point"] == start
+    chosen = ArchSpec.from_file(tmp_path / "chosen.yaml")
+    assert chosen == shared.space.spec_for(out["point"])
+    # the first action: of the start's one-step neighbours that are faster, the one losing the
+    # least text_gain per millisecond saved
+    first = history["actions"][0]
+    assert first["action"] == "remove"
+    here = shared.score_one(shared.space.spec_for(start))["text_gain"]
+    here_ms = table.predict(shared.space.spec_for(start)).total_ms
+
+    def ratio(point):
+        spec = shared.space.spec_for(point)
+        return ((shared.score_one(spec)["text_gain"] - here)
+                / (here_ms - table.predict(spec).total_ms))
+
+    faster = [p for _, p in neighbours(start, shared.points, shared.space.dimensions)
+              if table.predict(shared.space.spec_for(p)).total_ms < here_ms]
+    assert first["point"] == max(faster, key=ratio)
+    assert first["candidates"] == len(faster)
+    assert [a["action"] for a in history["actions"]].count("remove") >= 1
+    # a target nothing meets: one line naming the fastest, exit 2, nothing written
+    code = main(["supernet", "evolve", str(sn), "--latency", str(tmp_path / "lat.csv"),
+                 "--target-ms", str(min(ms.values()) / 2), "--out", str(tmp_path / "no.yaml")])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "the fastest:" in err
+    assert not (tmp_path / "no.yaml").exists()

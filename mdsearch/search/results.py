@@ -3,6 +3,7 @@ and the summary `mdsearch sweep` prints."""
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +14,7 @@ from ray.tune import Callback
 
 from ..quality import winner_statement
 from ..rundir import (COMPLETED, FAILED, FILTERED, FILTERED_STATUS, RESULTS, STOP_STATE, STOPPED,
-                      front, in_resumed, read_jsonl, trial_folder_name, trial_status,
+                      SWEEP_SUPERNET, front, in_resumed, read_jsonl, trial_folder_name, trial_status,
                       write_results)
 from .callbacks import TUNE_KEYS, error_text, reason_from_traceback
 from .space import COST_METRICS as COSTS, Space
@@ -152,6 +153,14 @@ def summary(result: SweepResult, space: Space) -> str:
                                       result.floors.get(space.quality.metric)).replace("**", ""))
     else:
         lines.append("no trial completed its full budget")
+    scored = result.path / SWEEP_SUPERNET
+    if scored.is_file():
+        used = json.loads(scored.read_text())
+        lines.append(f"Scored on the supernet {used['supernet']}"
+                     + (f" after {used['finetune']}-step fine-tunes" if used["finetune"] else
+                        ", no training per trial")
+                     + ": a screen. How far its ranking agrees with stand-alone training, and "
+                       "how much it moves with the supernet's own seed: docs/supernet.md")
     if result.plot:
         lines.append(f"Pareto plot: {result.plot}")
     lines.append(f"results: {result.results_csv}")

@@ -25,6 +25,7 @@ Importing this module imports Ray: a program that wants a local Ray kept on 127.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -38,7 +39,7 @@ from ..config import ConfigError
 from ..quality import noise_floors
 from ..arch.latency import copy_table
 from ..rundir import (FILTERED_STATUS, LATENCY_TABLE, LATEST, LOCK, RECIPE, SPACE, STOP_STATE,
-                      SWEEP_INIT, atomic_write, link_duplicate_checkpoints,
+                      SWEEP_INIT, SWEEP_SUPERNET, atomic_write, link_duplicate_checkpoints,
                       locked, resuming, write_results)
 from ..raylocal import check_address, start_ray
 from ..progress import say
@@ -60,13 +61,17 @@ def run_sweep(space: Space, trial: str | Path | None = None, *, name: str | None
               storage: str | Path = "runs/sweeps", address: str | None = None,
               resume: bool = False, num_samples: int | None = None,
               mlflow: bool = True, tracking_uri: str | None = None, init: str | None = None,
-              trust_state: bool = False, progress: Callable[[str], None] = say) -> SweepResult:
+              trust_state: bool = False, supernet: str | Path | None = None, finetune: int = 0,
+              progress: Callable[[str], None] = say) -> SweepResult:
     """Run (or with resume=True, continue) a sweep; returns its results table. The sweep
     directory is locked for the duration: a second sweep on it fails at once. `init`: the
     trained run a UFOGen space (`base: init`, a trial recipe of kind: ufogen) fine-tunes; a
     resumed UFOGen sweep remembers it. `trust_state`: sign the folder's Ray Tune pickles as they
     are before resuming (a sweep made before mdsearch signed them, or with another key;
-    `signing.py`): only for a folder whose every writer you trust."""
+    `signing.py`): only for a folder whose every writer you trust. `supernet`: a folder of
+    `mdsearch supernet train` for this space; every trial scores its configuration's slice of
+    it (after a `finetune`-step fine-tune when `finetune` > 0) instead of training from scratch,
+    with the supernet's recipe; a resumed sweep remembers both."""
     if str(storage).startswith(("s3://", "gs://", "abfs://", "hdfs://")):
         raise SweepError(f"--storage {storage}: give a filesystem path (local, or a shared mount "
                          "such as NFS, EFS or a GCS/S3 FUSE mount); see docs/clusters.md")
@@ -80,7 +85,14 @@ def run_sweep(space: Space, trial: str | Path | None = None, *, name: str | None
     check_address(address)  # before anything is written: nothing answering is one line
     name = name or default_name(space, root, resume)
     sweep_dir = root / name
-    recipe = sweep_recipe(space, trial)
+    if resume and supernet is None and (sweep_dir / SWEEP_SUPERNET).is_file():
+        saved = json.loads((sweep_dir / SWEEP_SUPERNET).read_text())
+        supernet, finetune = saved["supernet"], saved["finetune"]
+    if supernet is not None:
+        recipe = bind_supernet(space, trial, supernet, finetune)
+        supernet = str(Path(supernet).resolve())
+    else:
+        recipe = sweep_recipe(space, trial)
     if resume and init is None and (sweep_dir / SWEEP_INIT).is_file():
         init = (sweep_dir / SWEEP_INIT).read_text().strip()
     init = bind_init(space, recipe, init)
@@ -100,7 +112,7 @@ def run_sweep(space: Space, trial: str | Path | None = None, *, name: str | None
             progress(f"--trust-state: signed {signing.sign_all(sweep_dir)} Ray Tune state files "
                      f"of {sweep_dir} as they are")
         return _run_sweep(space, recipe, name, sweep_dir, address, resume, num_samples, mlflow,
-                          tracking_uri, progress, init)
+                          tracking_uri, progress, init, supernet, finetune)
 
 
 def check_trial_resources(recipe) -> None:
@@ -113,6 +125,32 @@ def check_trial_resources(recipe) -> None:
             f"recipe {recipe.name}: field {where}: a sweep trains each trial in one process on "
             "at most one GPU (workers are for mdsearch train and promote); give it gpu: 1 (or a "
             "fraction, to share a GPU), and accumulate: N to reach a large batch in less memory")
+
+
+def bind_supernet(space: Space, trial, folder: str | Path, finetune: int):
+    """The recipe of a supernet-scored sweep: the one `folder`'s supernet was trained with (or
+    its `finetune`-step fine-tune), once the supernet is checked to hold this space; what a
+    supernet cannot score is refused in one line."""
+    from ..train.supernet import configurations, finetune_recipe, read_supernet
+
+    if trial is not None:
+        raise SweepError(f"--trial {trial} with --supernet: the trials are scored with the "
+                         "recipe the supernet was trained with; leave --trial out")
+    if finetune < 0:
+        raise SweepError(f"--finetune {finetune}: give the steps of each fine-tune (>= 1), or 0")
+    changed = sorted({k for p, _ in configurations(space) for k in space.recipe_changes(p)})
+    if changed:
+        raise SweepError(f"{space.source}: dimensions change the recipe ({', '.join(changed)}); "
+                         "one supernet is trained with one recipe, so it cannot score them")
+    if space.seeds_per_trial > 1:
+        raise SweepError(f"{space.source}: field seeds_per_trial: {space.seeds_per_trial}; a "
+                         "supernet-scored trial starts one seed from the supernet's weights")
+    if len(space.seeds) > 1 and not finetune:
+        raise SweepError(f"{space.source}: field seeds: {space.seeds}; a supernet score "
+                         "involves no training seed (the same for every seed): give --finetune N "
+                         "to fine-tune each seed, or one seed")
+    _, recipe = read_supernet(folder, space)
+    return finetune_recipe(recipe, finetune) if finetune else recipe
 
 
 def bind_init(space: Space, recipe, init: str | None) -> str | None:
@@ -152,7 +190,8 @@ def bind_init(space: Space, recipe, init: str | None) -> str | None:
 
 
 def _run_sweep(space: Space, recipe, name: str, sweep_dir: Path, address, resume, num_samples,
-               mlflow, tracking_uri, progress, init=None) -> SweepResult:
+               mlflow, tracking_uri, progress, init=None, supernet=None,
+               finetune=0) -> SweepResult:
     if num_samples is not None:
         space.num_samples = num_samples
 
@@ -172,6 +211,7 @@ def _run_sweep(space: Space, recipe, name: str, sweep_dir: Path, address, resume
         raise SweepError(f"{sweep_dir} already holds a sweep; pass --resume to continue it, or "
                          "choose another --name")
 
+    steps_total = 0 if supernet is not None and not finetune else recipe.steps
     cache = CostCache(space.load_latency())  # a missing or foreign table: one line, here
     if not resume:
         if space.algorithm == "grid":
@@ -185,6 +225,9 @@ def _run_sweep(space: Space, recipe, name: str, sweep_dir: Path, address, resume
         atomic_write(sweep_dir / RECIPE, yaml.safe_dump(recipe.to_dict(), sort_keys=False))
         if init is not None:
             atomic_write(sweep_dir / SWEEP_INIT, init + "\n")
+        if supernet is not None:
+            atomic_write(sweep_dir / SWEEP_SUPERNET,
+                         json.dumps({"supernet": supernet, "finetune": finetune}) + "\n")
 
     if mlflow and not resume:
         from ..track import check_reachable, default_tracking_uri
@@ -206,7 +249,8 @@ def _run_sweep(space: Space, recipe, name: str, sweep_dir: Path, address, resume
                                             "fid_proxy", "fid", "clip_score")
                                 if m != quality.metric]
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, space=space, recipe=recipe, init=init),
+        tune.with_parameters(run_trial, space=space, recipe=recipe, init=init,
+                             supernet=supernet, finetune=finetune),
         {"cpu": recipe.resources.get("cpu", 1), "gpu": recipe.resources.get("gpu", 0)})
 
     if resume:
@@ -215,7 +259,7 @@ def _run_sweep(space: Space, recipe, name: str, sweep_dir: Path, address, resume
             tuner = tune.Tuner.restore(str(sweep_dir), trainable, resume_unfinished=True,
                                        resume_errored=False, storage_filesystem=atomic_local_fs())
     else:
-        callbacks = [Progress(space, total, shown), ResultsWriter(space, sweep_dir, recipe.steps),
+        callbacks = [Progress(space, total, shown), ResultsWriter(space, sweep_dir, steps_total),
                      signing.SignErrors()]
         if mlflow:
             callbacks.append(MLflowSweepLogger(name, tracking_uri, space, recipe, sweep_dir))
@@ -226,27 +270,34 @@ def _run_sweep(space: Space, recipe, name: str, sweep_dir: Path, address, resume
         if space.max_concurrent:
             searcher = ConcurrencyLimiter(searcher, max_concurrent=space.max_concurrent)
         searcher = signing.SignedSearchGenerator(searcher)
-        scheduler = make_scheduler(space.scheduler, quality.metric, quality.mode, recipe.steps,
-                                   recipe.eval.every, sweep_dir / STOP_STATE)
+        scheduler = None  # a supernet-scored trial reports once: nothing to stop early
+        if supernet is None:
+            scheduler = make_scheduler(space.scheduler, quality.metric, quality.mode,
+                                       recipe.steps, recipe.eval.every, sweep_dir / STOP_STATE)
         tuner = tune.Tuner(
             trainable,
+            # a supernet's trials reuse their worker, which keeps the supernet it opened
             tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
-                                        num_samples=total),
+                                        num_samples=total, reuse_actors=supernet is not None),
             run_config=tune.RunConfig(
                 name=name, storage_path=str(sweep_dir.parent), callbacks=callbacks, verbose=0,
                 storage_filesystem=atomic_local_fs(),  # a killed copy never leaves a cut file
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                 failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)))
         signing.sign(sweep_dir / "tuner.pkl")  # written by Tuner() itself
-        progress(f"sweep {name}: {total} trials of {space.name} ({space.algorithm}, scheduler "
-            f"{space.scheduler['kind']}), recipe {recipe.name}, budget "
-            f"{space.budget.describe()}; results in {sweep_dir}")
+        how = (f"scheduler {space.scheduler['kind']}), recipe {recipe.name}" if supernet is None
+               else f"scored on supernet {supernet}"
+               + (f" after {finetune}-step fine-tunes)" if finetune else ", no training)"))
+        progress(f"sweep {name}: {total} trials of {space.name} ({space.algorithm}, {how}, "
+                 f"budget {space.budget.describe()}; results in {sweep_dir}")
     with resuming(sweep_dir) if resume else nullcontext():
         grid = tuner.fit()
-    table = results_table(grid, space, sweep_dir, recipe.steps)
+    table = results_table(grid, space, sweep_dir, steps_total)
     write_results(table, sweep_dir)
     link_duplicate_checkpoints(sweep_dir)
-    floors = noise_floors(table, [d.name for d in space.dimensions], recipe.to_dict(), sweep_dir)
+    # a supernet's scores carry none of the study's training-seed noise (one shared training)
+    floors = noise_floors(table, [d.name for d in space.dimensions],
+                          None if supernet else recipe.to_dict(), sweep_dir)
     return SweepResult(sweep_dir, table, int((table["status"] == FILTERED_STATUS).sum()),
                        best_trials(table, space), None, floors, recipe.name)
 
@@ -254,7 +305,6 @@ def _run_sweep(space: Space, recipe, name: str, sweep_dir: Path, address, resume
 def check_resumable(sweep_dir: Path) -> None:
     """Refuse to resume from damaged state, before Ray touches anything: Tune would log "Failed
     to restore the run state" and start the sweep over."""
-    import json
 
     signing.check(sweep_dir)  # Ray Tune's pickles, before Ray loads any of them
     for pattern in ("experiment_state-*.json",):  # (Ray's search_gen_state-*.json is a pickle)
@@ -279,8 +329,6 @@ def check_journal(path: Path) -> None:
     without its newline, torn by a kill, is what Optuna itself skips). Refused naming the line,
     before Ray starts: a damaged study would fail inside Tune and turn completed trials into
     failed ones."""
-    import json
-
     if not path.is_file():
         return
     with open(path, "rb") as f:

@@ -21,12 +21,16 @@ class TrialFailed(RuntimeError):
     """A trial that ended without a usable result (e.g. a non-finite loss); the reason is kept."""
 
 
-def run_trial(config: dict, space: Space, recipe, init: str | None = None) -> None:
+def run_trial(config: dict, space: Space, recipe, init: str | None = None,
+              supernet: str | None = None, finetune: int = 0) -> None:
     """One Tune trial: build the spec of `config`, train its proxy, report every evaluation.
     `recipe` is the sweep's Recipe, or its UFOGenRecipe with `init` the run every trial
     fine-tunes into a one-step generator, or its VAERecipe (an autoencoder space; `init`: the
     autoencoder whose encoder a `train: decoder` recipe keeps). The config's `recipe.` fields
-    and seed change the recipe."""
+    and seed change the recipe. With `supernet` (a folder of `mdsearch supernet train`, `recipe`
+    its recipe) nothing is trained from scratch: the configuration's slice of the supernet is
+    scored on the held-out bank as it is (one report, step 0), or after a `finetune`-step
+    fine-tune from it (`recipe` then the fine-tune's, reporting as a trained trial)."""
     import ray
     import torch
     from ray import tune
@@ -66,13 +70,26 @@ def run_trial(config: dict, space: Space, recipe, init: str | None = None) -> No
     def report(record: dict) -> None:
         metrics = {k: v for k, v in record.items() if isinstance(v, (int, float))}
         metrics.update(full)  # params, gmacs and, with a latency table, latency_ms
-        metrics.update(steps_total=recipe.steps,
+        metrics.update(steps_total=0 if supernet is not None and not finetune else recipe.steps,
                        seconds=round(before + time.time() - started, 2), node_id=node)
+        if not (work / CHECKPOINT).is_file():  # a supernet score: nothing to resume from
+            tune.report(metrics)
+            return
         with tempfile.TemporaryDirectory() as d:
             shutil.copy2(work / CHECKPOINT, Path(d) / CHECKPOINT)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
 
-    if space.autoencoder is not None:
+    if supernet is not None:
+        from ..train.supernet import open_cached
+
+        shared = open_cached(supernet, space)
+        if not finetune:
+            report({"step": 0, **shared.score_one(spec), "supernet_step": shared.step})
+            return
+        start = shared.extract(shared.proxy(spec)).state_dict()
+        result = train_trial(spec, trial_recipe, work, start=start,
+                             on_eval=lambda r: report({**r, "supernet_step": shared.step}))
+    elif space.autoencoder is not None:
         from ..train.vae import vae_train
 
         result = vae_train(trial_recipe, work, init=init, on_eval=report)

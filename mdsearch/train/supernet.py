@@ -32,7 +32,8 @@ from ..arch.spec import ArchSpec
 from ..arch.supernet import build_supernet, extract, run_subnet, sub_model, supernet_spec
 from ..data.pipeline import DataPipeline
 from ..progress import quiet
-from ..rundir import SPACE, atomic_path
+from ..rundir import SPACE, atomic_path, atomic_write
+from ..track import flatten
 from .checkpoint import RESUMED, read_checkpoint
 from .diffusion import NoiseSchedule
 from .heldout import EvalBank, heldout_metrics
@@ -51,16 +52,55 @@ def configurations(space) -> list[tuple[dict, ArchSpec]]:
     return out
 
 
+def read_supernet(folder: str | Path, space) -> tuple[dict, Recipe]:
+    """A supernet folder's checkpoint and recipe, once checked to hold exactly `space`'s
+    configurations (else one line naming the folder)."""
+    ckpt = Path(folder) / SUPERNET_CHECKPOINT
+    if not ckpt.is_file():
+        raise TrainError(f"{folder}: no {SUPERNET_CHECKPOINT} here; train one with mdsearch "
+                         f"supernet train --space {space.name} --out {folder}")
+    state = read_checkpoint(ckpt)
+    if "supernet_spec" not in state:
+        raise TrainError(f"{ckpt}: not a supernet checkpoint")
+    points = [p for p, _ in configurations(space)]
+    if json.loads(state["points"]) != json.loads(json.dumps(points)):
+        raise TrainError(f"{ckpt}: a supernet of other configurations than those of "
+                         f"{space.source}; give the space it was trained for")
+    return state, Recipe.from_dict(json.loads(state["recipe"]), str(ckpt))
+
+
 def open_supernet(folder: str | Path, space, progress=None) -> "SupernetTraining":
     """A trained supernet's folder, as it was trained: its recipe, seed and sandwich from the
     checkpoint; `space`: its space (FOLDER/space.yaml is a copy of it)."""
-    folder = Path(folder)
-    state = read_checkpoint(folder / SUPERNET_CHECKPOINT)
-    if "supernet_spec" not in state:
-        raise TrainError(f"{folder / SUPERNET_CHECKPOINT}: not a supernet checkpoint")
-    recipe = Recipe.from_dict(json.loads(state["recipe"]), str(folder / SUPERNET_CHECKPOINT))
+    state, recipe = read_supernet(folder, space)
     return SupernetTraining(space, recipe, folder, random=state["random"], seed=state["seed"],
-                            progress=progress)
+                            rule=state.get("rule", "sandwich"), progress=progress)
+
+
+_OPENED: dict[tuple, "SupernetTraining"] = {}
+
+
+def open_cached(folder: str | Path, space) -> "SupernetTraining":
+    """`open_supernet`, kept per process for as long as the checkpoint is unchanged (a sweep's
+    trials on one worker score many slices of the same weights)."""
+    ckpt = Path(folder) / SUPERNET_CHECKPOINT
+    key = (str(ckpt.resolve()), ckpt.stat().st_mtime_ns if ckpt.is_file() else None)
+    if key not in _OPENED:
+        _OPENED.clear()
+        _OPENED[key] = open_supernet(folder, space)
+    return _OPENED[key]
+
+
+def finetune_recipe(recipe: Recipe, steps: int) -> Recipe:
+    """A supernet's recipe as a `steps`-step fine-tune of one configuration's slice: evaluated
+    and checkpointed at its end, with at most a tenth of it as warm-up (the optimiser's moments
+    start from zero)."""
+    if steps < 1:
+        raise TrainError(f"--finetune {steps}: give the fine-tune's steps (>= 1), or leave it out")
+    return recipe.override({"steps": steps, "eval.every": steps, "checkpoint_every": steps,
+                            "optimizer.warmup_steps": min(recipe.optimizer.warmup_steps,
+                                                          steps // 10)},
+                           source=f"--finetune {steps}")
 
 
 def check_recipe(recipe: Recipe) -> None:
@@ -75,15 +115,25 @@ def check_recipe(recipe: Recipe) -> None:
                              "(not supported yet)")
 
 
+RULES = ("sandwich", "uniform")
+"""How a step picks its configurations: `sandwich` (BigNAS): the largest, the smallest and
+`random` others; `uniform`: `random` configurations, each equally likely (every configuration's
+slices trained equally often on average)."""
+
+
 class SupernetTraining:
     def __init__(self, space, recipe: Recipe, out_dir: str | Path, *, random: int = 2,
-                 seed: int | None = None, progress=None):
+                 seed: int | None = None, rule: str = "sandwich", progress=None, tracker=None):
         check_recipe(recipe)
-        if random < 0:
-            raise TrainError(f"--random {random}: the random configurations per step must be >= 0")
+        if rule not in RULES:
+            raise TrainError(f"--rule {rule}: one of {', '.join(RULES)}")
+        if random < (1 if rule == "uniform" else 0):
+            raise TrainError(f"--random {random}: the random configurations per step must be "
+                             + (">= 1 with --rule uniform" if rule == "uniform" else ">= 0"))
         self.space, self.recipe, self.out = space, recipe, Path(out_dir)
         self.seed = recipe.seed if seed is None else seed
-        self.random, self.say = random, progress or quiet
+        self.random, self.rule, self.say = random, rule, progress or quiet
+        self.tracker = tracker  # an MLflowTracker (mdsearch.track): params, losses, the spec
         self.data = DataPipeline(recipe.data, recipe.text_encoder, recipe.autoencoder,
                                  recipe.resolution, recipe.eval.prompts, recipe.eval.bank)
         self.points, self.specs = [], []
@@ -114,9 +164,15 @@ class SupernetTraining:
         return proxy_spec(spec, self.recipe.width, d.autoencoder.channels, d.encoder.dim,
                           d.encoder.max_length)
 
+    @property
+    def per_step(self) -> int:
+        """Configurations trained per step."""
+        return self.random + (2 if self.rule == "sandwich" else 0)
+
     def step_configurations(self, g: torch.Generator) -> list[int]:
-        """The sandwich of a step: largest, smallest, then `random` others (indices)."""
-        chosen = [self.largest, self.smallest]
+        """A step's configurations (indices): the sandwich's largest and smallest, then
+        `random` drawn uniformly."""
+        chosen = [self.largest, self.smallest] if self.rule == "sandwich" else []
         if self.random:
             chosen += torch.randint(len(self.specs), (self.random,), generator=g).tolist()
         return chosen
@@ -129,8 +185,18 @@ class SupernetTraining:
         self.out.mkdir(parents=True, exist_ok=True)
         self.say(f"supernet of {len(self.specs)} configurations of {self.space.name}: "
                  f"{sum(p.numel() for p in self.net.parameters()) / 1e6:.2f}M shared weights; "
-                 f"per step the largest, the smallest and {self.random} random; steps "
+                 + (f"per step the largest, the smallest and {self.random} random"
+                    if self.rule == "sandwich" else f"per step {self.random} at random")
+                 + "; steps "
                  f"{self.step}-{end}")
+        self.save_spec()
+        if self.tracker is not None:  # a resumed folder continues its MLflow run
+            if self.tracker.start_run(f"supernet-{self.space.name}", {
+                    **flatten(self.recipe.to_dict(), "recipe"), "rule": self.rule,
+                    "random": self.random, "seed": self.seed, "space": self.space.name,
+                    "configurations": len(self.specs)},
+                    {"shared_params": sum(p.numel() for p in self.net.parameters())}, self.out):
+                self.tracker.log_artifact(self.out / SUPERNET_SPEC)
         subs = {}
         last = started = time.time()
         before = self.seconds
@@ -171,23 +237,36 @@ class SupernetTraining:
                 last = time.time()
                 self.say(f"step {self.step}/{end}  loss {sum(recent) / len(recent):.4f}  "
                          f"{rate:.2f} steps/s  eta {(end - self.step) / max(rate, 1e-9):.0f}s")
+                if self.tracker is not None:
+                    self.tracker.log_metrics({"loss": sum(recent) / len(recent),
+                                              "steps_per_s": rate,
+                                              "lr": self.scheduler.get_last_lr()[0]}, self.step)
             if self.step % recipe.checkpoint_every == 0 or self.step == end:
                 self.save()
+        if self.tracker is not None:
+            self.tracker.log_metrics({"seconds": self.seconds}, self.step)
+            self.tracker.writer.finish(self.tracker.run_id, True,
+                                       status="finished" if self.step >= self.recipe.steps
+                                       else f"stopped at step {self.step}")
         return {"steps": self.step, "configurations": len(self.specs),
                 "loss": self.losses[-1] if self.losses else None, "checkpoint": str(self.ckpt),
                 "seconds": round(self.seconds, 1)}
 
-    def save(self) -> None:
-        (self.out / SUPERNET_SPEC).write_text(self.spec.to_yaml())
+    def save_spec(self) -> None:
+        """The supernet's spec and a copy of its space (`score DIR` reads it) in its folder."""
+        atomic_write(self.out / SUPERNET_SPEC, self.spec.to_yaml())
         source = Path(self.space.source)
-        if source.is_file() and not (self.out / SPACE).exists():  # `score DIR` reads it
-            (self.out / SPACE).write_text(source.read_text())
+        if source.is_file() and not (self.out / SPACE).exists():
+            atomic_write(self.out / SPACE, source.read_text())
+
+    def save(self) -> None:
         with atomic_path(self.ckpt) as tmp:
             torch.save({"model": self.net.state_dict(), "ema": self.ema.model.state_dict(),
                         "ema_updates": self.ema.updates,
                         "optimizer": self.optimizer.state_dict(),
                         "scheduler": self.scheduler.state_dict(), "step": self.step,
-                        "seed": self.seed, "random": self.random, "seconds": self.seconds,
+                        "seed": self.seed, "random": self.random, "rule": self.rule,
+                        "seconds": self.seconds,
                         "losses": json.dumps(self.losses),
                         "supernet_spec": json.dumps(self.spec.to_dict()),
                         "points": json.dumps(self.points),
@@ -199,10 +278,11 @@ class SupernetTraining:
         if saved != self.spec or json.loads(state["points"]) != self.points:
             raise TrainError(f"{self.ckpt}: a supernet of other configurations than this "
                              "space's; train into a new --out")
-        if (state["seed"], state["random"]) != (self.seed, self.random):
-            raise TrainError(f"{self.ckpt}: trained with seed {state['seed']} and "
-                             f"{state['random']} random configurations per step; resume with "
-                             "the same, or train into a new --out")
+        saved = (state["seed"], state["random"], state.get("rule", "sandwich"))
+        if saved != (self.seed, self.random, self.rule):
+            raise TrainError(f"{self.ckpt}: trained with seed {saved[0]}, {saved[1]} random "
+                             f"configurations per step and rule {saved[2]}; resume with the "
+                             "same, or train into a new --out")
         self.net.load_state_dict(state["model"])
         self.ema.model.load_state_dict(state["ema"])
         self.ema.updates = state["ema_updates"]
@@ -214,28 +294,34 @@ class SupernetTraining:
 
     def score(self, configs: list[tuple[dict, ArchSpec]] | None = None,
               progress=None) -> list[dict]:
-        """Configurations scored on the recipe's held-out bank (`val_loss`, its bands,
-        `text_gain`; the same items, timesteps and noise for all of them) with their slices of
-        the EMA weights, beside their full-size params and GMACs at 512 px: one record each.
-        `configs`: (label fields, full-size spec) pairs; default every configuration of the
-        space (labelled by its point). A spec that is not a sub-network is a SupernetError."""
+        """Configurations scored on the recipe's held-out bank (`score_one`), beside their
+        full-size params and GMACs at 512 px: one record each. `configs`: (label fields,
+        full-size spec) pairs; default every configuration of the space (labelled by its
+        point). A spec that is not a sub-network is a SupernetError."""
         say = progress or quiet
-        if not self.recipe.eval.bank:
-            raise TrainError(f"{self.recipe.name}: field eval.bank: 0; scoring needs the "
-                             "held-out bank")
         if configs is None:
             configs = [(p, self.space.spec_for(p)) for p in self.points]
-        bank = EvalBank(self.data, self.recipe.eval.bank, self.schedule.steps)
         records = []
         for n, (label, spec) in enumerate(configs, 1):
             full = cost(spec, 512)
-            with torch.no_grad():
-                metrics = heldout_metrics(self.extract(self.proxy(spec)), bank, self.schedule)
+            metrics = self.score_one(spec)
             records.append({**label, "params": full.params, "gmacs": round(full.gmacs, 3),
                             **metrics, "supernet_step": self.step})
             say(f"[{n}/{len(configs)}] {label}: text_gain {metrics['text_gain']:.4g}, "
                 f"val_loss_mid {metrics['val_loss_mid']:.4g}")
         return records
+
+    def score_one(self, spec: ArchSpec) -> dict[str, float]:
+        """A full-size spec's slice of the EMA weights on the recipe's held-out bank:
+        `val_loss`, its bands, `text_gain` (the same items, timesteps and noise for every
+        configuration, and as a trained trial of this recipe is evaluated)."""
+        if not self.recipe.eval.bank:
+            raise TrainError(f"{self.recipe.name}: field eval.bank: 0; scoring needs the "
+                             "held-out bank")
+        if self.data.bank is None:
+            self.data.bank = EvalBank(self.data, self.recipe.eval.bank, self.schedule.steps)
+        with torch.no_grad():
+            return heldout_metrics(self.extract(self.proxy(spec)), self.data.bank, self.schedule)
 
     def extract(self, spec: ArchSpec, ema: bool = True):
         """A configuration (a proxy spec of this supernet) as a plain UNet with its trained

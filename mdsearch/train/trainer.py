@@ -154,9 +154,11 @@ def train_trial(spec: ArchSpec, recipe: Recipe, out_dir: str | Path, *,
                 on_eval: Callable[[dict], None] | None = None,
                 on_checkpoint: Callable[[int, Path | None], None] | None = None,
                 tracker=None, evaluator=None,
-                device: str | torch.device | None = None) -> TrialResult:
+                device: str | torch.device | None = None,
+                start: dict[str, torch.Tensor] | None = None) -> TrialResult:
     """Train `spec` per `recipe` (its proxy when recipe.width < 1), evaluating as it goes; resume
-    from `out_dir`'s checkpoint if there is one. `steps` stops early (after that many steps in
+    from `out_dir`'s checkpoint if there is one, else start from `start` (the proxy's weights, a
+    state dict: a fine-tune, e.g. of a supernet's slice) or a fresh initialisation. `steps` stops early (after that many steps in
     all). `on_eval(record)` is called after every evaluation (Ray Tune's report hook);
     `on_checkpoint(step, path)` on every rank after every checkpoint (path is None except on rank
     0; Ray Train's report hook); `tracker` (see mdsearch.track) receives params, metrics and
@@ -166,6 +168,8 @@ def train_trial(spec: ArchSpec, recipe: Recipe, out_dir: str | Path, *,
     with locked(out_dir, f"training {spec.name}") if lead else nullcontext():
         run = Training(spec, recipe, out_dir, seed=seed, progress=progress, tracker=tracker,
                        evaluator=evaluator, device=device)
+        if start is not None and run.step == 0:
+            run.start_from(start)
         return run.run(steps, on_eval=on_eval, on_checkpoint=on_checkpoint)
 
 
@@ -283,6 +287,14 @@ class Training:
             self.pipelines[resolution] = DataPipeline(r.data, r.text_encoder, r.autoencoder,
                                                       resolution, r.eval.prompts, r.eval.bank)
         return self.pipelines[resolution]
+
+    def start_from(self, weights: dict[str, torch.Tensor]) -> None:
+        """Begin from given proxy weights (model and EMA) instead of the initialisation."""
+        if len(self.seeds) > 1:
+            raise TrainError(f"{self.recipe.name}: field seeds: {len(self.seeds)}; a fine-tune "
+                             "from given weights trains one seed")
+        for model in (self.model.single, self.ema.model.single):
+            model.load_state_dict(weights)
 
     # -- checkpoints ---------------------------------------------------------------------------
 
