@@ -45,7 +45,10 @@ METRICS = {"text_gain": "max", "val_loss_mid": "min", "val_loss": "min"}
 
 def reference_rows(path: Path, steps: int) -> list[dict]:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if r.get("steps") == steps]
+    # (the shared evidence names a run's budget `steps`; proxy_fidelity.py's runs.jsonl `budget`,
+    # one row per evaluation `step`)
+    rows = [r for r in rows if r.get("budget", r.get("steps")) == steps
+            and r.get("step", steps) == steps]
     if not rows:
         sys.exit(f"{path}: no runs at {steps} steps")
     return rows
@@ -72,7 +75,8 @@ def reference_means(rows: list[dict]) -> dict[str, dict]:
         mine = [r for r in rows if r["config"] == name]
         out[name] = {m: statistics.fmean(r[m] for r in mine) for m in METRICS}
         out[name]["seeds"] = len(mine)
-        out[name]["train_seconds"] = sum(r.get("train_seconds", 0.0) for r in mine)
+        out[name]["train_seconds"] = sum(r.get("train_seconds", r.get("seconds", 0.0))
+                                         for r in mine)
     return out
 
 

@@ -425,3 +425,17 @@ def test_evolve_removes_the_block_with_the_least_loss_per_ms_until_the_target(tr
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and "the fastest:" in err
     assert not (tmp_path / "no.yaml").exists()
+
+
+@pytest.mark.parametrize("rule, random, message", [
+    ("uniform", 0, "--random 0: the random configurations per step must be >= 1 with --rule "
+                   "uniform"),
+    ("sandwich", -1, "--random -1: the random configurations per step must be >= 0"),
+    ("largest", 2, "--rule largest: one of sandwich, uniform")])
+def test_a_sampling_rule_that_trains_nothing_is_refused(tmp_path, rule, random, message):
+    from mdsearch.train.trainer import TrainError
+
+    with pytest.raises(TrainError) as err:
+        tiny_run(tmp_path, "sn", rule=rule, random=random)
+    assert str(err.value) == message
+    assert not (tmp_path / "sn").exists()

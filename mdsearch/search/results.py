@@ -14,8 +14,8 @@ from ray.tune import Callback
 
 from ..quality import winner_statement
 from ..rundir import (COMPLETED, FAILED, FILTERED, FILTERED_STATUS, RESULTS, STOP_STATE, STOPPED,
-                      SWEEP_SUPERNET, front, in_resumed, read_jsonl, trial_folder_name, trial_status,
-                      write_results)
+                      SWEEP_SUPERNET, front, in_resumed, read_jsonl, trial_folder_name,
+                      trial_status, write_results)
 from .callbacks import TUNE_KEYS, error_text, reason_from_traceback
 from .space import COST_METRICS as COSTS, Space
 
