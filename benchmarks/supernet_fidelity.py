@@ -16,9 +16,10 @@ supernet's scores and the stand-alone means, each side's pick, and the number of
 and seeds behind it; then the compute of each side (configuration-steps trained, and seconds
 where known). Ends with one JSON line.
 
-Beside it, the two noise figures that bound what any tau can show: the reference's own
-split-half tau (the means of half its seeds against the other half's: how well the stand-alone
-ranking predicts itself), and with `--also` (the same space's supernet trained with another
+Beside it, the noise figures that bound what any tau can show: the tau a perfect ranking is
+expected to reach against these K-seed means (from the share of their spread that is not seed
+noise), the reference's own split-half tau (the means of half its seeds against the other
+half's), and with `--also` (the same space's supernet trained with another
 seed) the tau between the two supernets' scores. `--finetune N` fine-tunes each configuration's
 slice N steps (the supernet's recipe, warm-up at most N/10) before scoring it, in OUT/finetune
 (resumable), and counts those steps in the supernet's compute.
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -66,6 +68,21 @@ def split_half_tau(rows: list[dict], names: list[str], metric: str) -> float | N
     means = [[statistics.fmean(r[metric] for r in rows if r["config"] == n and r["seed"] in h)
               for n in names] for h in halves]
     return kendall_tau_b(*means)
+
+
+def truth_tau(rows: list[dict], names: list[str], metric: str) -> float | None:
+    """The Kendall tau a perfect ranking (the configurations' true means) is expected to reach
+    against the reference's K-seed means: (2/pi) asin(sqrt(reliability)), the reliability being
+    the share of the means' variance across configurations that is not seed noise (for normal
+    noise; None without two seeds per configuration)."""
+    groups = [[r[metric] for r in rows if r["config"] == n] for n in names]
+    if min(len(g) for g in groups) < 2:
+        return None
+    k = statistics.fmean(len(g) for g in groups)
+    seed_var = statistics.fmean(statistics.variance(g) for g in groups)
+    means_var = statistics.variance([statistics.fmean(g) for g in groups])
+    reliability = max(0.0, means_var - seed_var / k) / means_var
+    return 2 / math.pi * math.asin(math.sqrt(reliability))
 
 
 def reference_means(rows: list[dict]) -> dict[str, dict]:
@@ -141,16 +158,20 @@ def main() -> None:
         best = max if mode == "max" else min
         pick_ours = best(names, key=lambda n: scores[n][metric])
         pick_theirs = best(names, key=lambda n: reference[n][metric])
-        ceiling = split_half_tau([r for r in rows if r["config"] in names], names, metric)
+        mine = [r for r in rows if r["config"] in names]
+        ceiling = split_half_tau(mine, names, metric)
+        perfect = truth_tau(mine, names, metric)
         between = (kendall_tau_b(ours, [other[n][metric] for n in names])
                    if other is not None else None)
         result["metrics"][metric] = {"kendall_tau_b": tau, "supernet_pick": pick_ours,
                                      "standalone_pick": pick_theirs,
                                      "reference_split_half_tau": ceiling,
+                                     "perfect_ranking_tau": perfect,
                                      "supernet_seed_tau": between,
                                      "supernet": dict(zip(names, ours)),
                                      "standalone": dict(zip(names, theirs))}
-        print(f"{metric:14} {tau:6.2f}  {pick_ours} -> {pick_theirs}   (reference split-half "
+        print(f"{metric:14} {tau:6.2f}  {pick_ours} -> {pick_theirs}   (a perfect ranking: "
+              f"{perfect if perfect is None else round(perfect, 2)}; reference split-half "
               f"tau {ceiling if ceiling is None else round(ceiling, 2)}"
               + (f", supernet seed-vs-seed tau {between:.2f})" if between is not None else ")"))
     per_step = run.per_step
@@ -161,7 +182,8 @@ def main() -> None:
         "supernet_batch": batch, "supernet_seconds": round(run.seconds, 1),
         "standalone_configuration_steps": sum(reference[n]["seeds"] for n in names)
         * args.reference_steps,
-        "standalone_seconds": round(sum(reference[n]["train_seconds"] for n in names), 1),
+        # (None: the reference file does not say)
+        "standalone_seconds": round(sum(reference[n]["train_seconds"] for n in names), 1) or None,
         "supernet_configurations_scored": len(run.specs)}
     c = result["compute"]
     print(f"compute: supernet {c['supernet_configuration_steps']} configuration-steps "

@@ -302,6 +302,8 @@ def trained_supernet(tmp_path, monkeypatch):
 
 @pytest.mark.minilm
 def test_a_supernet_scored_sweep_writes_each_slices_score_as_a_trial(trained_supernet, tmp_path):
+    from mdsearch.arch.spec import ArchSpec
+    from mdsearch.rundir import SPEC
     from mdsearch.search.space import load_space
     from mdsearch.search.sweep import run_sweep
     from mdsearch.train.supernet import finetune_recipe, open_supernet
@@ -333,6 +335,10 @@ def test_a_supernet_scored_sweep_writes_each_slices_score_as_a_trial(trained_sup
                       storage=tmp_path / "sweeps", mlflow=False).table
     assert len(tuned) == 3 and (tuned["status"] == "completed").all()
     assert (tuned["steps"] == 2).all()
+    for _, row in tuned.iterrows():  # each fine-tune in its own trial folder (workers reused)
+        folder = tmp_path / "sweeps" / "tuned" / row["path"]
+        assert ArchSpec.from_file(folder / SPEC) == shared.space.spec_for(
+            {d: int(row[d]) for d in dims})
     row = tuned.iloc[0]
     spec = shared.space.spec_for({d: int(row[d]) for d in dims})
     alone = train_trial(spec, finetune_recipe(shared.recipe, 2), tmp_path / "alone",
