@@ -8,7 +8,8 @@ import numpy as np
 import pandas as pd
 
 from ..quality import difference_band, has_own_seeds, seed_tied
-from ..rundir import COMPLETED, FAILED, FILTERED_STATUS, LATENCY_PLOT, PLOT, STOPPED, front
+from ..rundir import (COMPLETED, FAILED, FILTERED_STATUS, LATENCY_PLOT, PLOT, STOPPED,
+                      SWEEP_SUPERNET, front)
 
 REFERENCES = ("md", "md-lite", "sd15")  # costed presets, drawn as vertical lines
 
@@ -22,7 +23,8 @@ X_AXES = {"gmacs": ("full-size GMACs at 512x512 (multiply-accumulates)", "{:g} G
 def pareto_plot(table: pd.DataFrame, metric: str, out: str | Path, mode: str = "min",
                 budget: float | None = None, title: str = "",
                 references: dict[str, float] | None = None, x: str = "gmacs",
-                noise: float | None = None, xlabel: str | None = None) -> Path:
+                noise: float | None = None, xlabel: str | None = None,
+                scored_by: str = "proxy training") -> Path:
     """Every trained trial at (full-size cost `x`, `metric`), the front of the completed ones
     drawn and labelled, stopped-early trials hollow, failed ones as crosses on the top edge, the
     budget and the reference models' costs as vertical lines (all in `x`'s units: GMACs, or
@@ -94,7 +96,7 @@ def pareto_plot(table: pd.DataFrame, metric: str, out: str | Path, mode: str = "
                    label=f"{name} (reference) at " + budget_label.format(round(gmacs, 1)))
     filtered = int((table["status"] == FILTERED_STATUS).sum())
     ax.set_xlabel(xlabel)
-    ax.set_ylabel(f"{metric} ({'lower' if mode == 'min' else 'higher'} is better; proxy training)")
+    ax.set_ylabel(f"{metric} ({'lower' if mode == 'min' else 'higher'} is better; {scored_by})")
     ax.set_title(title + (f"  [{filtered} over-budget configurations not trained]"
                           if filtered else ""), fontsize=9)
     ax.grid(alpha=0.3)
@@ -128,14 +130,17 @@ def sweep_plot(result, space) -> Path | None:
     if "gmacs" not in table or metric not in table:
         return None
     title = f"sweep {result.path.name} ({space.name}, recipe {result.recipe})"
+    scored_by = "proxy training"
+    if (result.path / SWEEP_SUPERNET).is_file():
+        title, scored_by = title.replace("recipe", "supernet of"), "a supernet's slices: a screen"
     noise = result.floors.get(metric, {}).get("floor")
     result.plot = pareto_plot(
         table, metric, result.path / PLOT, space.quality.mode, space.budget.max_gmacs,
-        title=title, references=reference_costs()["gmacs"], noise=noise)
+        title=title, references=reference_costs()["gmacs"], noise=noise, scored_by=scored_by)
     if "latency_ms" in table and table["latency_ms"].notna().any():
         pareto_plot(table, metric, result.path / LATENCY_PLOT, space.quality.mode,
                     space.budget.max_latency_ms, title=title, x="latency_ms", noise=noise,
-                    references=latency_references(space.latency))
+                    references=latency_references(space.latency), scored_by=scored_by)
     return result.plot
 
 

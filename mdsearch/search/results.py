@@ -133,6 +133,7 @@ def best_trials(table: pd.DataFrame, space: Space, top: int = 5) -> pd.DataFrame
 def summary(result: SweepResult, space: Space) -> str:
     """What `mdsearch sweep` prints at the end: counts, the best trials, where the results are."""
     t = result.table
+    scored = result.path / SWEEP_SUPERNET  # a sweep scored on a supernet
     counts = t["status"].value_counts().to_dict()
     trained = sum(v for k, v in counts.items() if k != FILTERED_STATUS)
     lines = [f"{trained} trials trained ("
@@ -149,18 +150,19 @@ def summary(result: SweepResult, space: Space) -> str:
         best = best.assign(params=(best["params"] / 1e6).round(1).astype(str) + "M")
         lines.append(f"{front} (by {', '.join(o.mode + ' ' + o.metric for o in space.objectives)}):")
         lines.append(best.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-        lines.append(winner_statement(t, space.quality.metric,
-                                      result.floors.get(space.quality.metric)).replace("**", ""))
+        if not scored.is_file():
+            lines.append(winner_statement(t, space.quality.metric,
+                                          result.floors.get(space.quality.metric))
+                         .replace("**", ""))
     else:
         lines.append("no trial completed its full budget")
-    scored = result.path / SWEEP_SUPERNET
-    if scored.is_file():
+    if scored.is_file():  # no per-trial seed floor applies: say what moves these scores
         used = json.loads(scored.read_text())
         lines.append(f"Scored on the supernet {used['supernet']}"
                      + (f" after {used['finetune']}-step fine-tunes" if used["finetune"] else
                         ", no training per trial")
-                     + ": a screen. How far its ranking agrees with stand-alone training, and "
-                       "how much it moves with the supernet's own seed: docs/supernet.md")
+                     + ": a screen, not a winner. What moves its order (the supernet's own seed) "
+                       "and how far it agrees with stand-alone training: docs/supernet.md")
     if result.plot:
         lines.append(f"Pareto plot: {result.plot}")
     lines.append(f"results: {result.results_csv}")
