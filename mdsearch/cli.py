@@ -376,6 +376,32 @@ def cmd_supernet_evolve(args) -> None:
               f"alone to confirm: mdsearch train --spec {out}")
 
 
+def cmd_supernet_extract(args) -> None:
+    from .train.supernet import open_supernet, write_run
+
+    folder, space = _supernet_space(args)
+    point = {}
+    for item in args.point:
+        name, _, value = item.partition("=")
+        dim = next((d for d in space.dimensions if d.name == name), None)
+        if dim is None:
+            raise ConfigError(f"--point {item}: {space.source} has no dimension {name!r} (it has "
+                              f"{', '.join(d.name for d in space.dimensions)})")
+        match = [v for v in dim.values if str(v) == value]
+        if not match:
+            raise ConfigError(f"--point {item}: dimension {name} takes "
+                              f"{', '.join(map(str, dim.values))}")
+        point[name] = match[0]
+    missing = [d.name for d in space.dimensions if d.active(point) and d.name not in point]
+    if missing:
+        raise ConfigError(f"--point: give every dimension of {space.name}; missing "
+                          f"{', '.join(missing)}")
+    spec = space.spec_for(point)
+    path = write_run(open_supernet(folder, space), spec, args.out)
+    print(f"{path}: {point} as a run at step 0 with the supernet's weights; export it with "
+          f"mdsearch export --checkpoint {args.out} --out BUNDLE")
+
+
 def _train_ufogen(args, recipe) -> None:
     """`train --init RUN_DIR --trial ufogen_cpu`: one-step fine-tuning of a trained run."""
     from .train.ufogen import UFOGenRecipe, ufogen_trial
@@ -686,6 +712,14 @@ def main(argv: list[str] | None = None) -> int:
                         "beside it as .json)")
     p.add_argument("--json", action="store_true", help="last stdout line: the result as JSON")
     p.set_defaults(func=cmd_supernet_evolve)
+    p = sup.add_parser("extract", help="write one configuration's slice as a run directory "
+                       "(for mdsearch export --checkpoint, or to train on)")
+    p.add_argument("dir", help="a folder written by mdsearch supernet train")
+    p.add_argument("--point", action="append", required=True, metavar="DIMENSION=VALUE",
+                   help="the configuration, one dimension each (repeat)")
+    p.add_argument("--out", required=True, help="the run directory to write")
+    p.add_argument("--space", default=None, help="default: DIR/space.yaml (copied at training)")
+    p.set_defaults(func=cmd_supernet_extract)
 
     lat = sub.add_parser("latency", help="latency tables measured in ONNX Runtime, per block "
                          "(docs/latency.md)").add_subparsers(dest="latency_command", required=True)

@@ -445,3 +445,28 @@ def test_a_sampling_rule_that_trains_nothing_is_refused(tmp_path, rule, random, 
         tiny_run(tmp_path, "sn", rule=rule, random=random)
     assert str(err.value) == message
     assert not (tmp_path / "sn").exists()
+
+
+@pytest.mark.minilm
+def test_an_extracted_slice_is_a_run_export_reads_with_the_supernets_weights(trained_supernet,
+                                                                             tmp_path, capsys):
+    from mdsearch.cli import main
+    from mdsearch.export.onnx import load_checkpoint
+    from mdsearch.search.space import load_space
+    from mdsearch.train.supernet import open_supernet
+
+    sn, space_file = trained_supernet
+    point = ["--point", "inner_channels=768", "--point", "inner_layers=1", "--point",
+             "ffn_expansion=3"]
+    assert main(["supernet", "extract", str(sn), *point, "--out", str(tmp_path / "run")]) == 0
+    shared = open_supernet(sn, load_space(space_file))
+    spec = shared.space.spec_for({"inner_channels": 768, "inner_layers": 1, "ffn_expansion": 3})
+    proxy, model = load_checkpoint(tmp_path / "run")  # what mdsearch export reads
+    assert proxy == shared.proxy(spec)
+    slice_ = shared.extract(proxy).state_dict()
+    assert all(torch.equal(w, slice_[k]) for k, w in model.state_dict().items())
+    code = main(["supernet", "extract", str(sn), "--point", "inner_channels=999", "--out",
+                 str(tmp_path / "bad")])
+    err = capsys.readouterr().err
+    assert code == 2 and "dimension inner_channels takes 512, 768" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()

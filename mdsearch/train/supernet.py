@@ -1,7 +1,8 @@
 """Training the elastic supernet of a search space (issue 27): one set of weights in which
 every configuration of the space is a sub-network (`mdsearch.arch.supernet`), trained by the
 sandwich rule (BigNAS): at every step the largest configuration, the smallest, and `random`
-others drawn from (seed, step), each on the same batch, their diffusion losses averaged.
+others drawn from (seed, step), each on the same batch, their diffusion losses averaged (or by
+the uniform rule: `random` configurations drawn, nothing fixed).
 
     run = SupernetTraining(space, recipe, "runs/qs-supernet", random=2)
     run.run()                    # resumes from runs/qs-supernet/supernet.pt if it is there
@@ -13,8 +14,9 @@ checkpoint and started again equals the uninterrupted run bit for bit. The check
 (`supernet.pt`, weights only, written atomically) holds the supernet spec, the configurations
 (as the space's points), the recipe, the weights, the EMA, the optimiser and the step.
 
-Not yet: MLflow tracking, evaluation during training (scoring is `mdsearch sweep --supernet`,
-to come), data-parallel workers, stages.
+Scoring is `score` / `score_one` (and `mdsearch sweep SPACE --supernet DIR`, which calls them
+per trial); `write_run` turns a slice into a run directory. Not yet: evaluation during
+training, data-parallel workers, stages.
 """
 
 from __future__ import annotations
@@ -101,6 +103,27 @@ def finetune_recipe(recipe: Recipe, steps: int) -> Recipe:
                             "optimizer.warmup_steps": min(recipe.optimizer.warmup_steps,
                                                           steps // 10)},
                            source=f"--finetune {steps}")
+
+
+def write_run(shared: "SupernetTraining", spec: ArchSpec, out_dir: str | Path) -> Path:
+    """A configuration's slice (its EMA weights) written as a run directory at step 0 of the
+    supernet's recipe, in the format `mdsearch train` writes: `mdsearch export --checkpoint`
+    exports it, and `mdsearch train --out` on it trains on from the slice."""
+    import yaml
+
+    from ..rundir import RECIPE, check_out_dir, locked
+    from .trainer import Training
+
+    check_out_dir(out_dir)
+    with locked(out_dir, f"writing {spec.name}"):
+        run = Training(spec, shared.recipe, out_dir)
+        if run.step:
+            raise TrainError(f"{run.ckpt_path}: a run that has trained already; write the slice "
+                             "into a new folder")
+        run.start_from(shared.extract(shared.proxy(spec)).state_dict())
+        atomic_write(run.out / RECIPE, yaml.safe_dump(shared.recipe.to_dict(), sort_keys=False))
+        run.save(run.attention[0])
+    return run.ckpt_path
 
 
 def check_recipe(recipe: Recipe) -> None:
