@@ -40,3 +40,38 @@ def test_the_filesystem_travels_to_trial_actors(tmp_path):
         f.write(b"x")
     assert (tmp_path / "a.txt").read_bytes() == b"x"
     assert fs == atomic_local_fs()
+
+
+def test_a_state_file_and_its_signature_match_whichever_of_them_a_kill_cuts_off(tmp_path):
+    """Tune copies experiment_state-*.json and its .sig as two files: the sweep folder must hold
+    a matching pair after a kill between them, in either order."""
+    import pytest
+
+    from mdsearch.search import signing
+
+    src, dst = tmp_path / "staging", tmp_path / "sweep"
+    src.mkdir()
+    dst.mkdir()
+    state, fs = "experiment_state-1.json", atomic_local_fs()
+    (src / state).write_text('{"old": 1}')
+    signing.sign(src / state)
+    pafs.copy_files(str(src), str(dst), destination_filesystem=fs)
+    signing.check(dst)
+    (src / state).write_text('{"new": 2}')  # the next experiment checkpoint, in staging
+    signing.sign(src / state)
+    with fs.open_output_stream(str(dst / state)) as f:  # the state file copied first ...
+        f.write((src / state).read_bytes())
+    signing.check(dst)  # ... and a kill before its signature: still a matching pair
+    with fs.open_output_stream(str(dst / (state + ".sig"))) as f:
+        f.write((src / (state + ".sig")).read_bytes())
+    signing.check(dst)
+    (src / state).write_text('{"newer": 3}')  # and the next one, signature copied first ...
+    signing.sign(src / state)
+    with fs.open_output_stream(str(dst / (state + ".sig"))) as f:
+        f.write((src / (state + ".sig")).read_bytes())
+    signing.check(dst)  # ... and a kill before the state file: still a matching pair
+    pafs.copy_files(str(src), str(dst), destination_filesystem=fs)
+    signing.check(dst)
+    (dst / state).write_text('{"crafted": 4}')  # a file this driver did not write: refused
+    with pytest.raises(signing.UnsignedStateError, match="does not match its signature"):
+        signing.check(dst)

@@ -22,6 +22,7 @@ with `--trust-state`, which signs what is there after the user has vouched for i
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import hmac
 import os
@@ -81,6 +82,42 @@ def sign(path: str | Path) -> None:
     os.replace(temp, path.with_name(path.name + SIGNATURE))
 
 
+def is_state_file(path: str | Path) -> bool:
+    """Whether a file, by its name, is one of the Tune pickles a sweep folder signs."""
+    name = Path(path).name
+    return any(fnmatch.fnmatch(name, pattern.rsplit("/", 1)[-1]) for pattern in PICKLED)
+
+
+def sign_incoming(new: str | Path, final: str | Path) -> None:
+    """Before `new` (a complete new version of the state file `final`) is renamed over it: add
+    its keyed hash to FINAL.sig beside the current version's, so that a kill between this rename
+    and the copy of the staging folder's signature leaves a pair that still matches. Nothing
+    where this machine has no key (a worker node: Tune's state is the driver's)."""
+    if not key_path().is_file():
+        return
+    final = Path(final)
+    signature = final.with_name(final.name + SIGNATURE)
+    try:
+        kept = signature.read_text().split()[-1:]
+    except (OSError, UnicodeDecodeError):
+        kept = []
+    temp = final.with_name(f".{final.name}{SIGNATURE}.{os.getpid()}.tmp")
+    temp.write_text("\n".join([*kept, _mac(Path(new), _key())]) + "\n")
+    os.replace(temp, signature)
+
+
+def keep_previous(new_signature: str | Path, final: str | Path) -> None:
+    """Before a copied signature (`new_signature`, complete) replaces FINAL.sig: keep the
+    current version's hash in it too, so that a kill before the state file itself is copied
+    leaves a pair that still matches."""
+    try:
+        kept = Path(final).read_text().split()[-1:]
+    except (OSError, UnicodeDecodeError):
+        return
+    incoming = Path(new_signature).read_text().split()
+    Path(new_signature).write_text("\n".join([*kept, *incoming]) + "\n")
+
+
 def pickled_files(sweep_dir: Path) -> list[Path]:
     return sorted({p for pattern in PICKLED for p in Path(sweep_dir).glob(pattern) if p.is_file()})
 
@@ -91,11 +128,12 @@ def check(sweep_dir: str | Path) -> None:
     key = _key()
     for path in pickled_files(Path(sweep_dir)):
         signature = path.with_name(path.name + SIGNATURE)
-        try:
-            expected = signature.read_text().strip()
+        try:  # (while a new version is copied in, the signature lists the old one's and its)
+            expected = signature.read_text().split()
         except (OSError, UnicodeDecodeError):
             expected = None
-        if expected is None or not hmac.compare_digest(expected, _mac(path, key)):
+        mac = _mac(path, key)
+        if expected is None or not any(hmac.compare_digest(e, mac) for e in expected):
             why = ("has no signature" if expected is None else
                    "does not match its signature")
             raise UnsignedStateError(

@@ -8,7 +8,10 @@ empty or cut `searcher-state-*.pkl` or `experiment_state-*.json` behind, and `--
 nothing whole to resume from. Through `atomic_local_fs()` each file is written to a hidden
 temporary file beside it (`.NAME.PARTIAL`) and renamed over the old one when complete, so a
 kill at any moment leaves the previous version or the new one, never a part. Leftover temporary
-files of a killed copy are removed when the sweep resumes (`remove_partials`).
+files of a killed copy are removed when the sweep resumes (`remove_partials`). A Tune pickle's
+keyed signature (`signing.py`) is extended with the new version's before the new version is
+renamed into place, so a kill between a state file and its signature's copy leaves a matching
+pair.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 
 from ..rundir import fault_point
+from . import signing
 
 PARTIAL = "mdsearch-partial"
 _IDS = itertools.count()
@@ -50,6 +54,11 @@ class _ReplacedOnClose(io.FileIO):
         # (tests: a kill with the new file written, not yet renamed; by file name, such as
         # storage-copy-searcher-state, so that only the process copying that file is killed)
         fault_point("storage-copy-" + os.path.basename(self.final))
+        if signing.is_state_file(self.final):  # its signature first: old and new both match
+            signing.sign_incoming(self.temp, self.final)
+        elif self.final.endswith(signing.SIGNATURE) and \
+                signing.is_state_file(self.final[:-len(signing.SIGNATURE)]):
+            signing.keep_previous(self.temp, self.final)
         os.replace(self.temp, self.final)
 
 
