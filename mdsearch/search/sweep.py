@@ -276,9 +276,11 @@ def _run_sweep(space: Space, recipe, name: str, sweep_dir: Path, address, resume
                                        recipe.steps, recipe.eval.every, sweep_dir / STOP_STATE)
         tuner = tune.Tuner(
             trainable,
-            # a supernet's trials reuse their worker, which keeps the supernet it opened
+            # a supernet's scoring trials reuse their worker, which keeps the supernet it opened
+            # (not fine-tunes: a reused worker's trial folder is its first trial's)
             tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
-                                        num_samples=total, reuse_actors=supernet is not None),
+                                        num_samples=total,
+                                        reuse_actors=supernet is not None and not finetune),
             run_config=tune.RunConfig(
                 name=name, storage_path=str(sweep_dir.parent), callbacks=callbacks, verbose=0,
                 storage_filesystem=atomic_local_fs(),  # a killed copy never leaves a cut file
