@@ -210,7 +210,7 @@ def finetuned(run, labelled, steps: int, out: Path, say) -> dict[str, dict]:
     for label, spec in labelled:
         started = time.time()
         result = train_trial(spec, recipe, out / "finetune" / label["config"],
-                             start=run.extract(run.proxy(spec)).state_dict())
+                             start=run.slice_of(spec).state_dict())
         scores[label["config"]] = {**label, **result.metrics}
         say(f"{label['config']}: fine-tuned {steps} steps, text_gain "
             f"{result.metrics['text_gain']:.4g} ({time.time() - started:.0f} s)")

@@ -372,8 +372,9 @@ def cmd_supernet_evolve(args) -> None:
         print(f"{out}: {result['point']}, {metric} {result[metric]:.4g} on the supernet, "
               f"{result['latency_ms']:.1f} ms predicted (target {args.target_ms:g}); "
               f"{len(result['actions'])} actions from the largest "
-              f"({result['start']['latency_ms']:.1f} ms), {result['scored']} configurations scored; actions in {history}. Train it "
-              f"alone to confirm: mdsearch train --spec {out}")
+              f"({result['start']['latency_ms']:.1f} ms), {result['scored']} configurations "
+              f"scored; actions in {history}. Train it alone to confirm: mdsearch train --spec "
+              f"{out}")
 
 
 def cmd_supernet_extract(args) -> None:

@@ -64,16 +64,16 @@ def evolve(shared, table, target_ms: float, metric: str | None = None,
     if target_ms <= 0:
         raise EvolveError(f"--target-ms {target_ms:g}: give a latency in milliseconds (> 0)")
     points = list(shared.points)
+    latency = {key(p): table.predict(space.spec_for(p)).total_ms for p in points}
     scored: dict[tuple, dict] = {}
 
     def judge(point: dict) -> dict:
         if key(point) not in scored:
-            spec = space.spec_for(point)
-            scored[key(point)] = {"point": point, metric: shared.score_one(spec)[metric],
-                                  "latency_ms": table.predict(spec).total_ms}
+            score = shared.score_one(space.spec_for(point))[metric]
+            scored[key(point)] = {"point": point, metric: score, "latency_ms": latency[key(point)]}
         return scored[key(point)]
 
-    fastest = min((table.predict(space.spec_for(p)).total_ms for p in points))
+    fastest = min(latency.values())
     if fastest > target_ms:
         raise EvolveError(f"--target-ms {target_ms:g}: no configuration of {space.name} is "
                           f"predicted that fast by {table.path} (the fastest: {fastest:.1f} ms)")

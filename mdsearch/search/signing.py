@@ -73,13 +73,17 @@ def _mac(path: Path, key: bytes) -> str:
     return hmac.new(key, path.read_bytes(), hashlib.sha256).hexdigest()
 
 
-def sign(path: str | Path) -> None:
-    """Write PATH.sig, the keyed hash of PATH's bytes (atomically: a signature is whole or
-    absent)."""
-    path = Path(path)
-    temp = path.with_name(f".{path.name}{SIGNATURE}.tmp")
-    temp.write_text(_mac(path, _key()) + "\n")
+def _write_signature(path: Path, macs: list[str]) -> None:
+    """PATH.sig listing `macs`, one per line, written atomically (whole or absent)."""
+    temp = path.with_name(f".{path.name}{SIGNATURE}.{os.getpid()}.tmp")
+    temp.write_text("\n".join(macs) + "\n")
     os.replace(temp, path.with_name(path.name + SIGNATURE))
+
+
+def sign(path: str | Path) -> None:
+    """Write PATH.sig, the keyed hash of PATH's bytes."""
+    path = Path(path)
+    _write_signature(path, [_mac(path, _key())])
 
 
 def is_state_file(path: str | Path) -> bool:
@@ -96,14 +100,11 @@ def sign_incoming(new: str | Path, final: str | Path) -> None:
     if not key_path().is_file():
         return
     final = Path(final)
-    signature = final.with_name(final.name + SIGNATURE)
     try:
-        kept = signature.read_text().split()[-1:]
+        kept = final.with_name(final.name + SIGNATURE).read_text().split()[-1:]
     except (OSError, UnicodeDecodeError):
         kept = []
-    temp = final.with_name(f".{final.name}{SIGNATURE}.{os.getpid()}.tmp")
-    temp.write_text("\n".join([*kept, _mac(Path(new), _key())]) + "\n")
-    os.replace(temp, signature)
+    _write_signature(final, [*kept, _mac(Path(new), _key())])
 
 
 def keep_previous(new_signature: str | Path, final: str | Path) -> None:

@@ -131,14 +131,12 @@ def bind_supernet(space: Space, trial, folder: str | Path, finetune: int):
     """The recipe of a supernet-scored sweep: the one `folder`'s supernet was trained with (or
     its `finetune`-step fine-tune), once the supernet is checked to hold this space; what a
     supernet cannot score is refused in one line."""
-    from ..train.supernet import configurations, finetune_recipe, read_supernet
+    from ..train.supernet import finetune_recipe, read_supernet
 
     if trial is not None:
         raise SweepError(f"--trial {trial} with --supernet: the trials are scored with the "
                          "recipe the supernet was trained with; leave --trial out")
-    if finetune < 0:
-        raise SweepError(f"--finetune {finetune}: give the steps of each fine-tune (>= 1), or 0")
-    changed = sorted({k for p, _ in configurations(space) for k in space.recipe_changes(p)})
+    changed = sorted({k for p in space.grid() for k in space.recipe_changes(p)})
     if changed:
         raise SweepError(f"{space.source}: dimensions change the recipe ({', '.join(changed)}); "
                          "one supernet is trained with one recipe, so it cannot score them")

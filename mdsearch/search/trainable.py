@@ -86,7 +86,7 @@ def run_trial(config: dict, space: Space, recipe, init: str | None = None,
         if not finetune:
             report({"step": 0, **shared.score_one(spec), "supernet_step": shared.step})
             return
-        start = shared.extract(shared.proxy(spec)).state_dict()
+        start = shared.slice_of(spec).state_dict()
         result = train_trial(spec, trial_recipe, work, start=start,
                              on_eval=lambda r: report({**r, "supernet_step": shared.step}))
     elif space.autoencoder is not None:

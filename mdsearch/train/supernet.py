@@ -120,7 +120,7 @@ def write_run(shared: "SupernetTraining", spec: ArchSpec, out_dir: str | Path) -
         if run.step:
             raise TrainError(f"{run.ckpt_path}: a run that has trained already; write the slice "
                              "into a new folder")
-        run.start_from(shared.extract(shared.proxy(spec)).state_dict())
+        run.start_from(shared.slice_of(spec).state_dict())
         atomic_write(run.out / RECIPE, yaml.safe_dump(shared.recipe.to_dict(), sort_keys=False))
         run.save(run.attention[0])
     return run.ckpt_path
@@ -344,9 +344,14 @@ class SupernetTraining:
         if self.data.bank is None:
             self.data.bank = EvalBank(self.data, self.recipe.eval.bank, self.schedule.steps)
         with torch.no_grad():
-            return heldout_metrics(self.extract(self.proxy(spec)), self.data.bank, self.schedule)
+            return heldout_metrics(self.slice_of(spec), self.data.bank, self.schedule)
 
     def extract(self, spec: ArchSpec, ema: bool = True):
         """A configuration (a proxy spec of this supernet) as a plain UNet with its trained
         weights (the EMA's by default)."""
         return extract(self.ema.model if ema else self.net, spec)
+
+    def slice_of(self, spec: ArchSpec):
+        """A full-size spec's configuration as this supernet trains it (its proxy), as a plain
+        UNet with the EMA weights: what is scored, fine-tuned from and written as a run."""
+        return self.extract(self.proxy(spec))
