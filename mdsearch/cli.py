@@ -82,12 +82,16 @@ def _add_spec_args(parser: argparse.ArgumentParser) -> None:
                              "(repeatable)")
 
 
-def _add_run_args(parser: argparse.ArgumentParser, experiment: str) -> None:
+def _add_parallel_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=positive_int, default=None,
                         help="data-parallel workers through Ray Train (default: the recipe's)")
     parser.add_argument("--address", default=None,
                         help="train on an existing Ray cluster (default: one process, or a local "
                              "Ray on 127.0.0.1 when --workers > 1)")
+
+
+def _add_run_args(parser: argparse.ArgumentParser, experiment: str) -> None:
+    _add_parallel_args(parser)
     parser.add_argument("--experiment", default=experiment, help="MLflow experiment name")
     parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     parser.add_argument("--json", action="store_true", help="last stdout line: the result as JSON")
@@ -278,18 +282,26 @@ def cmd_train(args) -> None:
         recipe = recipe.override({"seeds": args.seeds}, source="--seeds")
     spec = _load_spec(args)
     log = prefixed(spec.name)
-    workers = args.workers or recipe.workers
-    if workers > 1 or args.address:
-        from .train.distributed import train_distributed
-
-        result = train_distributed(spec, recipe, args.out, workers=workers, address=args.address,
-                                   steps=args.steps, mlflow=_mlflow(args, spec.name), progress=log)
-    else:
+    result = _distributed(args, spec, recipe, spec.name, log)
+    if result is None:
         from .train.trainer import train_trial
 
         result = train_trial(spec, recipe, args.out, steps=args.steps, progress=log,
                              tracker=_tracker(args, spec.name))
     _print_result(result, args.json)
+
+
+def _distributed(args, spec, recipe, run_name: str, log, init=None):
+    """The run on Ray Train workers when --workers (or the recipe's) is over 1 or --address is
+    given (any kind of recipe); None when it is one process's."""
+    workers = args.workers or recipe.workers
+    if workers == 1 and not args.address:
+        return None
+    from .train.distributed import train_distributed
+
+    return train_distributed(spec, recipe, args.out, workers=workers, address=args.address,
+                             steps=args.steps, mlflow=_mlflow(args, run_name), init=init,
+                             progress=log)
 
 
 def cmd_supernet_train(args) -> None:
@@ -417,9 +429,13 @@ def _train_ufogen(args, recipe) -> None:
     if args.spec or args.preset or args.overrides:
         raise ConfigError("--init takes the spec from the run it starts from: drop --preset, "
                           "--spec and --set")
-    result = ufogen_trial(args.init, recipe, args.out, steps=args.steps, seed=args.seed,
-                          progress=prefixed("ufogen"),
-                          tracker=_tracker(args, f"{Path(args.init).name}-ufogen"))
+    if args.seed is not None:
+        recipe = recipe.override({"seed": args.seed}, source="--seed")
+    name, log = f"{Path(args.init).name}-ufogen", prefixed("ufogen")
+    result = _distributed(args, None, recipe, name, log, init=args.init)
+    if result is None:
+        result = ufogen_trial(args.init, recipe, args.out, steps=args.steps, progress=log,
+                              tracker=_tracker(args, name))
     _print_result(result, args.json)
 
 
@@ -432,8 +448,11 @@ def cmd_vae_train(args) -> None:
         changes["seed"] = args.seed
     if changes:
         recipe = recipe.override(changes, source="--set")
-    result = vae_train(recipe, args.out, init=args.init, steps=args.steps,
-                       progress=prefixed(recipe.name), tracker=_tracker(args, recipe.name))
+    log = prefixed(recipe.name)
+    result = _distributed(args, None, recipe, recipe.name, log, init=args.init)
+    if result is None:
+        result = vae_train(recipe, args.out, init=args.init, steps=args.steps, progress=log,
+                           tracker=_tracker(args, recipe.name))
     _print_result(result, args.json)
 
 
@@ -792,6 +811,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=seed_int, default=None, help="override the recipe's seed")
     p.add_argument("--set", dest="overrides", action="append", metavar="FIELD=VALUE",
                    help="override a recipe field, e.g. arch.latent_channels=16 (repeatable)")
+    _add_parallel_args(p)
     p.add_argument("--experiment", default="mdsearch-vae", help="MLflow experiment name")
     p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     p.add_argument("--json", action="store_true", help="last stdout line: the result as JSON")

@@ -137,7 +137,7 @@ def test_two_ray_train_workers_continue_a_run_as_one_process_would(tmp_path):
                                tmp_path / "two", workers=2,
                                mlflow={"experiment": "dp", "run_name": "two",
                                        "tracking_uri": uri})
-    assert result.status == "ok" and result.steps == 6
+    assert result.status == "ok" and result.steps == 6 and result.workers == 2
     assert [r["step"] for r in result.history] == [3, 6]
     one, two = whole.history[-1], result.history[-1]
     assert two["loss"] == pytest.approx(one["loss"], rel=1e-5)

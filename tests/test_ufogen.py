@@ -247,3 +247,24 @@ def test_evaluations_sample_the_one_step_model_with_every_asked_number_of_steps(
     assert result.metrics == {k: v for k, v in one_step.items() if k not in ("step", "sampler")}
     with pytest.raises(RecipeError, match="eval.steps"):
         recipe(eval={"every": 2, "prompts": 8, "steps": [4]})
+
+
+def test_two_ray_train_workers_fine_tune_as_one_process_does(start, tmp_path):
+    """Each worker takes half of every batch (its share of the losses) and the gradients of G and
+    D are summed over the two before each step: the run ends where one process does."""
+    from mdsearch.train.distributed import train_distributed
+
+    r = recipe(resources={"cpu": 1})
+    one = ufogen_trial(start, r, tmp_path / "one")
+    two = train_distributed(None, r, tmp_path / "two", workers=2, init=start)
+    assert two.status == "ok" and two.steps == 4 and two.workers == 2
+    assert [(h["step"], h["sampler"]) for h in two.history] == \
+        [(h["step"], h["sampler"]) for h in one.history]
+    assert two.metrics["fid_proxy"] == pytest.approx(one.metrics["fid_proxy"], rel=1e-3)
+    a = torch.load(tmp_path / "one" / CHECKPOINT, weights_only=True)
+    b = torch.load(tmp_path / "two" / CHECKPOINT, weights_only=True)
+    for key in ("generator", "discriminator"):
+        assert max((a[key][k] - b[key][k]).abs().max().item() for k in a[key]) < 1e-3
+    moved = max((a["generator"][k] - torch.load(start / CHECKPOINT, weights_only=True)["ema"][k])
+                .abs().max().item() for k in a["generator"])
+    assert moved > 1e-3  # (the comparison above is not of two untrained copies)

@@ -60,8 +60,9 @@ def test_loss_is_l2_plus_weighted_kl_plus_adaptively_weighted_adversarial(tmp_pa
     run = VAETraining(recipe(loss={"kl_weight": 0.01, "adv_weight": 0.0}), tmp_path / "a",
                       evaluator=Stats())
     x = run.images(run.train_set, range(4))
-    loss, recon, parts = run.losses(_step_generator(0, 0), x)
-    # the same posterior sample again: recompute every term by hand
+    eps = torch.randn((4, 4, 4, 4), generator=_step_generator(0, 0))
+    loss, recon, parts = run.losses(x, eps)
+    # the posterior sample with that noise (diffusers' own sampler): every term by hand
     posterior = run.vae.encode(x).latent_dist
     z = posterior.sample(generator=_step_generator(0, 0))
     torch.testing.assert_close(recon, run.vae.decode(z).sample)
@@ -72,7 +73,7 @@ def test_loss_is_l2_plus_weighted_kl_plus_adaptively_weighted_adversarial(tmp_pa
 
     run = VAETraining(recipe(loss={"kl_weight": 0.0, "adv_weight": 0.3, "adv_start": 0}),
                       tmp_path / "b", evaluator=Stats())
-    loss, recon, _ = run.losses(_step_generator(0, 0), x)
+    loss, recon, _ = run.losses(x, eps)
     nll = (recon - x).pow(2).sum() / 4
     adv = -run.disc(recon).mean()
     last = run.vae.decoder.conv_out.weight
@@ -84,10 +85,10 @@ def test_loss_is_l2_plus_weighted_kl_plus_adaptively_weighted_adversarial(tmp_pa
 
 def test_adversarial_term_starts_at_adv_start(tmp_path):
     run = VAETraining(recipe(loss={"adv_start": 3}), tmp_path / "a", evaluator=Stats())
-    x = run.images(run.train_set, range(4))
-    assert run.losses(_step_generator(0, 0), x)[2]["adv"] == 0
+    x, eps = run.images(run.train_set, range(4)), torch.zeros(4, 4, 4, 4)
+    assert run.losses(x, eps)[2]["adv"] == 0
     run.step = 3
-    assert run.losses(_step_generator(0, 3), x)[2]["adv"] != 0
+    assert run.losses(x, eps)[2]["adv"] != 0
 
 
 def test_run_directory_is_a_diffusers_folder_with_unit_variance_scaling(trained):
@@ -163,7 +164,8 @@ def test_decoder_cost_counts_what_decoding_runs(tmp_path):
     ("arch", {"widths": [8, 10], "norm_groups": 4}, "arch.widths.1"),
     ("resolution", 36, "field resolution"),
     ("loss", {"perceptual_weight": 1.0}, "loss.perceptual_path"),
-    ("accumulate", 3, "field accumulate: 3 must be positive and split batch_size"),
+    ("accumulate", 3, "field accumulate: 3 must be positive and split each worker's 4"),
+    ("workers", 3, "field workers: 3 must be positive and split batch_size"),
 ])
 def test_recipe_errors_name_the_field(field, value, match):
     with pytest.raises(RecipeError, match=match):
@@ -292,3 +294,23 @@ def test_a_perceptual_path_that_is_not_a_torch_export_is_one_line(tmp_path, capf
     with pytest.raises(RecipeError, match="lpips.pt2: not a torch.export program"):
         load_perceptual(tmp_path / "lpips.pt2")
     assert "Traceback" not in capfd.readouterr().err  # nothing logged before the one line
+
+
+def test_two_ray_train_workers_train_as_one_process_does(tmp_path):
+    """Two workers, each with half of every batch, end where one process does that accumulates
+    the same halves as two micro-batches (the adversarial term's adaptive weight is per
+    micro-batch, as in one process): the gradients of both networks are summed over the workers
+    before each step."""
+    from mdsearch.train.distributed import train_distributed
+
+    one = vae_train(recipe(accumulate=2), tmp_path / "one")
+    two = train_distributed(None, recipe(resources={"cpu": 1}), tmp_path / "two", workers=2)
+    assert two.status == "ok" and two.steps == 4 and two.workers == 2
+    assert [h["step"] for h in two.history] == [2, 4]
+    assert two.metrics["psnr"] == pytest.approx(one.metrics["psnr"], rel=1e-4)
+    a = torch.load(tmp_path / "one" / CHECKPOINT, weights_only=True)
+    b = torch.load(tmp_path / "two" / CHECKPOINT, weights_only=True)
+    for key in ("model", "discriminator"):
+        assert max((a[key][k].float() - b[key][k].float()).abs().max().item()
+                   for k in a[key]) < 1e-3
+    assert (tmp_path / "two" / DIFFUSERS_WEIGHTS).is_file()  # rank 0 exported the folder

@@ -1,6 +1,9 @@
-"""Data-parallel training through Ray Train: the same loop as `train_trial`, on N workers.
+"""Data-parallel training through Ray Train: the same loops as one process, on N workers.
 
     result = train_distributed(spec, load_recipe("full_cpu"), "runs/full/md", workers=2)
+    result = train_distributed(None, load_ufogen_recipe("ufogen_cpu"), "runs/md-ufo",
+                               workers=2, init="runs/md")          # UFOGen (mdsearch.train.gan)
+    result = train_distributed(None, load_vae_recipe("vae_cpu"), "runs/vae", workers=2)
 
 Ray Train's TorchTrainer starts the workers (one per GPU when the recipe asks for GPUs, else CPU
 workers with gloo), sets up torch.distributed and places each worker on its device; the loop in
@@ -16,8 +19,11 @@ Without `address`, Ray starts locally on 127.0.0.1 (no port open to the network)
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -26,6 +32,23 @@ from .recipe import Recipe
 from ..progress import quiet, say
 from ..rundir import CHECKPOINT, RESULT
 from .trainer import TrainError, TrialResult
+
+
+def recipe_kind(recipe) -> str:
+    """"diffusion", "ufogen" or "vae": which trainer a recipe is for."""
+    from .ufogen import UFOGenRecipe
+    from .vae import VAERecipe
+
+    return ("ufogen" if isinstance(recipe, UFOGenRecipe) else
+            "vae" if isinstance(recipe, VAERecipe) else "diffusion")
+
+
+def rebuild_recipe(kind: str, data: dict, source: str):
+    from .ufogen import UFOGenRecipe
+    from .vae import VAERecipe
+
+    return {"diffusion": Recipe, "ufogen": UFOGenRecipe, "vae": VAERecipe}[kind].from_dict(
+        data, source)
 
 
 def _worker(config: dict) -> None:
@@ -37,8 +60,8 @@ def _worker(config: dict) -> None:
 
     from .trainer import train_trial
 
-    spec = ArchSpec.from_dict(config["spec"], "promoted spec")
-    recipe = Recipe.from_dict(config["recipe"], config["recipe_source"])
+    kind = config["kind"]
+    recipe = rebuild_recipe(kind, config["recipe"], config["recipe_source"])
     out = Path(config["out_dir"])
     rank = ray.train.get_context().get_world_rank()
     restored = ray.train.get_checkpoint()
@@ -69,19 +92,36 @@ def _worker(config: dict) -> None:
         from ..track import MLflowTracker
 
         tracker = MLflowTracker(**config["mlflow"])
-    train_trial(spec, recipe, out, steps=config["steps"], progress=say, on_checkpoint=report,
-                tracker=tracker, device=ray.train.torch.get_device())
+    device = ray.train.torch.get_device()
+    if kind == "ufogen":
+        from .ufogen import ufogen_trial
+
+        ufogen_trial(config["init"], recipe, out, steps=config["steps"], progress=say,
+                     tracker=tracker, device=device)
+    elif kind == "vae":
+        from .vae import vae_train
+
+        vae_train(recipe, out, init=config["init"], steps=config["steps"], progress=say,
+                  tracker=tracker, device=device)
+    else:
+        spec = ArchSpec.from_dict(config["spec"], "promoted spec")
+        train_trial(spec, recipe, out, steps=config["steps"], progress=say, on_checkpoint=report,
+                    tracker=tracker, device=device)
 
 
-def train_distributed(spec: ArchSpec, recipe: Recipe, out_dir: str | Path, *,
+def train_distributed(spec: ArchSpec | None, recipe, out_dir: str | Path, *,
                       workers: int | None = None, address: str | None = None,
                       steps: int | None = None, max_failures: int = 0,
-                      mlflow: dict | None = None,
+                      mlflow: dict | None = None, init: str | Path | None = None,
                       progress: Callable[[str], None] | None = None) -> TrialResult:
     """Train on `workers` (default: the recipe's) Ray Train workers; each gets the recipe's
-    `resources` (cpu, gpu). Rank 0 logs to MLflow when `mlflow` holds MLflowTracker's arguments
-    (experiment, run_name, tracking_uri: give an absolute URI, workers do not share the driver's
-    working directory). Returns rank 0's result, also saved as out_dir/result.json."""
+    `resources` (cpu, gpu). The recipe is a diffusion Recipe (train `spec`), a UFOGenRecipe
+    (fine-tune the run `init`; spec None) or a VAERecipe (an autoencoder; `init`: the VAE whose
+    encoder `train: decoder` keeps). Rank 0 logs to MLflow when `mlflow` holds MLflowTracker's
+    arguments (experiment, run_name, tracking_uri: give an absolute URI, workers do not share the
+    driver's working directory). Returns rank 0's result, also saved as out_dir/result.json.
+    Only diffusion runs hand their checkpoints to Ray Train (for a restarted worker group on a
+    node that cannot see `out_dir`); the others restart from `out_dir`'s."""
     workers = recipe.workers if workers is None else workers
     if workers != recipe.workers:
         recipe = recipe.override({"workers": workers}, source="--workers")  # checks the batch
@@ -107,9 +147,11 @@ def train_distributed(spec: ArchSpec, recipe: Recipe, out_dir: str | Path, *,
     say(f"Ray Train: {workers} worker(s), each {cpus:g} CPU / {gpus:g} GPU, into {out}")
     trainer = TorchTrainer(
         _worker,
-        train_loop_config={"spec": spec.to_dict(), "recipe": recipe.to_dict(),
-                           "recipe_source": recipe.name, "out_dir": str(out), "steps": steps,
-                           "mlflow": mlflow},
+        train_loop_config={"kind": recipe_kind(recipe),
+                           "spec": None if spec is None else spec.to_dict(),
+                           "recipe": recipe.to_dict(), "recipe_source": recipe.name,
+                           "init": None if init is None else str(Path(init).resolve()),
+                           "out_dir": str(out), "steps": steps, "mlflow": mlflow},
         torch_config=TorchConfig(backend="nccl" if gpus else "gloo", timeout_s=3600),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus > 0,
                                      resources_per_worker={"CPU": cpus,
@@ -127,3 +169,104 @@ def train_distributed(spec: ArchSpec, recipe: Recipe, out_dir: str | Path, *,
     if not (out / RESULT).is_file():
         raise TrainError(f"distributed training into {out} ended without rank 0's {RESULT}")
     return TrialResult(**json.loads((out / RESULT).read_text()))
+
+
+# -- a sweep trial over several workers ----------------------------------------------------------
+#
+# A data-parallel sweep trial keeps Ray Tune's trial as it is: the trial's process is rank 0 (it
+# restores Tune's checkpoint, trains, evaluates and reports with tune.report, exactly as a
+# one-process trial does), and ranks 1..N-1 are actors in the other bundles of the trial's
+# placement group, which Tune reserves whole before the trial starts (PlacementGroupFactory, one
+# bundle per worker): two trials can never each hold half of what they need. A stopped or killed
+# trial takes its ranks with it (an actor dies with the process that created it).
+
+PROCESS_GROUP_TIMEOUT_S = 3600  # a collective may wait this long (rank 0 evaluating, on a GPU)
+
+
+def trial_bundles(recipe) -> list[dict[str, float]]:
+    """The placement group of one trial: a bundle per worker (bundle 0: the trial's process)."""
+    cpus, gpus = float(recipe.resources.get("cpu", 1)), float(recipe.resources.get("gpu", 0))
+    return [{"CPU": cpus, **({"GPU": gpus} if gpus else {})}] * recipe.workers
+
+
+def _join(backend: str, master: str, rank: int, world: int) -> None:
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    dist.init_process_group(backend, init_method=f"tcp://{master}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=PROCESS_GROUP_TIMEOUT_S))
+
+
+class _Rank:
+    """One rank > 0 of a data-parallel sweep trial (a Ray actor in its trial's placement group)."""
+
+    def ready(self) -> bool:
+        return True
+
+    def run(self, train: Callable[[], object], rank: int, world: int, master: str, backend: str,
+            cwd: str, threads: int) -> None:
+        import torch
+        import torch.distributed as dist
+
+        os.chdir(cwd)  # recipe paths as the sweep's driver sees them
+        torch.set_num_threads(threads)
+        _join(backend, master, rank, world)
+        try:
+            train()
+        finally:  # closing the connections fails the other ranks' pending collectives
+            dist.destroy_process_group()
+
+
+@contextmanager
+def trial_ranks(recipe, train: Callable[[], object]):
+    """Inside a Ray Tune trial whose resources are `trial_bundles(recipe)`: make this process
+    rank 0 of `recipe.workers` data-parallel ranks, the others running `train()` (the same
+    training as rank 0's, which reports nothing: only rank 0 evaluates and saves). Inside the
+    block torch.distributed is initialised; leaving it waits for the other ranks and removes
+    them. A rank's error is raised here as a TrainError naming the rank."""
+    import ray
+    import torch.distributed as dist
+    from ray.util.placement_group import get_current_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    group = get_current_placement_group()
+    if group is None:
+        raise TrainError(f"recipe {recipe.name}: workers: {recipe.workers} needs the trial's "
+                         "placement group (run it through mdsearch sweep)")
+    bundle = trial_bundles(recipe)[0]
+    gpus = bundle.get("GPU", 0)
+    actor = ray.remote(_Rank)
+    others = [actor.options(num_cpus=bundle["CPU"], num_gpus=gpus, scheduling_strategy=(
+        PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i))).remote()
+              for i in range(1, recipe.workers)]
+    try:
+        ray.get([a.ready.remote() for a in others])
+        host = ray.util.get_node_ip_address()
+        with socket.socket() as s:  # a free port on this node for the process group's store
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        backend, master = ("nccl" if gpus else "gloo"), f"{host}:{port}"
+        threads = max(1, int(bundle["CPU"]))
+        runs = [a.run.remote(train, i, recipe.workers, master, backend, os.getcwd(), threads)
+                for i, a in enumerate(others, 1)]
+        _join(backend, master, 0, recipe.workers)
+        try:
+            yield
+            ray.get(runs)
+        except Exception as err:  # a rank's own error explains a broken collective best
+            done, _ = ray.wait(runs, num_returns=len(runs), timeout=10)
+            for i, ref in enumerate(runs, 1):
+                if ref in done:
+                    try:
+                        ray.get(ref)
+                    except Exception as theirs:
+                        last = (str(theirs).strip().splitlines() or [type(theirs).__name__])[-1]
+                        raise TrainError(f"data-parallel rank {i} of {recipe.workers} failed: "
+                                         f"{last[:400]}") from err
+            raise
+        finally:
+            dist.destroy_process_group()
+    finally:
+        for a in others:
+            ray.kill(a)

@@ -13,6 +13,7 @@ from stage to stage. A recipe without stages is one stage.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -65,6 +66,24 @@ class RecipeData:
         recipe = config.from_dict(cls, data, source, error=RecipeError)
         recipe.validate(source)
         return recipe
+
+
+# how a run is laid out over processes and machines, not what it trains: a checkpoint resumes
+# under another layout (one process, or N data-parallel workers give the same steps)
+LAYOUT_FIELDS = ("workers", "resources")
+
+
+def same_recipe(saved: str | None, recipe: RecipeData) -> bool:
+    """Whether a checkpoint's recipe (its JSON) is `recipe`, apart from the layout fields."""
+    try:
+        data = json.loads(saved) if saved else None
+    except ValueError:
+        return False
+    if not isinstance(data, dict):
+        return False
+    ours = recipe.to_dict()
+    return ({k: v for k, v in data.items() if k not in LAYOUT_FIELDS}
+            == {k: v for k, v in ours.items() if k not in LAYOUT_FIELDS})
 
 
 @dataclass

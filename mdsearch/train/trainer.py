@@ -83,6 +83,7 @@ class TrialResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     seeds: list[int] = field(default_factory=list)  # the training seeds (several: one stack)
     seed_failures: dict[str, str] = field(default_factory=dict)  # seed -> why it stopped
+    workers: int = 1  # data-parallel processes that trained it (this session's)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -124,6 +125,38 @@ def world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def my_slice(size: int) -> slice:
+    """This rank's part of a global batch of `size` (all of it in one process)."""
+    rank, workers = world()
+    return slice(rank * size // workers, (rank + 1) * size // workers)
+
+
+def sum_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    """`values` summed over the ranks, in place (unchanged in one process)."""
+    if world()[1] > 1:
+        dist.all_reduce(values)
+    return values
+
+
+def sum_gradients(params) -> None:
+    """Sum the gradients of `params` over the ranks, in one collective: where each rank's loss
+    is its share of the global batch's loss (its slice's mean times slice / batch), the sum is
+    the gradient one process computes on the whole batch. What DDP does for the diffusion
+    trainer, for the adversarial trainers whose two networks and gradient-norm weighting DDP's
+    hooks do not fit."""
+    if world()[1] == 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
 
 
 def pick_device(setting: str, device: str | torch.device | None = None) -> torch.device:
@@ -265,7 +298,7 @@ class Training:
         self.schedule = NoiseSchedule(kind=recipe.noise_schedule, prediction=recipe.prediction)
         proxy_params = sum(p.numel() for p in self.model.structure.parameters())  # one seed's
         self.result = TrialResult("ok", None, 0, 0.0, self.full.params, self.full.gmacs,
-                                  proxy_params, seeds=list(self.seeds))
+                                  proxy_params, seeds=list(self.seeds), workers=self.workers)
         self.step, self.elapsed_before = 0, 0.0
         self.losses: list[float] = []  # since the last evaluation (its record averages them)
         self.ckpt_path = self.out / CHECKPOINT
@@ -478,7 +511,7 @@ class Training:
         """Steps [self.step, end) of one stage."""
         recipe, opt, result = self.recipe, self.recipe.optimizer, self.result
         size, dev = stage.batch_size, self.device
-        mine = slice(self.rank * size // self.workers, (self.rank + 1) * size // self.workers)
+        mine = my_slice(size)
         autocast = torch.autocast(dev.type, dtype=torch.bfloat16,
                                   enabled=recipe.precision == "bf16")
         self.trained.train()
@@ -522,8 +555,7 @@ class Training:
                     loss.sum().backward()
                 mean_loss += loss.detach()
             if self.workers > 1:  # every rank sees the same mean, so all agree on a divergence
-                dist.all_reduce(mean_loss)
-                mean_loss /= self.workers
+                sum_over_ranks(mean_loss).div_(self.workers)
             if not self.stop_diverged(mean_loss.tolist()):
                 return
             values = [mean_loss[k].item() for k in self.training_seeds()]

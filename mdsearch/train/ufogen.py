@@ -43,6 +43,7 @@ from __future__ import annotations
 import copy
 import json
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -65,8 +66,9 @@ from .gan import AdversarialRun
 from .checkpoint import (RESUMED, CheckpointError, checkpoint_path, described,
                          read_checkpoint)
 from .diffusion import NoiseSchedule
-from .recipe import DEVICES, PRECISIONS, Recipe, RecipeData, RecipeError
-from .trainer import TrialResult, _step_generator, evaluate, make_evaluator, pick_device
+from .recipe import DEVICES, PRECISIONS, Recipe, RecipeData, RecipeError, same_recipe
+from .trainer import (TrialResult, _step_generator, evaluate, make_evaluator, my_slice,
+                      pick_device, world)
 
 RECONSTRUCTIONS = ("diffusion", "distill", "ema_distill")
 ADAPTERS = ("full", "lora")
@@ -128,7 +130,8 @@ class UFOGenRecipe(RecipeData):
     checkpoint_every: int = 100
     log_every: int = 25
     seed: int = 0
-    resources: dict[str, float] = field(default_factory=lambda: {"cpu": 1, "gpu": 0})  # a trial's
+    workers: int = 1  # data-parallel workers; each trains on its slice of every batch
+    resources: dict[str, float] = field(default_factory=lambda: {"cpu": 1, "gpu": 0})  # a worker's
     device: str = "auto"  # auto: this process's GPU if it has one, else the CPU
     precision: str = "fp32"  # or bf16 (autocast of the G and D forward passes)
 
@@ -151,6 +154,9 @@ class UFOGenRecipe(RecipeData):
                            ("log_every", self.log_every)):
             if value <= 0:
                 fail(key, f"must be positive, got {value}")
+        if self.workers < 1 or self.batch_size % self.workers:
+            fail("workers", f"{self.workers} must be positive and split batch_size "
+                            f"({self.batch_size}) into equal slices")
         if 1 not in self.eval.steps:
             fail("eval.steps", f"must include 1 (the one-step model), got {self.eval.steps}")
         if self.lora.rank <= 0:
@@ -241,15 +247,22 @@ class UFOGen(AdversarialRun):
     """The state of one UFOGen run: G, D, the teacher, both optimisers, data and history."""
 
     def __init__(self, init_dir: str | Path, recipe: UFOGenRecipe, out_dir: str | Path, *,
-                 seed: int | None = None, progress=None, evaluator=None, tracker=None):
+                 seed: int | None = None, progress=None, evaluator=None, tracker=None,
+                 device=None):
         self.out = Path(out_dir)
-        self.tracker = tracker
-        self.device = pick_device(recipe.device)
+        rank, workers = world()
+        if recipe.batch_size % workers:
+            raise RecipeError(f"{recipe.name}: field batch_size: {recipe.batch_size} does not "
+                              f"split over {workers} workers")
+        self.lead = rank == 0
+        self.share = 1 / workers  # this rank's slice of every batch (the slices are equal)
+        self.tracker = tracker if self.lead else None
+        self.device = pick_device(recipe.device, device)
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16,
                                        enabled=recipe.precision == "bf16")
         self.out.mkdir(parents=True, exist_ok=True)
         self.init = Path(init_dir)
-        self.recipe, self.say = recipe, progress or quiet
+        self.recipe, self.say = recipe, (progress or quiet) if self.lead else quiet
         self.seed = recipe.seed if seed is None else seed
         start = read_checkpoint(self.init)
         about = ufogen_start(self.init, start)
@@ -289,7 +302,7 @@ class UFOGen(AdversarialRun):
         self.full = cost(self.spec, 512)
         trainable = sum(p.numel() for p in self.G.parameters() if p.requires_grad)
         self.result = TrialResult("ok", None, 0, 0.0, self.full.params, self.full.gmacs,
-                                  trainable)
+                                  trainable, workers=workers)
         self.step, self.elapsed_before, self.started = 0, 0.0, time.time()
         self.ckpt_path = self.out / CHECKPOINT
         if self.ckpt_path.exists():
@@ -299,7 +312,7 @@ class UFOGen(AdversarialRun):
 
     def load(self) -> None:
         state = read_checkpoint(self.ckpt_path, RESUMED)
-        if not state.get("one_step") or state.get("ufogen") != json.dumps(self.recipe.to_dict()):
+        if not state.get("one_step") or not same_recipe(state.get("ufogen"), self.recipe):
             raise CheckpointError(f"{self.ckpt_path}: not a checkpoint of this UFOGen recipe "
                                   "(another recipe or a diffusion run); use a new --out")
         self.G.load_state_dict(state["generator"])
@@ -360,13 +373,16 @@ class UFOGen(AdversarialRun):
     # -- the loop ------------------------------------------------------------------------------
 
     def losses(self, g: torch.Generator, x0, context) -> tuple:
-        r, size = self.recipe, x0.shape[0]
+        """This rank's share of the reconstruction loss, and real and fake at t' for D."""
+        r, size, mine = self.recipe, self.recipe.batch_size, my_slice(self.recipe.batch_size)
         times = torch.tensor(r.timesteps)
-        t = times[torch.randint(len(times), (size,), generator=g)]
+        t = times[torch.randint(len(times), (size,), generator=g)][mine]
         t_prev = (t - r.gap).clamp_(min=0)
-        # drawn on the CPU from the step's generator, so a run is the same on any device
-        noise, noise_real, noise_fake = (torch.randn(x0.shape, generator=g).to(self.device)
-                                         for _ in range(3))
+        # drawn on the CPU from the step's generator for the whole batch, so a run is the same
+        # on any device and over any number of workers
+        noise, noise_real, noise_fake = (
+            torch.randn((size, *x0.shape[1:]), generator=g)[mine].to(self.device)
+            for _ in range(3))
         t, t_prev = t.to(self.device), t_prev.to(self.device)
         x_t = self.schedule.add_noise(x0, noise, t)
         with self.autocast:
@@ -379,22 +395,22 @@ class UFOGen(AdversarialRun):
         else:
             with torch.no_grad(), self.autocast:
                 target = self.teacher(x_t, t, context)
-        recon = F.mse_loss(pred, target.float())
+        recon = F.mse_loss(pred, target.float()) * self.share
         return real, fake, t_prev, recon
 
     def run(self, steps: int | None = None, on_eval=None) -> TrialResult:
         r = self.recipe
         total = r.steps if steps is None else min(steps, r.steps)
-        # recipe.yaml: what the weights are (data, resolution, text encoder: export reads it)
-        atomic_write(self.out / RECIPE, yaml.safe_dump(self.base.to_dict(), sort_keys=False))
-        atomic_write(self.out / UFOGEN_RECIPE,
-                     yaml.safe_dump(self.recipe.to_dict(), sort_keys=False))
+        if self.lead:  # recipe.yaml: what the weights are (data, resolution, text encoder)
+            atomic_write(self.out / RECIPE, yaml.safe_dump(self.base.to_dict(), sort_keys=False))
+            atomic_write(self.out / UFOGEN_RECIPE,
+                         yaml.safe_dump(self.recipe.to_dict(), sort_keys=False))
         if self.tracker is not None:
             self.tracker.start_run(f"{self.init.name}-ufogen", {
                 **flatten(self.recipe.to_dict(), "ufogen"), "init": str(self.init),
                 **flatten(self.proxy.to_dict(), "proxy")},
                 {"params": self.full.params, "gmacs": self.full.gmacs}, self.out)
-        if not self.result.history:
+        if not self.result.history and self.lead:
             self.baseline()
         self.G.train()
         self.D.train()
@@ -402,30 +418,33 @@ class UFOGen(AdversarialRun):
         while self.step < total:
             g = _step_generator(self.seed, self.step)
             idx = torch.randint(len(self.data.train), (r.batch_size,), generator=g)
-            x0, captions = self.data.batch(idx.tolist())
+            x0, captions = self.data.batch(idx[my_slice(r.batch_size)].tolist())
             x0, context = x0.to(self.device), self.data.context(captions).to(self.device)
             real, fake, t_prev, recon = self.losses(g, x0, context)
             for _ in range(r.d_updates):
                 with self.autocast:
                     d_loss = (F.softplus(-self.D(real, t_prev, context).float()).mean()
                               + F.softplus(self.D(fake.detach(), t_prev, context).float()).mean())
-                if not self.descend(d_loss, self.opt_d, self.D.parameters()):
-                    return self.fail(f"non-finite discriminator loss ({d_loss.item()}) at step "
+                d_value = self.descend(d_loss * self.share, self.opt_d, self.D.parameters())
+                if d_value is None:
+                    return self.fail(f"non-finite discriminator loss "
+                                     f"({self.batch_total(d_loss * self.share)}) at step "
                                      f"{self.step + 1}")
             self.D.requires_grad_(False)
             with self.autocast:
-                adv = F.softplus(-self.D(fake, t_prev, context).float()).mean()
+                adv = F.softplus(-self.D(fake, t_prev, context).float()).mean() * self.share
             self.D.requires_grad_(True)
             g_loss = r.adv_weight * adv + r.recon_weight * recon
-            if not self.descend(g_loss, self.opt_g, self.g_params):
-                return self.fail(f"non-finite generator loss ({g_loss.item()}) at step "
-                                 f"{self.step + 1}")
+            g_value = self.descend(g_loss, self.opt_g, self.g_params)
+            if g_value is None:
+                return self.fail(f"non-finite generator loss ({self.batch_total(g_loss)}) at "
+                                 f"step {self.step + 1}")
             if r.reconstruction == "ema_distill":
                 with torch.no_grad():
                     for e, p in zip(self.teacher.parameters(), self.G.parameters()):
                         e.lerp_(p, 1 - r.ema_distill_decay)
-            g_losses.append(g_loss.item())
-            d_losses.append(d_loss.item())
+            g_losses.append(g_value)
+            d_losses.append(d_value)
             self.step += 1
             self.result.steps = self.step
             if self.step % r.log_every == 0 or self.step == total:
@@ -439,7 +458,7 @@ class UFOGen(AdversarialRun):
                     self.tracker.log_metrics(means, self.step)
                 g_losses, d_losses = [], []
             record = None
-            if self.step % r.eval.every == 0 or self.step == total:
+            if self.lead and (self.step % r.eval.every == 0 or self.step == total):
                 records = {n: self.evaluate_with(self.G, n, 1.0,
                                                  "1-step" if n == 1 else f"ddim-{n}")
                            for n in r.eval.steps}
@@ -450,7 +469,8 @@ class UFOGen(AdversarialRun):
                                               for k, v in rec.items()
                                               if isinstance(v, (int, float)) and k != "step"},
                                              self.step)
-            if record is not None or self.step % r.checkpoint_every == 0 or self.step == total:
+            if self.lead and (record is not None or self.step % r.checkpoint_every == 0
+                              or self.step == total):
                 self.save()  # at every evaluation too: a sweep reports it with its checkpoint
             if record is not None and on_eval is not None:
                 on_eval(record)
@@ -468,11 +488,13 @@ def _last_one_step(history: list[dict]) -> dict:
 def ufogen_trial(init_dir: str | Path, recipe: UFOGenRecipe, out_dir: str | Path, *,
                  steps: int | None = None, seed: int | None = None,
                  progress: Callable[[str], None] | None = None, on_eval=None,
-                 evaluator=None, tracker=None) -> TrialResult:
+                 evaluator=None, tracker=None, device=None) -> TrialResult:
     """Fine-tune the run in `init_dir` into a one-step generator per `recipe`, in `out_dir`
-    (resumed from its checkpoint if there is one). `steps` stops early."""
+    (resumed from its checkpoint if there is one). `steps` stops early. Data parallel when
+    torch.distributed is initialised (mdsearch.train.gan); rank 0 holds the directory."""
     check_out_dir(out_dir)
-    with locked(out_dir, f"UFOGen fine-tuning of {init_dir}"):
+    lead = world()[0] == 0
+    with locked(out_dir, f"UFOGen fine-tuning of {init_dir}") if lead else nullcontext():
         run = UFOGen(init_dir, recipe, out_dir, seed=seed, progress=progress, evaluator=evaluator,
-                     tracker=tracker)
+                     tracker=tracker, device=device)
         return run.run(steps, on_eval)

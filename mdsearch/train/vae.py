@@ -54,6 +54,7 @@ import math
 import os
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -72,8 +73,8 @@ from ..rundir import (CHECKPOINT, DIFFUSERS_CONFIG, DIFFUSERS_WEIGHTS, VAE_RECIP
                       atomic_path, atomic_write, check_out_dir, locked, samples_file)
 from .gan import AdversarialRun
 from .checkpoint import RESUMED, CheckpointError, read_checkpoint
-from .recipe import RecipeData, RecipeError
-from .trainer import TrialResult, _step_generator, pick_device
+from .recipe import RecipeData, RecipeError, same_recipe
+from .trainer import TrialResult, _step_generator, my_slice, pick_device, sum_over_ranks, world
 
 TRAIN_PARTS = ("all", "decoder")
 COST_RESOLUTION = 512  # encoder / decoder costs are of one 512x512 image, as the paper's Table 4
@@ -134,7 +135,8 @@ class VAERecipe(RecipeData):
     log_every: int = 50
     seed: int = 0
     device: str = "auto"
-    resources: dict[str, float] = field(default_factory=lambda: {"cpu": 1, "gpu": 0})
+    workers: int = 1  # data-parallel workers; each trains on its slice of every batch
+    resources: dict[str, float] = field(default_factory=lambda: {"cpu": 1, "gpu": 0})  # a worker's
 
     @property
     def factor(self) -> int:
@@ -167,8 +169,12 @@ class VAERecipe(RecipeData):
         if self.train == "decoder" and not a.mid_attention:
             fail("arch.mid_attention", "diffusers' asymmetric VAE (train: decoder) always has "
                                        "middle attention")
-        if self.accumulate < 1 or self.batch_size % self.accumulate:
-            fail("accumulate", f"{self.accumulate} must be positive and split batch_size "
+        if self.workers < 1 or self.batch_size % self.workers:
+            fail("workers", f"{self.workers} must be positive and split batch_size "
+                            f"({self.batch_size}) into equal slices")
+        if self.accumulate < 1 or self.batch_size // self.workers % self.accumulate:
+            fail("accumulate", f"{self.accumulate} must be positive and split each worker's "
+                               f"{self.batch_size // self.workers} images of batch_size "
                                f"({self.batch_size}) into equal micro-batches")
         if self.resolution % self.factor:
             fail("resolution", f"{self.resolution} is not divisible by the factor {self.factor}")
@@ -315,14 +321,21 @@ class VAETraining(AdversarialRun):
     """The state of one autoencoder run: VAE, discriminator, optimisers, data and history."""
 
     def __init__(self, recipe: VAERecipe, out_dir: str | Path, *, init: str | Path | None = None,
-                 seed: int | None = None, progress=None, tracker=None, evaluator=None):
+                 seed: int | None = None, progress=None, tracker=None, evaluator=None,
+                 device=None):
         from ..data import make_dataset
 
         self.out, self.recipe = Path(out_dir), recipe
         self.out.mkdir(parents=True, exist_ok=True)
-        self.say, self.tracker, self.evaluator = progress or quiet, tracker, evaluator
+        rank, workers = world()
+        if recipe.batch_size % workers or recipe.batch_size // workers % recipe.accumulate:
+            raise RecipeError(f"{recipe.name}: field batch_size: {recipe.batch_size} does not "
+                              f"split over {workers} workers x accumulate {recipe.accumulate}")
+        self.lead = rank == 0
+        self.say = (progress or quiet) if self.lead else quiet
+        self.tracker, self.evaluator = tracker if self.lead else None, evaluator
         self.seed = recipe.seed if seed is None else seed
-        self.device = pick_device(recipe.device)
+        self.device = pick_device(recipe.device, device)
         self.init = None if init is None else Path(init)
         if recipe.train == "decoder" and self.init is None:
             raise RecipeError(f"{recipe.name}: field train: decoder trains a decoder for the "
@@ -346,7 +359,8 @@ class VAETraining(AdversarialRun):
         self.opt_d = torch.optim.Adam(self.disc.parameters(), lr=recipe.lr_d, betas=betas)
         self.cost = cost_of(recipe)
         self.result = TrialResult("ok", None, 0, 0.0, self.cost.decoder_params,
-                                  self.cost.decoder_gmacs, sum(p.numel() for p in self.params))
+                                  self.cost.decoder_gmacs, sum(p.numel() for p in self.params),
+                                  workers=workers)
         self.step, self.elapsed_before, self.started = 0, 0.0, time.time()
         self.ckpt = self.out / CHECKPOINT
         if self.ckpt.exists():
@@ -377,7 +391,7 @@ class VAETraining(AdversarialRun):
 
     def load(self) -> None:
         state = read_checkpoint(self.ckpt, RESUMED)
-        if state.get("vae_recipe") != json.dumps(self.recipe.to_dict()):
+        if not same_recipe(state.get("vae_recipe"), self.recipe):
             raise CheckpointError(f"{self.ckpt}: not a checkpoint of this autoencoder recipe "
                                   "(another recipe, or not an autoencoder run); use a new --out")
         self.vae.load_state_dict(state["model"])
@@ -481,10 +495,12 @@ class VAETraining(AdversarialRun):
 
     # -- the loop ------------------------------------------------------------------------------
 
-    def losses(self, g: torch.Generator, x: torch.Tensor):
+    def losses(self, x: torch.Tensor, eps: torch.Tensor):
+        """The loss of the images `x` (per image: a mean over them), with `eps` the standard
+        normal noise of their posterior samples."""
         r = self.recipe
         posterior = self.vae.encode(x).latent_dist
-        z = posterior.sample(generator=g) if self.device.type == "cpu" else posterior.sample()
+        z = posterior.mean + posterior.std * eps.to(posterior.mean)
         recon = self.vae.decode(z).sample
         size = x.shape[0]
         l2 = (recon - x).pow(2).sum() / size
@@ -501,8 +517,8 @@ class VAETraining(AdversarialRun):
             loss = loss + self.adaptive_weight(nll, adv) * adv
         # the training log's kl_sum is the loss's term (summed over an image's latent elements);
         # the evaluation's kl is per latent element, comparable across latent sizes
-        return loss, recon, {"l2": l2.item() / x[0].numel(), "kl_sum": kl.item(),
-                             "adv": adv.item()}
+        return loss, recon, {"loss": loss.item(), "l2": l2.item() / x[0].numel(),
+                             "kl_sum": kl.item(), "adv": adv.item()}
 
     def adaptive_weight(self, nll: torch.Tensor, adv: torch.Tensor) -> torch.Tensor:
         """adv_weight x |grad nll| / |grad adv| at the decoder's last layer (latent diffusion's
@@ -516,42 +532,53 @@ class VAETraining(AdversarialRun):
     def run(self, steps: int | None = None, on_eval=None) -> TrialResult:
         r = self.recipe
         total = r.steps if steps is None else min(steps, r.steps)
-        atomic_write(self.out / VAE_RECIPE, yaml.safe_dump(r.to_dict(), sort_keys=False))
+        if self.lead:
+            atomic_write(self.out / VAE_RECIPE, yaml.safe_dump(r.to_dict(), sort_keys=False))
         if self.tracker is not None:
             self.tracker.start_run(r.name, flatten(r.to_dict(), "recipe"), self.cost.to_dict(),
                                    self.out)
         sums: dict[str, float] = {}
         count, last_log = 0, time.time()
+        size = r.batch_size
+        latent = (r.arch.latent_channels, r.resolution // r.factor, r.resolution // r.factor)
         while self.step < total:
             g = _step_generator(self.seed, self.step)
-            idx = torch.randint(len(self.train_set), (r.batch_size,), generator=g)
-            x = self.images(self.train_set, idx.tolist())
+            idx = torch.randint(len(self.train_set), (size,), generator=g)
+            noise = torch.randn((size, *latent), generator=g)  # each image's posterior sample's
+            mine = my_slice(size)  # this rank's images (all of them in one process)
+            x = self.images(self.train_set, idx[mine].tolist())
             # micro-batches (accumulate): their gradients add up to one step of each network
-            chunks = x.chunk(r.accumulate)
+            chunks, noises = x.chunk(r.accumulate), noise[mine].chunk(r.accumulate)
             self.opt.zero_grad(set_to_none=True)
             fakes, parts = [], {}
-            for chunk in chunks:
-                loss, recon, stats = self.losses(g, chunk)
-                if not torch.isfinite(loss):  # (no step is taken)
-                    return self.fail(f"non-finite autoencoder loss ({loss.item()}) at step "
-                                     f"{self.step + 1}")
-                (loss * (len(chunk) / len(x))).backward()
+            for chunk, eps in zip(chunks, noises):
+                loss, recon, stats = self.losses(chunk, eps)
+                (loss * (len(chunk) / size)).backward()
                 fakes.append(recon.detach())
                 for k, v in stats.items():
-                    parts[k] = parts.get(k, 0.0) + v * len(chunk) / len(x)
+                    parts[k] = parts.get(k, 0.0) + v * len(chunk) / size
+            # the batch's loss, summed over the ranks: all agree on a non-finite one
+            if not math.isfinite(loss_total := self.batch_total(torch.tensor(parts["loss"]))):
+                return self.fail(f"non-finite autoencoder loss ({loss_total}) at step "
+                                 f"{self.step + 1}")  # (no step is taken)
             self.clipped_step(self.opt, self.params)
             if r.loss.adv_weight > 0 and self.step >= r.loss.adv_start:
                 self.opt_d.zero_grad(set_to_none=True)
-                parts["d_loss"] = 0.0
+                d_share = 0.0
                 for chunk, fake in zip(chunks, fakes):
                     d_loss = (F.relu(1 - self.disc(chunk)).mean()
                               + F.relu(1 + self.disc(fake)).mean())
-                    if not torch.isfinite(d_loss):
-                        return self.fail(f"non-finite discriminator loss ({d_loss.item()}) at "
-                                         f"step {self.step + 1}")
-                    (d_loss * (len(chunk) / len(x))).backward()
-                    parts["d_loss"] += d_loss.item() * len(chunk) / len(x)
+                    (d_loss * (len(chunk) / size)).backward()
+                    d_share += d_loss.item() * len(chunk) / size
+                parts["d_loss"] = self.batch_total(torch.tensor(d_share))
+                if not math.isfinite(parts["d_loss"]):
+                    return self.fail(f"non-finite discriminator loss ({parts['d_loss']}) at "
+                                     f"step {self.step + 1}")
                 self.clipped_step(self.opt_d, self.disc.parameters())
+            del parts["loss"]
+            keys = sorted(k for k in parts if k != "d_loss")  # this rank's shares, summed
+            shares = sum_over_ranks(torch.tensor([parts[k] for k in keys], dtype=torch.float64))
+            parts.update(zip(keys, shares.tolist()))
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v
             count += 1
@@ -565,6 +592,8 @@ class VAETraining(AdversarialRun):
                     self.tracker.log_metrics({k: v / count for k, v in sums.items()}, self.step)
                 sums, count, last_log = {}, 0, time.time()
             record = None
+            if not self.lead:  # rank 0 evaluates, exports and saves
+                continue
             if self.step % r.eval.every == 0 or self.step == total:
                 record = self.evaluate()
                 if self.tracker is not None:
@@ -582,12 +611,14 @@ class VAETraining(AdversarialRun):
 def vae_train(recipe: VAERecipe, out_dir: str | Path, *, init: str | Path | None = None,
               steps: int | None = None, seed: int | None = None,
               progress: Callable[[str], None] | None = None, tracker=None, on_eval=None,
-              evaluator=None) -> TrialResult:
+              evaluator=None, device=None) -> TrialResult:
     """Train the recipe's autoencoder (or, `train: decoder`, a lightweight decoder for the
     encoder of the VAE in `init`) in `out_dir`, resuming from its checkpoint if there is one.
-    The finished directory is a diffusers model folder."""
+    The finished directory is a diffusers model folder. Data parallel when torch.distributed is
+    initialised (mdsearch.train.gan); rank 0 holds the directory."""
     check_out_dir(out_dir)
-    with locked(out_dir, f"autoencoder training {recipe.name}"):
+    lead = world()[0] == 0
+    with locked(out_dir, f"autoencoder training {recipe.name}") if lead else nullcontext():
         run = VAETraining(recipe, out_dir, init=init, seed=seed, progress=progress,
-                          tracker=tracker, evaluator=evaluator)
+                          tracker=tracker, evaluator=evaluator, device=device)
         return run.run(steps, on_eval)
