@@ -86,8 +86,8 @@ def test_console_script_is_installed():
     (["train", "--trial", "{tmp}/acc.yaml", "--out", "{tmp}/out", "--no-mlflow"],
      "field batch_size: 6 over 1 worker(s) is 6 per worker, which does not split into "
      "accumulate: 4"),
-    (["sweep", "quickstart", "--trial", "{tmp}/w2.yaml", "--storage", "{tmp}/out",
-      "--no-mlflow"], "recipe w2: field workers: 2: a sweep trains each trial in one process"),
+    (["sweep", "quickstart", "--trial", "{tmp}/w64.yaml", "--storage", "{tmp}/out",
+      "--no-mlflow"], "recipe w64: one trial needs CPU 64 (there are "),
     (["train", "--out", "{tmp}/binary.yaml"], "binary.yaml: exists and is not a directory"),
     (["export", "--out", "{tmp}/binary.yaml"], "binary.yaml: exists and is not a directory"),
     (["report", "{tmp}", "--out", "{tmp}/binary.yaml"], "exists and is not a directory"),
@@ -124,7 +124,7 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(tmp_path, capsys, monke
     tiny = ("data: {kind: synthetic, size: 64, eval_size: 32}\nresolution: 16\n"
             "text_encoder: {name: minilm, max_length: 8}\nwidth: 0.0625\nsteps: 2\n")
     (tmp_path / "acc.yaml").write_text("name: acc\nbatch_size: 6\naccumulate: 4\n" + tiny)
-    (tmp_path / "w2.yaml").write_text("name: w2\nbatch_size: 4\nworkers: 2\n" + tiny)
+    (tmp_path / "w64.yaml").write_text("name: w64\nbatch_size: 64\nworkers: 64\n" + tiny)
     (tmp_path / "ref1.yaml").write_text("name: ref1\neval: {reference_images: 1}\n" + tiny)
     vae = yaml.safe_load(open("trials/vae_cpu.yaml"))
     (tmp_path / "grid0.yaml").write_text(yaml.safe_dump({**vae, "eval": {**vae.get("eval", {}),

@@ -389,17 +389,18 @@ def test_a_sweep_without_address_never_joins_a_ray_already_running_here(tmp_path
             other.wait()
 
 
-@pytest.mark.parametrize("changes, field", [({"workers": 2}, "workers: 2"),
-                                            ({"resources": {"cpu": 8, "gpu": 8}},
-                                             "resources.gpu: 8")])
-def test_a_recipe_asking_for_more_than_a_trial_uses_is_refused(changes, field):
-    """A sweep trial runs in one process on at most one GPU: more would be reserved, unused."""
+def test_a_recipe_asking_for_more_than_a_worker_uses_is_refused():
+    """A trial's worker trains on one device: several GPUs per worker would be reserved, unused
+    (several per trial: workers: N)."""
     from mdsearch.search.sweep import SweepError, check_trial_resources
     from mdsearch.train.recipe import Recipe
 
-    with pytest.raises(SweepError, match=f"recipe r: field {field}: a sweep trains each trial"):
-        check_trial_resources(Recipe.from_dict({**RECIPE, "name": "r", **changes}, "r"))
-    check_trial_resources(Recipe.from_dict({**RECIPE, "name": "r", "resources": {"gpu": 1}}, "r"))
+    with pytest.raises(SweepError, match="recipe r: field resources.gpu: 8: each of a trial's "
+                                         "workers trains on one GPU"):
+        check_trial_resources(Recipe.from_dict({**RECIPE, "name": "r",
+                                                "resources": {"cpu": 8, "gpu": 8}}, "r"))
+    for ok in ({"resources": {"gpu": 1}}, {"workers": 2, "resources": {"gpu": 1}}):
+        check_trial_resources(Recipe.from_dict({**RECIPE, "name": "r", **ok}, "r"))
 
 
 def test_a_tpe_sweep_with_seeds_per_trial_ranks_by_seed_means(tmp_path):

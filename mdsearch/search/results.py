@@ -70,7 +70,7 @@ def results_table(grid, space: Space, sweep_dir: Path, steps_total: int) -> pd.D
     table = pd.DataFrame(rows)
     first = ["trial_id", "status", "stop_reason", *dims, "seed", *COSTS]
     quality = [o.metric for o in space.objectives if not o.is_cost]
-    tail = ["steps", "steps_total", "seconds", "node_id", "path"]
+    tail = ["steps", "steps_total", "workers", "seconds", "node_id", "path"]
     middle = quality + sorted(c for c in table.columns if c not in first + quality + tail)
     table = table.reindex(columns=[c for c in first + middle + tail if c in table.columns])
     return table.sort_values("trial_id", kind="stable").reset_index(drop=True)

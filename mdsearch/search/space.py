@@ -805,15 +805,21 @@ def sweep_recipe(space: Space, trial: str | Path | None = None):
 
 
 def check_recipe_fields(space: Space, recipe) -> None:
-    """Every value of every `recipe.` field is one the recipe accepts (a SpaceError naming the
-    space file, the dimension and the recipe's reason otherwise)."""
-    from ..train.recipe import RecipeError
+    """Every value of every `recipe.` field is one the recipe accepts, and none is a layout field
+    (workers, resources) (a SpaceError naming the space file, the dimension and the reason
+    otherwise)."""
+    from ..train.recipe import LAYOUT_FIELDS, RecipeError
 
     for dim in space.dimensions:
         for value in dim.values:
             changes = space.recipe_changes({dim.name: value})
             if not changes:
                 continue
+            layout = sorted(k for k in changes if k.split(".")[0] in LAYOUT_FIELDS)
+            if layout:  # Tune reserves one shape of trial for the whole sweep
+                raise SpaceError(f"{space.source}: dimensions.{dim.name}: recipe.{layout[0]} is "
+                                 "how a trial is laid out over processes, the same for every "
+                                 "trial of a sweep; set it in the trial recipe")
             try:
                 recipe.override(changes, source=f"{space.source}: dimensions.{dim.name}")
             except RecipeError as err:

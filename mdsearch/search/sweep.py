@@ -98,6 +98,10 @@ def run_sweep(space: Space, trial: str | Path | None = None, *, name: str | None
     init = bind_init(space, recipe, init)
     check_recipe_fields(space, recipe)
     check_trial_resources(recipe)
+    short = None if address else trial_shortfall(recipe, local_resources())
+    if short:
+        raise SweepError(f"{short}; a local Ray here cannot start it: lower workers or "
+                         "resources, or join a cluster with --address")
     if getattr(recipe, "teacher", None) is not None and recipe.teacher.run:
         from ..train.teacher import check_teacher
 
@@ -116,15 +120,52 @@ def run_sweep(space: Space, trial: str | Path | None = None, *, name: str | None
 
 
 def check_trial_resources(recipe) -> None:
-    """A sweep trains each trial in one process on at most one GPU: a recipe asking for
-    data-parallel workers or several GPUs per trial would reserve what its trials never use."""
-    workers, gpus = getattr(recipe, "workers", 1), recipe.resources.get("gpu", 0)
-    if workers > 1 or gpus > 1:
-        where = f"workers: {workers}" if workers > 1 else f"resources.gpu: {gpus:g}"
+    """A trial's worker trains on one device: a recipe asking for several GPUs per worker would
+    reserve what its trials never use (several GPUs per trial: `workers: N`, one GPU each)."""
+    gpus = recipe.resources.get("gpu", 0)
+    if gpus > 1:
         raise SweepError(
-            f"recipe {recipe.name}: field {where}: a sweep trains each trial in one process on "
-            "at most one GPU (workers are for mdsearch train and promote); give it gpu: 1 (or a "
-            "fraction, to share a GPU), and accumulate: N to reach a large batch in less memory")
+            f"recipe {recipe.name}: field resources.gpu: {gpus:g}: each of a trial's workers "
+            "trains on one GPU (or a fraction, to share one); give a trial N GPUs with workers: "
+            "N and gpu: 1, and accumulate: N to reach a large batch in less memory")
+
+
+def trial_resources(recipe):
+    """What Tune reserves for one trial: the recipe's resources, or with `workers: N` a
+    placement group of N such bundles, reserved whole (mdsearch.train.distributed)."""
+    from ray import tune
+
+    if getattr(recipe, "workers", 1) == 1:
+        return {"cpu": recipe.resources.get("cpu", 1), "gpu": recipe.resources.get("gpu", 0)}
+    from ..train.distributed import trial_bundles
+
+    return tune.PlacementGroupFactory(trial_bundles(recipe), strategy="PACK")
+
+
+def trial_shortfall(recipe, have: dict[str, float]) -> str | None:
+    """What one trial needs beyond the resources `have` (Ray's names: CPU, GPU), in words; None
+    when it fits. A trial that fits nowhere would wait forever."""
+    from ..train.distributed import trial_bundles
+
+    need: dict[str, float] = {}
+    for bundle in trial_bundles(recipe):
+        for key, value in bundle.items():
+            need[key] = need.get(key, 0) + value
+    short = [f"{k} {need[k]:g} (there are {have.get(k, 0):g})" for k in sorted(need)
+             if need[k] > have.get(k, 0)]
+    if not short:
+        return None
+    workers = getattr(recipe, "workers", 1)
+    return (f"recipe {recipe.name}: one trial needs {', '.join(short)}"
+            + (f" for its {workers} workers" if workers > 1 else ""))
+
+
+def local_resources() -> dict[str, float]:
+    """What a local Ray started here has: this process's CPUs and torch's GPUs."""
+    import torch
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"CPU": float(cpus or 1), "GPU": float(torch.cuda.device_count())}
 
 
 def bind_supernet(space: Space, trial, folder: str | Path, finetune: int):
@@ -233,6 +274,8 @@ def _run_sweep(space: Space, recipe, name: str, sweep_dir: Path, address, resume
         tracking_uri = tracking_uri or default_tracking_uri()
         check_reachable(tracking_uri)  # before Ray starts: one line, not minutes of retries
     start_ray(address, progress)
+    import ray
+
     from .schedulers import make_scheduler
 
     objectives = space.objectives
@@ -246,10 +289,12 @@ def _run_sweep(space: Space, recipe, name: str, sweep_dir: Path, address, resume
     shown = [quality.metric] + [m for m in ("text_gain", "val_loss_mid", "align", "kid_proxy",
                                             "fid_proxy", "fid", "clip_score")
                                 if m != quality.metric]
+    if address and (short := trial_shortfall(recipe, ray.cluster_resources())):
+        progress(f"warning: {short} in the cluster; its trials wait until the cluster grows")
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, space=space, recipe=recipe, init=init,
                              supernet=supernet, finetune=finetune),
-        {"cpu": recipe.resources.get("cpu", 1), "gpu": recipe.resources.get("gpu", 0)})
+        trial_resources(recipe))
 
     if resume:
         progress(f"resuming {sweep_dir}")

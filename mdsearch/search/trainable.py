@@ -7,6 +7,7 @@ from its last evaluation. It knows nothing about the cluster.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import tempfile
@@ -36,7 +37,7 @@ def run_trial(config: dict, space: Space, recipe, init: str | None = None,
     from ray import tune
 
     from ..train.checkpoint import RESUMED, read_checkpoint
-    from ..train.trainer import train_trial
+    from ..train.trainer import train_trial, world
 
     os.chdir(os.environ.get("TUNE_ORIG_WORKING_DIR", os.getcwd()))  # recipe paths as on the CLI
     torch.set_num_threads(max(1, int(recipe.resources.get("cpu", 1))))
@@ -71,7 +72,8 @@ def run_trial(config: dict, space: Space, recipe, init: str | None = None,
         metrics = {k: v for k, v in record.items() if isinstance(v, (int, float))}
         metrics.update(full)  # params, gmacs and, with a latency table, latency_ms
         metrics.update(steps_total=0 if supernet is not None and not finetune else recipe.steps,
-                       seconds=round(before + time.time() - started, 2), node_id=node)
+                       seconds=round(before + time.time() - started, 2), node_id=node,
+                       workers=world()[1])  # the processes training it (data parallel: N)
         if not (work / CHECKPOINT).is_file():  # a supernet score: nothing to resume from
             tune.report(metrics)
             return
@@ -89,15 +91,32 @@ def run_trial(config: dict, space: Space, recipe, init: str | None = None,
         start = shared.slice_of(spec).state_dict()
         result = train_trial(spec, trial_recipe, work, start=start,
                              on_eval=lambda r: report({**r, "supernet_step": shared.step}))
-    elif space.autoencoder is not None:
-        from ..train.vae import vae_train
-
-        result = vae_train(trial_recipe, work, init=init, on_eval=report)
-    elif init is not None:
-        from ..train.ufogen import ufogen_trial
-
-        result = ufogen_trial(init, trial_recipe, work, on_eval=report)
     else:
-        result = train_trial(spec, trial_recipe, work, on_eval=report)
+        train = functools.partial(train_point, None if space.autoencoder else spec, trial_recipe,
+                                  work, init)
+        if getattr(recipe, "workers", 1) == 1:
+            result = train(on_eval=report)
+        else:  # this process is rank 0 of the trial's data-parallel workers
+            from ..train.distributed import trial_ranks
+
+            with trial_ranks(trial_recipe, train):
+                result = train(on_eval=report)
     if result.status != "ok":
         raise TrialFailed(result.reason)
+
+
+def train_point(spec, recipe, work: Path, init: str | None, on_eval=None):
+    """Train one configuration into its trial folder: the autoencoder (`spec` None, the recipe a
+    VAERecipe), a UFOGen fine-tune of `init`, or the spec's proxy. Every rank of a data-parallel
+    trial runs this; only rank 0 is given `on_eval`."""
+    if spec is None:
+        from ..train.vae import vae_train
+
+        return vae_train(recipe, work, init=init, on_eval=on_eval)
+    if init is not None:
+        from ..train.ufogen import ufogen_trial
+
+        return ufogen_trial(init, recipe, work, on_eval=on_eval)
+    from ..train.trainer import train_trial
+
+    return train_trial(spec, recipe, work, on_eval=on_eval)
