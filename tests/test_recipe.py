@@ -14,6 +14,9 @@ def test_shipped_recipes_load():
     assert quick.autoencoder["kind"] == "identity" and quick.width < 1
     assert (paper.steps, paper.resolution, paper.optimizer.lr) == (30000, 256, 1e-3)
     assert paper.optimizer.betas == [0.9, 0.999] and paper.optimizer.weight_decay == 0.01
+    # the paper's shape: 32 data-parallel workers of one GPU, 128 samples each, no accumulation
+    assert (paper.batch_size, paper.workers, paper.accumulate) == (4096, 32, 1)
+    assert paper.resources["gpu"] == 1
 
 
 def test_recipe_errors_name_file_and_field(tmp_path):
