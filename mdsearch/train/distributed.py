@@ -30,7 +30,7 @@ from typing import Callable
 from ..arch.spec import ArchSpec
 from .recipe import Recipe
 from ..progress import quiet, say
-from ..rundir import CHECKPOINT, RESULT
+from ..rundir import CHECKPOINT, RESULT, fault_point
 from .trainer import TrainError, TrialResult
 
 
@@ -212,6 +212,7 @@ class _Rank:
         os.chdir(cwd)  # recipe paths as the sweep's driver sees them
         torch.set_num_threads(threads)
         _join(backend, master, rank, world)
+        fault_point(f"data-parallel-rank-{rank}")  # the reliability test kills a rank here
         try:
             train()
         finally:  # closing the connections fails the other ranks' pending collectives
