@@ -215,3 +215,25 @@ def test_compile_falls_back_to_eager_saying_why(tmp_path, monkeypatch):
     assert [m for m in said if "torch.compile unavailable" in m] == [
         "torch.compile unavailable (RuntimeError: InductorError: no working C++ compiler); "
         "training eagerly"]
+
+
+def test_an_evaluation_sampled_in_batches_makes_the_images_of_one_batch(tmp_path, monkeypatch):
+    """A paper recipe's 30,000 prompts are sampled SAMPLE_BATCH at a time: each prompt keeps its
+    noise (its part of one draw), so batching changes no image beyond float rounding."""
+    from mdsearch.train import trainer
+    from mdsearch.train.trainer import Training, evaluate
+
+    class Keep:
+        def evaluate(self, images, captions, labels):
+            self.images, self.captions = images, list(captions)
+            return {}
+
+    run = Training(presets.get("md"), tiny_recipe(), tmp_path, evaluator=ImageStats())
+    data = run.pipeline(run.plan[0].resolution)
+    whole, parts = Keep(), Keep()
+    evaluate(run.model.unet(0), data, run.schedule, run.recipe, whole)
+    monkeypatch.setattr(trainer, "SAMPLE_BATCH", 3)  # 8 prompts: batches of 3, 3 and 2
+    evaluate(run.model.unet(0), data, run.schedule, run.recipe, parts)
+    assert len(data.prompts) == 8 and parts.captions == whole.captions
+    torch.testing.assert_close(parts.images, whole.images, rtol=0, atol=2e-4)  # kernels differ
+    assert whole.images.std() > 0.01  # (not a blank image)

@@ -56,10 +56,11 @@ class NoiseSchedule:
 @torch.no_grad()
 def ddim_sample(model, schedule: NoiseSchedule, context: torch.Tensor, null_context: torch.Tensor,
                 shape: tuple, steps: int = 20, guidance: float = 3.0,
-                generator: torch.Generator | None = None, clip_x0: float | None = 1.0):
-    """Deterministic DDIM (eta = 0) from pure noise, with classifier-free guidance
-    eps = eps_uncond + guidance * (eps_cond - eps_uncond)."""
-    x = torch.randn(shape, generator=generator).to(context.device)
+                generator: torch.Generator | None = None, clip_x0: float | None = 1.0,
+                noise: torch.Tensor | None = None):
+    """Deterministic DDIM (eta = 0) from pure noise (`noise`, else drawn from `generator`), with
+    classifier-free guidance eps = eps_uncond + guidance * (eps_cond - eps_uncond)."""
+    x = (torch.randn(shape, generator=generator) if noise is None else noise).to(context.device)
     times = torch.linspace(schedule.steps - 1, 0, steps).round().long()
     batch = shape[0]
     null = null_context.expand(batch, *null_context.shape[1:])

@@ -198,7 +198,8 @@ class Evaluator:
         fixed seed (torchmetrics draws them from the global RNG: forked here, so
         the same images always give the same value and training's RNG is left alone)."""
         self._kid_proxy.reset()  # keeps the reference features
-        self._kid_proxy.update(images, real=False)
+        for chunk in images.split(EVAL_BATCH):
+            self._kid_proxy.update(chunk, real=False)
         self._kid_proxy.subset_size = max(2, min(len(images), self.num_reference) // 2)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(KID_SEED)
@@ -219,7 +220,8 @@ class Evaluator:
                                  "num_reference": float(self.num_reference)}
         with torch.no_grad():
             self._fid_proxy.reset()  # keeps the reference statistics
-            self._fid_proxy.update(images, real=False)
+            for chunk in images.split(EVAL_BATCH):  # as the reference: bounded memory
+                self._fid_proxy.update(chunk, real=False)
             out["fid_proxy"] = float(self._fid_proxy.compute())
             out["kid_proxy"], out["kid_proxy_std"] = self._kid(images)
             if self._fid is not None:
@@ -229,7 +231,9 @@ class Evaluator:
                 out["fid"] = float(self._fid.compute())
             if self._clip is not None:
                 self._clip.reset()
-                self._clip.update(_to_uint8(images), captions)
+                for start in range(0, len(images), EVAL_BATCH):
+                    self._clip.update(_to_uint8(images[start:start + EVAL_BATCH]),
+                                      captions[start:start + EVAL_BATCH])
                 out["clip_score"] = float(self._clip.compute())
 
         if labels is None:

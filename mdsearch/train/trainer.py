@@ -623,6 +623,7 @@ def _metrics_of(record: dict) -> dict[str, float]:
 
 
 SAMPLE_SEED = 12345  # the sampler's starting noise: the same for every trial and evaluation
+SAMPLE_BATCH = 256  # prompts sampled at once in an evaluation (bounds its device memory)
 JUDGE_SEED = 0  # every trial, whatever its own seed, is judged by the same attribute classifier
 
 
@@ -644,17 +645,25 @@ def x0_clip(autoencoder) -> float | None:
 def evaluate(model, data: DataPipeline, schedule: NoiseSchedule, recipe: Recipe, evaluator,
              grid: Path | None = None, sample_seed: int = SAMPLE_SEED) -> dict[str, float]:
     """Sample the fixed prompts with DDIM + CFG (fixed noise, from `sample_seed`) and score
-    them."""
+    them. Sampled and decoded SAMPLE_BATCH prompts at a time, so the device holds one batch
+    whatever `eval.prompts` is (a paper recipe's 30,000 would not fit at once); each prompt's
+    noise is its part of one draw for all of them, so the batching changes no image."""
     from .grid import save_grid
 
     ev = recipe.eval
     device = next(model.parameters()).device
-    latents = ddim_sample(model, schedule, data.context(data.prompts).to(device),
-                          data.null_context.to(device), data.latent_shape(len(data.prompts)),
-                          steps=ev.sample_steps, guidance=ev.guidance,
-                          generator=torch.Generator().manual_seed(sample_seed),
-                          clip_x0=x0_clip(data.autoencoder))
-    images = data.autoencoder.decode(latents.cpu())
+    count = len(data.prompts)
+    noise = torch.randn(data.latent_shape(count),
+                        generator=torch.Generator().manual_seed(sample_seed))
+    images = []
+    for start in range(0, count, SAMPLE_BATCH):
+        part = slice(start, start + SAMPLE_BATCH)
+        latents = ddim_sample(model, schedule, data.context(data.prompts[part]).to(device),
+                              data.null_context.to(device), noise[part].shape,
+                              steps=ev.sample_steps, guidance=ev.guidance, noise=noise[part],
+                              clip_x0=x0_clip(data.autoencoder))
+        images.append(data.autoencoder.decode(latents.cpu()))
+    images = torch.cat(images)
     if grid is not None:
         save_grid(images[:32], data.prompts[:32], grid)
     return evaluator.evaluate(images, data.prompts, data.prompt_labels)
