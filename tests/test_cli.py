@@ -93,6 +93,8 @@ def test_console_script_is_installed():
     (["report", "{tmp}", "--out", "{tmp}/binary.yaml"], "exists and is not a directory"),
     (["train", "--steps", "0", "--out", "{tmp}/out"], "--steps: must be at least 1, got 0"),
     (["train", "--workers", "-2", "--out", "{tmp}/out"], "--workers: must be at least 1"),
+    (["vae", "train", "--workers", "3", "--out", "{tmp}/out", "--no-mlflow"],
+     "field workers: 3 must be positive and split batch_size (16)"),
     (["sweep", "quickstart", "--num-samples", "0"], "--num-samples: must be at least 1"),
     (["export", "--latent-size", "-4", "--out", "{tmp}/out"], "--latent-size: must be at least"),
     (["export", "--resolution", "13", "--out", "{tmp}/out"], "resolution 13: must be a positive"),

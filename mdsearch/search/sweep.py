@@ -135,7 +135,7 @@ def trial_resources(recipe):
     placement group of N such bundles, reserved whole (mdsearch.train.distributed)."""
     from ray import tune
 
-    if getattr(recipe, "workers", 1) == 1:
+    if recipe.workers == 1:
         return {"cpu": recipe.resources.get("cpu", 1), "gpu": recipe.resources.get("gpu", 0)}
     from ..train.distributed import trial_bundles
 
@@ -155,9 +155,8 @@ def trial_shortfall(recipe, have: dict[str, float]) -> str | None:
              if need[k] > have.get(k, 0)]
     if not short:
         return None
-    workers = getattr(recipe, "workers", 1)
     return (f"recipe {recipe.name}: one trial needs {', '.join(short)}"
-            + (f" for its {workers} workers" if workers > 1 else ""))
+            + (f" for its {recipe.workers} workers" if recipe.workers > 1 else ""))
 
 
 def local_resources() -> dict[str, float]:

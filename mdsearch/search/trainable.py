@@ -94,7 +94,7 @@ def run_trial(config: dict, space: Space, recipe, init: str | None = None,
     else:
         train = functools.partial(train_point, None if space.autoencoder else spec, trial_recipe,
                                   work, init)
-        if getattr(recipe, "workers", 1) == 1:
+        if recipe.workers == 1:
             result = train(on_eval=report)
         else:  # this process is rank 0 of the trial's data-parallel workers
             from ..train.distributed import trial_ranks

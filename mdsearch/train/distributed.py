@@ -51,6 +51,12 @@ def rebuild_recipe(kind: str, data: dict, source: str):
         data, source)
 
 
+# How long a collective may wait. Rank 0 evaluates alone while the others wait in the next step's
+# all-reduce: proxy_30k's 30,000 sampled prompts (50 DDIM steps with guidance) take most of an
+# hour on one H200 by our estimate, so one hour (Ray Train's usual setting) would cut them off.
+PROCESS_GROUP_TIMEOUT_S = 4 * 3600
+
+
 def _worker(config: dict) -> None:
     """One Ray Train worker: restore the latest checkpoint if this run has one, then train."""
     import ray.train
@@ -152,7 +158,8 @@ def train_distributed(spec: ArchSpec | None, recipe, out_dir: str | Path, *,
                            "recipe": recipe.to_dict(), "recipe_source": recipe.name,
                            "init": None if init is None else str(Path(init).resolve()),
                            "out_dir": str(out), "steps": steps, "mlflow": mlflow},
-        torch_config=TorchConfig(backend="nccl" if gpus else "gloo", timeout_s=3600),
+        torch_config=TorchConfig(backend="nccl" if gpus else "gloo",
+                                 timeout_s=PROCESS_GROUP_TIMEOUT_S),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus > 0,
                                      resources_per_worker={"CPU": cpus,
                                                            **({"GPU": gpus} if gpus else {})}),
@@ -180,7 +187,6 @@ def train_distributed(spec: ArchSpec | None, recipe, out_dir: str | Path, *,
 # bundle per worker): two trials can never each hold half of what they need. A stopped or killed
 # trial takes its ranks with it (an actor dies with the process that created it).
 
-PROCESS_GROUP_TIMEOUT_S = 3600  # a collective may wait this long (rank 0 evaluating, on a GPU)
 
 
 def trial_bundles(recipe) -> list[dict[str, float]]:
