@@ -41,10 +41,13 @@ class AdversarialRun:
         self.clipped_step(optimizer, params)
         return total
 
-    @staticmethod
-    def batch_total(share: torch.Tensor) -> float:
+    def batch_total(self, share: torch.Tensor | float) -> float:
         """A loss share summed over the ranks (the loss of the whole batch)."""
-        return sum_over_ranks(share.float().reshape(1).clone()).item()
+        return self.sum_shares(torch.tensor([float(share)])).item()
+
+    def sum_shares(self, values: torch.Tensor) -> torch.Tensor:
+        """Values summed over the ranks, on this run's device (NCCL reduces GPU tensors only)."""
+        return sum_over_ranks(values.to(self.device)).cpu()
 
     def clipped_step(self, optimizer, params) -> None:
         """The optimiser step on the gradients there are (summed over the ranks), clipped to

@@ -74,7 +74,7 @@ from ..rundir import (CHECKPOINT, DIFFUSERS_CONFIG, DIFFUSERS_WEIGHTS, VAE_RECIP
 from .gan import AdversarialRun
 from .checkpoint import RESUMED, CheckpointError, read_checkpoint
 from .recipe import RecipeData, RecipeError, same_recipe
-from .trainer import TrialResult, _step_generator, my_slice, pick_device, sum_over_ranks, world
+from .trainer import TrialResult, _step_generator, my_slice, pick_device, world
 
 TRAIN_PARTS = ("all", "decoder")
 COST_RESOLUTION = 512  # encoder / decoder costs are of one 512x512 image, as the paper's Table 4
@@ -558,7 +558,7 @@ class VAETraining(AdversarialRun):
                 for k, v in stats.items():
                     parts[k] = parts.get(k, 0.0) + v * len(chunk) / size
             # the batch's loss, summed over the ranks: all agree on a non-finite one
-            if not math.isfinite(loss_total := self.batch_total(torch.tensor(parts["loss"]))):
+            if not math.isfinite(loss_total := self.batch_total(parts["loss"])):
                 return self.fail(f"non-finite autoencoder loss ({loss_total}) at step "
                                  f"{self.step + 1}")  # (no step is taken)
             self.clipped_step(self.opt, self.params)
@@ -570,14 +570,14 @@ class VAETraining(AdversarialRun):
                               + F.relu(1 + self.disc(fake)).mean())
                     (d_loss * (len(chunk) / size)).backward()
                     d_share += d_loss.item() * len(chunk) / size
-                parts["d_loss"] = self.batch_total(torch.tensor(d_share))
+                parts["d_loss"] = self.batch_total(d_share)
                 if not math.isfinite(parts["d_loss"]):
                     return self.fail(f"non-finite discriminator loss ({parts['d_loss']}) at "
                                      f"step {self.step + 1}")
                 self.clipped_step(self.opt_d, self.disc.parameters())
             del parts["loss"]
             keys = sorted(k for k in parts if k != "d_loss")  # this rank's shares, summed
-            shares = sum_over_ranks(torch.tensor([parts[k] for k in keys], dtype=torch.float64))
+            shares = self.sum_shares(torch.tensor([parts[k] for k in keys], dtype=torch.float64))
             parts.update(zip(keys, shares.tolist()))
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v
