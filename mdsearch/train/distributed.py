@@ -253,7 +253,8 @@ def trial_ranks(recipe, train: Callable[[], object]):
         with socket.socket() as s:  # a free port on this node for the process group's store
             s.bind((host, 0))
             port = s.getsockname()[1]
-        backend, master = ("nccl" if gpus else "gloo"), f"{host}:{port}"
+        backend = "nccl" if gpus and recipe.device != "cpu" else "gloo"  # (device: cpu on GPUs)
+        master = f"{host}:{port}"
         threads = max(1, int(bundle["CPU"]))
         runs = [a.run.remote(train, i, recipe.workers, master, backend, os.getcwd(), threads)
                 for i, a in enumerate(others, 1)]
