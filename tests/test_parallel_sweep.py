@@ -94,8 +94,13 @@ def test_seeds_stacked_inside_a_two_worker_trial_equal_one_process(tmp_path):
                                     "seeds_per_trial": 2,
                                     "search": {"algorithm": "random", "num_samples": 1,
                                                "seed": 0}})
-    run_sweep(load_space(tmp_path / "space.yaml"), tmp_path / "recipe.yaml", name="seeds",
-              storage=tmp_path, mlflow=False)
+    import ray
+
+    try:
+        run_sweep(load_space(tmp_path / "space.yaml"), tmp_path / "recipe.yaml", name="seeds",
+                  storage=tmp_path, mlflow=False)
+    finally:
+        ray.shutdown()  # the Ray this sweep started here
     row = trained(read_results(tmp_path / "seeds")).iloc[0]
     assert row["status"] == "completed" and row["seeds_measured"] == 2
     one = one_process(row, tmp_path / "one")

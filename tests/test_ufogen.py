@@ -252,7 +252,13 @@ def test_evaluations_sample_the_one_step_model_with_every_asked_number_of_steps(
 def test_two_ray_train_workers_fine_tune_as_one_process_does(start, tmp_path):
     """Each worker takes half of every batch (its share of the losses) and the gradients of G and
     D are summed over the two before each step: the run ends where one process does."""
+    import ray
+
     from mdsearch.train.distributed import train_distributed
+
+    # a Ray an earlier test left up in this process would run the workers with that test's
+    # environment (another MDSEARCH_CACHE_DIR: every cache rebuilt, minutes): start afresh
+    ray.shutdown()
 
     r = recipe(resources={"cpu": 1}, steps=2)  # evaluations: the start's two, then step 2's
     one = ufogen_trial(start, r, tmp_path / "one")
@@ -265,6 +271,6 @@ def test_two_ray_train_workers_fine_tune_as_one_process_does(start, tmp_path):
     b = torch.load(tmp_path / "two" / CHECKPOINT, weights_only=True)
     for key in ("generator", "discriminator"):
         assert max((a[key][k] - b[key][k]).abs().max().item() for k in a[key]) < 1e-3
-    moved = max((a["generator"][k] - torch.load(start / CHECKPOINT, weights_only=True)["ema"][k])
-                .abs().max().item() for k in a["generator"])
+    begun = torch.load(start / CHECKPOINT, weights_only=True)["ema"]
+    moved = max((a["generator"][k] - begun[k]).abs().max().item() for k in a["generator"])
     assert moved > 1e-3  # (the comparison above is not of two untrained copies)

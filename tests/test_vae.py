@@ -301,7 +301,13 @@ def test_two_ray_train_workers_train_as_one_process_does(tmp_path):
     the same halves as two micro-batches (the adversarial term's adaptive weight is per
     micro-batch, as in one process): the gradients of both networks are summed over the workers
     before each step."""
+    import ray
+
     from mdsearch.train.distributed import train_distributed
+
+    # a Ray an earlier test left up in this process would run the workers with that test's
+    # environment (another MDSEARCH_CACHE_DIR: every cache rebuilt, minutes): start afresh
+    ray.shutdown()
 
     one = vae_train(recipe(accumulate=2), tmp_path / "one")
     two = train_distributed(None, recipe(resources={"cpu": 1}), tmp_path / "two", workers=2)
