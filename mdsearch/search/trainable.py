@@ -92,8 +92,11 @@ def run_trial(config: dict, space: Space, recipe, init: str | None = None,
         result = train_trial(spec, trial_recipe, work, start=start,
                              on_eval=lambda r: report({**r, "supernet_step": shared.step}))
     else:
-        train = functools.partial(train_point, None if space.autoencoder else spec, trial_recipe,
-                                  work, init)
+        from ..train.ufogen import train_any
+
+        # every rank trains the same; only rank 0 (this process) reports
+        train = functools.partial(train_any, None if space.autoencoder else spec, trial_recipe,
+                                  work, init=init)
         if recipe.workers == 1:
             result = train(on_eval=report)
         else:  # this process is rank 0 of the trial's data-parallel workers
@@ -103,20 +106,3 @@ def run_trial(config: dict, space: Space, recipe, init: str | None = None,
                 result = train(on_eval=report)
     if result.status != "ok":
         raise TrialFailed(result.reason)
-
-
-def train_point(spec, recipe, work: Path, init: str | None, on_eval=None):
-    """Train one configuration into its trial folder: the autoencoder (`spec` None, the recipe a
-    VAERecipe), a UFOGen fine-tune of `init`, or the spec's proxy. Every rank of a data-parallel
-    trial runs this; only rank 0 is given `on_eval`."""
-    if spec is None:
-        from ..train.vae import vae_train
-
-        return vae_train(recipe, work, init=init, on_eval=on_eval)
-    if init is not None:
-        from ..train.ufogen import ufogen_trial
-
-        return ufogen_trial(init, recipe, work, on_eval=on_eval)
-    from ..train.trainer import train_trial
-
-    return train_trial(spec, recipe, work, on_eval=on_eval)

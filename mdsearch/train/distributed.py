@@ -28,27 +28,9 @@ from pathlib import Path
 from typing import Callable
 
 from ..arch.spec import ArchSpec
-from .recipe import Recipe
 from ..progress import quiet, say
 from ..rundir import CHECKPOINT, RESULT, fault_point
 from .trainer import TrainError, TrialResult
-
-
-def recipe_kind(recipe) -> str:
-    """"diffusion", "ufogen" or "vae": which trainer a recipe is for."""
-    from .ufogen import UFOGenRecipe
-    from .vae import VAERecipe
-
-    return ("ufogen" if isinstance(recipe, UFOGenRecipe) else
-            "vae" if isinstance(recipe, VAERecipe) else "diffusion")
-
-
-def rebuild_recipe(kind: str, data: dict, source: str):
-    from .ufogen import UFOGenRecipe
-    from .vae import VAERecipe
-
-    return {"diffusion": Recipe, "ufogen": UFOGenRecipe, "vae": VAERecipe}[kind].from_dict(
-        data, source)
 
 
 # How long a collective may wait. Rank 0 evaluates alone while the others wait in the next step's
@@ -64,10 +46,9 @@ def _worker(config: dict) -> None:
     import torch
     import torch.distributed as dist
 
-    from .trainer import train_trial
+    from .ufogen import any_recipe, train_any
 
-    kind = config["kind"]
-    recipe = rebuild_recipe(kind, config["recipe"], config["recipe_source"])
+    recipe = any_recipe(config["recipe"], config["recipe_source"])
     out = Path(config["out_dir"])
     rank = ray.train.get_context().get_world_rank()
     restored = ray.train.get_checkpoint()
@@ -98,21 +79,9 @@ def _worker(config: dict) -> None:
         from ..track import MLflowTracker
 
         tracker = MLflowTracker(**config["mlflow"])
-    device = ray.train.torch.get_device()
-    if kind == "ufogen":
-        from .ufogen import ufogen_trial
-
-        ufogen_trial(config["init"], recipe, out, steps=config["steps"], progress=say,
-                     tracker=tracker, device=device)
-    elif kind == "vae":
-        from .vae import vae_train
-
-        vae_train(recipe, out, init=config["init"], steps=config["steps"], progress=say,
-                  tracker=tracker, device=device)
-    else:
-        spec = ArchSpec.from_dict(config["spec"], "promoted spec")
-        train_trial(spec, recipe, out, steps=config["steps"], progress=say, on_checkpoint=report,
-                    tracker=tracker, device=device)
+    spec = None if config["spec"] is None else ArchSpec.from_dict(config["spec"], "promoted spec")
+    train_any(spec, recipe, out, init=config["init"], steps=config["steps"], progress=say,
+              on_checkpoint=report, tracker=tracker, device=ray.train.torch.get_device())
 
 
 def train_distributed(spec: ArchSpec | None, recipe, out_dir: str | Path, *,
@@ -153,8 +122,7 @@ def train_distributed(spec: ArchSpec | None, recipe, out_dir: str | Path, *,
     say(f"Ray Train: {workers} worker(s), each {cpus:g} CPU / {gpus:g} GPU, into {out}")
     trainer = TorchTrainer(
         _worker,
-        train_loop_config={"kind": recipe_kind(recipe),
-                           "spec": None if spec is None else spec.to_dict(),
+        train_loop_config={"spec": None if spec is None else spec.to_dict(),
                            "recipe": recipe.to_dict(), "recipe_source": recipe.name,
                            "init": None if init is None else str(Path(init).resolve()),
                            "out_dir": str(out), "steps": steps, "mlflow": mlflow},

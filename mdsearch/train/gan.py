@@ -29,13 +29,12 @@ class AdversarialRun:
     tracker = None  # an MLflowTracker, or None
     lead = True  # rank 0 of a data-parallel run (or the one process)
 
-    def descend(self, loss: torch.Tensor, optimizer, params) -> float | None:
-        """One clipped optimiser step on `loss`, this rank's share of the batch's loss. Returns
-        the batch's loss (the shares summed over the ranks), or None (and no step) when it is
-        not finite."""
+    def descend(self, loss: torch.Tensor, optimizer, params) -> float:
+        """One clipped optimiser step on `loss`, this rank's share of the batch's loss, unless
+        the batch's loss (the shares summed over the ranks) is not finite. Returns it."""
         total = self.batch_total(loss.detach())
         if not math.isfinite(total):
-            return None
+            return total
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.clipped_step(optimizer, params)

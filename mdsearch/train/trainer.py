@@ -127,6 +127,11 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+def lead_locked(out_dir: str | Path, what: str):
+    """The run directory's lock, held by rank 0 for all ranks (nothing on the others)."""
+    return locked(out_dir, what) if world()[0] == 0 else nullcontext()
+
+
 def my_slice(size: int) -> slice:
     """This rank's part of a global batch of `size` (all of it in one process)."""
     rank, workers = world()
@@ -197,8 +202,7 @@ def train_trial(spec: ArchSpec, recipe: Recipe, out_dir: str | Path, *,
     0; Ray Train's report hook); `tracker` (see mdsearch.track) receives params, metrics and
     artifacts. Only rank 0 evaluates, saves, tracks and shows progress."""
     check_out_dir(out_dir)
-    lead = world()[0] == 0  # rank 0 holds the directory for all ranks
-    with locked(out_dir, f"training {spec.name}") if lead else nullcontext():
+    with lead_locked(out_dir, f"training {spec.name}"):
         run = Training(spec, recipe, out_dir, seed=seed, progress=progress, tracker=tracker,
                        evaluator=evaluator, device=device)
         if start is not None and run.step == 0:

@@ -42,8 +42,8 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -61,14 +61,14 @@ from ..progress import quiet
 from ..track import flatten
 from ..data.autoencoder import check_latent_channels
 from ..rundir import (CHECKPOINT, PROXY_SPEC, RECIPE, SPEC, UFOGEN_RECIPE, atomic_path,
-                      atomic_write, check_out_dir, locked, samples_file)
+                      atomic_write, check_out_dir, samples_file)
 from .gan import AdversarialRun
 from .checkpoint import (RESUMED, CheckpointError, checkpoint_path, described,
                          read_checkpoint)
 from .diffusion import NoiseSchedule
 from .recipe import DEVICES, PRECISIONS, Recipe, RecipeData, RecipeError, same_recipe
-from .trainer import (TrialResult, _step_generator, evaluate, make_evaluator, my_slice,
-                      pick_device, world)
+from .trainer import (TrialResult, _step_generator, evaluate, lead_locked, make_evaluator,
+                      my_slice, pick_device, world)
 
 RECONSTRUCTIONS = ("diffusion", "distill", "ema_distill")
 ADAPTERS = ("full", "lora")
@@ -185,13 +185,33 @@ class UFOGenRecipe(RecipeData):
 def load_any_recipe(path_or_name: str | Path):
     """A recipe file (or a name in trials/), read once: a UFOGenRecipe for `kind: ufogen`, a
     VAERecipe for `kind: vae` (mdsearch.train.vae), else a diffusion Recipe."""
+    path = config.named_file(path_or_name, TRIALS)
+    return any_recipe(config.load_yaml(path, error=RecipeError), str(path))
+
+
+def any_recipe(data, source: str):
+    """A recipe's data as the class its `kind` names (UFOGen, autoencoder, else diffusion)."""
     from .vae import VAERecipe
 
-    path = config.named_file(path_or_name, TRIALS)
-    data = config.load_yaml(path, error=RecipeError)
     kind = data.get("kind") if isinstance(data, dict) else None
     cls = {"ufogen": UFOGenRecipe, "vae": VAERecipe}.get(kind, Recipe)
-    return cls.from_dict(data, source=str(path))
+    return cls.from_dict(data, source=source)
+
+
+def train_any(spec, recipe, out_dir: str | Path, *, init: str | Path | None = None,
+              on_checkpoint=None, **options) -> TrialResult:
+    """Train what `recipe` is for into `out_dir`: an autoencoder (a VAERecipe; `init`: the VAE
+    whose encoder `train: decoder` keeps), a UFOGen fine-tune of the run `init`, or `spec`'s
+    proxy (`on_checkpoint`: the diffusion trainer's hook). `options` (steps, progress, tracker,
+    on_eval, device) go to that trainer."""
+    from .trainer import train_trial
+    from .vae import VAERecipe, vae_train
+
+    if isinstance(recipe, VAERecipe):
+        return vae_train(recipe, out_dir, init=init, **options)
+    if isinstance(recipe, UFOGenRecipe):
+        return ufogen_trial(init, recipe, out_dir, **options)
+    return train_trial(spec, recipe, out_dir, on_checkpoint=on_checkpoint, **options)
 
 
 def load_ufogen_recipe(path_or_name: str | Path) -> UFOGenRecipe:
@@ -426,9 +446,8 @@ class UFOGen(AdversarialRun):
                     d_loss = (F.softplus(-self.D(real, t_prev, context).float()).mean()
                               + F.softplus(self.D(fake.detach(), t_prev, context).float()).mean())
                 d_value = self.descend(d_loss * self.share, self.opt_d, self.D.parameters())
-                if d_value is None:
-                    return self.fail(f"non-finite discriminator loss "
-                                     f"({self.batch_total(d_loss * self.share)}) at step "
+                if not math.isfinite(d_value):
+                    return self.fail(f"non-finite discriminator loss ({d_value}) at step "
                                      f"{self.step + 1}")
             self.D.requires_grad_(False)
             with self.autocast:
@@ -436,9 +455,9 @@ class UFOGen(AdversarialRun):
             self.D.requires_grad_(True)
             g_loss = r.adv_weight * adv + r.recon_weight * recon
             g_value = self.descend(g_loss, self.opt_g, self.g_params)
-            if g_value is None:
-                return self.fail(f"non-finite generator loss ({self.batch_total(g_loss)}) at "
-                                 f"step {self.step + 1}")
+            if not math.isfinite(g_value):
+                return self.fail(f"non-finite generator loss ({g_value}) at step "
+                                 f"{self.step + 1}")
             if r.reconstruction == "ema_distill":
                 with torch.no_grad():
                     for e, p in zip(self.teacher.parameters(), self.G.parameters()):
@@ -493,8 +512,7 @@ def ufogen_trial(init_dir: str | Path, recipe: UFOGenRecipe, out_dir: str | Path
     (resumed from its checkpoint if there is one). `steps` stops early. Data parallel when
     torch.distributed is initialised (mdsearch.train.gan); rank 0 holds the directory."""
     check_out_dir(out_dir)
-    lead = world()[0] == 0
-    with locked(out_dir, f"UFOGen fine-tuning of {init_dir}") if lead else nullcontext():
+    with lead_locked(out_dir, f"UFOGen fine-tuning of {init_dir}"):
         run = UFOGen(init_dir, recipe, out_dir, seed=seed, progress=progress, evaluator=evaluator,
                      tracker=tracker, device=device)
         return run.run(steps, on_eval)

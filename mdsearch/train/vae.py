@@ -54,7 +54,6 @@ import math
 import os
 import shutil
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -74,7 +73,7 @@ from ..rundir import (CHECKPOINT, DIFFUSERS_CONFIG, DIFFUSERS_WEIGHTS, VAE_RECIP
 from .gan import AdversarialRun
 from .checkpoint import RESUMED, CheckpointError, read_checkpoint
 from .recipe import RecipeData, RecipeError, same_recipe
-from .trainer import TrialResult, _step_generator, my_slice, pick_device, world
+from .trainer import TrialResult, _step_generator, lead_locked, my_slice, pick_device, world
 
 TRAIN_PARTS = ("all", "decoder")
 COST_RESOLUTION = 512  # encoder / decoder costs are of one 512x512 image, as the paper's Table 4
@@ -617,8 +616,7 @@ def vae_train(recipe: VAERecipe, out_dir: str | Path, *, init: str | Path | None
     The finished directory is a diffusers model folder. Data parallel when torch.distributed is
     initialised (mdsearch.train.gan); rank 0 holds the directory."""
     check_out_dir(out_dir)
-    lead = world()[0] == 0
-    with locked(out_dir, f"autoencoder training {recipe.name}") if lead else nullcontext():
+    with lead_locked(out_dir, f"autoencoder training {recipe.name}"):
         run = VAETraining(recipe, out_dir, init=init, seed=seed, progress=progress,
                           tracker=tracker, evaluator=evaluator, device=device)
         return run.run(steps, on_eval)
