@@ -422,6 +422,32 @@ def pareto_mask(values) -> np.ndarray:
     return mask
 
 
+def front_probability(means, errors, draws: int = 4000, seed: int = 0) -> np.ndarray:
+    """Each row's probability of being on the Pareto front (pareto_mask: minimise every column)
+    when its values are only known as means with standard errors: the share of `draws` joint
+    normal draws (independent rows and columns) in which the row is non-dominated. A column with
+    error 0 (a cost) is exact. Rows with a missing mean get 0; a missing error counts as 0."""
+    m = np.asarray(means, dtype=float)
+    e = np.nan_to_num(np.asarray(errors, dtype=float), nan=0.0)
+    if m.ndim != 2 or e.shape != m.shape:
+        raise ValueError(f"expected two (n, k) arrays of one shape, got {m.shape} and {e.shape}")
+    valid = ~np.isnan(m).any(axis=1)
+    out = np.zeros(len(m))
+    v = m[valid]
+    if len(v) == 0:
+        return out
+    rng = np.random.default_rng(seed)
+    counts = np.zeros(len(v))
+    for start in range(0, draws, 500):  # (chunk, n, n, k) booleans at a time
+        n = min(500, draws - start)
+        x = v + rng.standard_normal((n, *v.shape)) * e[valid]
+        le = np.all(x[:, None, :, :] <= x[:, :, None, :], axis=3)  # [d, i, j]: j <= i everywhere
+        lt = np.any(x[:, None, :, :] < x[:, :, None, :], axis=3)  # j < i somewhere
+        counts += (~np.any(le & lt, axis=2)).sum(axis=0)
+    out[valid] = counts / draws
+    return out
+
+
 def front(table: pd.DataFrame, objectives: list[tuple[str, str]]) -> pd.DataFrame:
     """The completed trials on the Pareto front of `objectives` ((column, "min"|"max") pairs),
     sorted by the first; trials missing any objective are left out."""

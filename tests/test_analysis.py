@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from mdsearch.analysis.fidelity import fidelity, kendall_tau_b
-from mdsearch.rundir import pareto_mask
+from mdsearch.rundir import front_probability, pareto_mask
 from mdsearch.analysis.report import build_report
 from mdsearch.analysis.tables import ablation_table, write_table
 from mdsearch.paths import SEARCH_SPACES
@@ -42,6 +42,37 @@ def test_pareto_front_matches_brute_force_with_ties(seed):
 def test_pareto_front_keeps_duplicates_and_drops_dominated():
     v = [[1, 5], [1, 5], [2, 2], [2, 3], [5, 1], [5, 1.5]]
     assert pareto_mask(v).tolist() == [True, True, True, False, True, False]
+
+
+def test_front_probability_of_two_trials_is_the_normal_cdf_of_their_gap():
+    """A cheaper trial is always on the front; a dearer one only when its noisy quality is
+    better, which for two normal means is Phi(gap / sqrt(se_a^2 + se_b^2))."""
+    from scipy.stats import norm
+
+    means = [[1.0, 0.00], [2.0, -0.03]]  # (cost, quality to minimise)
+    errors = [[0.0, 0.02], [0.0, 0.03]]
+    p = front_probability(means, errors, draws=200_000)
+    assert p[0] == 1.0
+    assert p[1] == pytest.approx(norm.cdf(0.03 / math.hypot(0.02, 0.03)), abs=0.005)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_front_probability_matches_counting_fronts_draw_by_draw(seed):
+    rng = np.random.default_rng(seed)
+    n, k, draws = 7, 3, 400
+    means, errors = rng.normal(size=(n, k)), rng.uniform(0, 0.8, size=(n, k))
+    errors[:, 0] = 0.0  # an exact cost column
+    means[2] = np.nan  # never on the front
+    # the same draws, one front at a time (front_probability draws in chunks of 500, in order)
+    x = means[~np.isnan(means).any(axis=1)]
+    noise = np.random.default_rng(0).standard_normal((draws, *x.shape))
+    counted = np.zeros(len(x))
+    for d in range(draws):
+        counted += pareto_mask(x + noise[d] * errors[~np.isnan(means).any(axis=1)])
+    p = front_probability(means, errors, draws=draws, seed=0)
+    assert p[2] == 0 and np.allclose(np.delete(p, 2), counted / draws)
+    exact = front_probability(means, np.zeros_like(errors))
+    assert np.array_equal(exact > 0, pareto_mask(means)) and set(exact) <= {0.0, 1.0}
 
 
 def test_kendall_tau_b():
@@ -128,6 +159,7 @@ def sweep_dir(tmp_path, table, space="quickstart"):
     return d
 
 
+@pytest.mark.slow
 def test_report_from_a_sweep_directory(tmp_path):
     rows = []
     for i, (c, layers, gain, gm) in enumerate([(512, 1, 0.030, 95), (768, 2, 0.046, 120),
