@@ -1,4 +1,23 @@
+"""Test tiers and what every test shares.
+
+    pytest            the fast tier: tests that train nothing big, start no Ray and kill nothing
+    pytest --full     everything (README's test command; CI runs it)
+
+A test is out of the fast tier when it is marked `slow` (trains or exports for more than a few
+seconds), `ray` (starts or uses Ray) or `chaos` (kills a process and resumes). Naming tests
+(`pytest tests/test_sweep.py::test_x`, `-k racing`) or a marker expression (`-m ray`) runs what
+is named, whatever its tier.
+
+The whole session shares one cache folder (MDSEARCH_CACHE_DIR: text embeddings, the attribute
+classifier), set before Ray can be imported, so a Ray the tests start hands it to its workers and
+is never restarted to change it. The first sweep starts a local Ray on 127.0.0.1; later tests
+in the process reuse it (tests of clusters, kills and resumes start their own), and it is
+stopped at the end of the session.
+"""
+
 import os
+import shutil
+import tempfile
 
 # Every Ray the tests start (local, or a Cluster of nodes) stays on 127.0.0.1: Ray reads this
 # when it is imported, so it is set before any test module imports it.
@@ -6,24 +25,50 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 import pytest  # noqa: E402
 
-from mdsearch.arch import presets  # noqa: E402
+from helpers import tiny  # noqa: E402
 
-TINY = {"head_dim": 16, "norm_groups": 8, "context_dim": 32, "context_len": 8,
-        "time_freq_dim": 32, "time_embed_dim": 64}
+TIERED = ("slow", "ray", "chaos")
+_CACHE = tempfile.mkdtemp(prefix="mdsearch-test-cache-")
+os.environ["MDSEARCH_CACHE_DIR"] = _CACHE
 
 
-def tiny(name: str, **overrides):
-    """A preset's topology at a width small enough to run real tensors on 2 CPU cores."""
-    widths = {"sd15": (32, 64, 64, 64), "sdxl": (32, 64, 64)}.get(name, (32, 64, 64))
-    fields = {**TINY, **{f"levels.{i}.channels": c for i, c in enumerate(widths)}}
-    if name == "sdxl":
-        fields.update(micro_cond_dim=8, pooled_dim=16, **{"levels.2.down.layers": 2,
-                                                          "levels.2.up.layers": 2,
-                                                          "mid_layers": 2})
-    if name == "sd15":
-        fields.update(num_heads=4, head_dim=None)
-    fields.update(overrides)
-    return presets.get(name, fields)
+def pytest_addoption(parser):
+    parser.addoption("--full", action="store_true",
+                     help="run every tier (slow, ray, chaos), not only the fast one")
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(_CACHE, ignore_errors=True)
+
+
+def pytest_collection_modifyitems(config, items):
+    named = (config.getoption("markexpr") or config.getoption("keyword")
+             or any("::" in a for a in config.args))
+    if config.getoption("--full") or named:
+        return
+    fast, later = [], []
+    for item in items:
+        (later if any(item.get_closest_marker(m) for m in TIERED) else fast).append(item)
+    if later:
+        config.hook.pytest_deselected(items=later)
+        items[:] = fast
+
+
+def pytest_report_header(config):
+    if not config.getoption("--full"):
+        return "tier: fast (slow, ray and chaos tests deselected; --full runs every tier)"
+    return "tier: full"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_ray_at_the_end():
+    yield
+    import sys
+
+    if "ray" in sys.modules:
+        import ray
+
+        ray.shutdown()
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import tiny
+from helpers import tiny
 
 from mdsearch.arch.unet import build
 from mdsearch.cli import main
@@ -201,6 +201,7 @@ def bundles(tmp_path_factory):
     return runs, exported
 
 
+@pytest.mark.slow
 @pytest.mark.minilm
 def test_pixel_space_bundle(bundles, capsys):
     runs, out = bundles
@@ -229,6 +230,7 @@ def test_pixel_space_bundle(bundles, capsys):
     assert one.latency.text_encoder_calls == 1 and one.max_abs_diff < PARITY_TOLERANCE * gain
 
 
+@pytest.mark.slow
 @pytest.mark.minilm
 def test_latent_bundle_decodes_with_the_vae(bundles):
     runs, out = bundles
@@ -252,6 +254,7 @@ def test_latent_bundle_decodes_with_the_vae(bundles):
     assert not np.array_equal(bundle.generate(PROMPT, seed=2).pixels, result.pixels)
 
 
+@pytest.mark.slow
 @pytest.mark.minilm
 def test_a_manifest_whose_factor_the_decoder_contradicts_is_refused(bundles, tmp_path):
     """resolution = latent_size x factor holds in the manifest, but the decoder upsamples 2x,
@@ -275,6 +278,7 @@ def test_a_manifest_whose_factor_the_decoder_contradicts_is_refused(bundles, tmp
         Bundle(copy)
 
 
+@pytest.mark.slow
 @pytest.mark.minilm
 def test_null_context_is_trainings(bundles, tmp_path):
     """Guidance's unconditional branch is the empty caption, as training's null context
@@ -290,6 +294,7 @@ def test_null_context_is_trainings(bundles, tmp_path):
     assert np.abs(null - training).max() <= 1e-3 * np.abs(training).max()
 
 
+@pytest.mark.slow
 @pytest.mark.minilm
 def test_cli_generate_writes_the_png(bundles, tmp_path, capsys):
     from PIL import Image
@@ -311,6 +316,7 @@ def test_cli_generate_writes_the_png(bundles, tmp_path, capsys):
         assert image.size == (8, 8)
 
 
+@pytest.mark.slow
 @pytest.mark.minilm
 def test_manifest_sampler_follows_the_run(bundles):
     """The recipe's DDIM steps and guidance; one step without guidance for a one-step (UFOGen)
@@ -355,6 +361,7 @@ def test_fp16_decoder_and_channel_mismatch(tmp_path, tiny_spec):
         export_decoder(IdentityAutoencoder(), tmp_path, latent_size=4)
 
 
+@pytest.mark.slow
 @pytest.mark.minilm
 def test_generate_check_against_another_run_fails_in_one_line(bundles, tmp_path, capsys):
     """`generate --check RUN` with a RUN the bundle was not exported from reported a 0.487 pixel
@@ -375,6 +382,7 @@ def test_generate_check_against_another_run_fails_in_one_line(bundles, tmp_path,
               str(tmp_path / "other.png"), "--check", str(other)])
 
 
+@pytest.mark.slow
 @pytest.mark.minilm
 def test_generate_grid_draws_each_prompt_from_the_bundle(bundles, tmp_path, capsys):
     from PIL import Image

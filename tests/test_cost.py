@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import tiny
+from helpers import tiny
 from mdsearch.arch import presets
 from mdsearch.arch.cost import MacCounter, cost, example_inputs, fvcore_count
 from mdsearch.arch.spec import SpecError

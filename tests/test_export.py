@@ -23,6 +23,7 @@ def minilm():
     return get_text_encoder("minilm", max_length=8)
 
 
+@pytest.mark.slow
 def test_md_topology_exports_with_fp32_parity(tmp_path, tiny_spec):
     spec = tiny_spec("md")
     result = export_unet(spec, random_model(spec), tmp_path, latent_size=16, latency_runs=2)
@@ -33,6 +34,7 @@ def test_md_topology_exports_with_fp32_parity(tmp_path, tiny_spec):
     assert saved["max_abs_err"] == result.max_abs_err
 
 
+@pytest.mark.slow
 def test_fp16_export_runs_and_reports_its_error(tmp_path, tiny_spec):
     spec = tiny_spec("md")
     model = random_model(spec)
@@ -42,6 +44,7 @@ def test_fp16_export_runs_and_reports_its_error(tmp_path, tiny_spec):
     assert next(model.parameters()).dtype == torch.float32  # the caller's model is untouched
 
 
+@pytest.mark.slow
 def test_relu_attention_and_sd15_topologies_export(tmp_path, tiny_spec):
     for name, spec in (("relu", tiny_spec("md", attn_nonlinearity="relu")),
                        ("sd15", tiny_spec("sd15"))):
@@ -50,6 +53,7 @@ def test_relu_attention_and_sd15_topologies_export(tmp_path, tiny_spec):
         assert r.within_tolerance, (name, r.rel_err)
 
 
+@pytest.mark.slow
 def test_cli_exports_a_trained_checkpoint_with_json(tmp_path, capsys, monkeypatch,
                                                     tmp_path_factory):
     from mdsearch.train.recipe import Recipe
@@ -201,6 +205,7 @@ def _check_coreml(result, name, tmp_path):
     assert saved["parity"] == result.parity
 
 
+@pytest.mark.slow
 def test_coreml_converts_the_md_unet(tmp_path, tiny_spec):
     pytest.importorskip("coremltools")
     from mdsearch.export.coreml import convert_unet
@@ -210,6 +215,7 @@ def test_coreml_converts_the_md_unet(tmp_path, tiny_spec):
     _check_coreml(result, "unet", tmp_path)
 
 
+@pytest.mark.slow
 @pytest.mark.minilm
 def test_coreml_converts_the_minilm_text_encoder(tmp_path, minilm):
     pytest.importorskip("coremltools")

@@ -12,7 +12,7 @@ from mdsearch.cli import stage_summary
 from mdsearch.rundir import CHECKPOINT
 from mdsearch.train.trainer import Training, train_trial
 
-from test_train import TINY, ImageStats, weights
+from helpers import TINY, ImageStats, weights
 
 STAGED = {**TINY, "resolution": 8, "batch_size": 4, "checkpoint_every": 2, "eval": {
     **TINY["eval"], "every": 100}, "stages": [
@@ -26,11 +26,6 @@ STAGED.pop("steps")
 def staged(**overrides) -> Recipe:
     recipe = Recipe.from_dict(STAGED, "staged")
     return recipe.override(overrides) if overrides else recipe
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("MDSEARCH_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
 
 
 def test_paper_schedule_is_data():
@@ -101,6 +96,7 @@ def uninterrupted(tmp_path_factory):
     return result, out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop", [2, 6])  # mid-stage (between evaluations), mid-relu
 def test_resume_across_stages_equals_an_uninterrupted_run(tmp_path, uninterrupted, stop):
     full, full_dir = uninterrupted
@@ -123,6 +119,7 @@ def test_resumed_run_restores_the_stage_attention(tmp_path):
     assert {m.nonlinearity for m in run.model.modules() if isinstance(m, Attention)} == {"relu"}
 
 
+@pytest.mark.ray
 def test_two_ray_train_workers_continue_a_run_as_one_process_would(tmp_path):
     """Resume a single-process run on two Ray Train workers (gloo, 127.0.0.1): each trains on
     half of every batch, in two accumulated micro-batches, DDP averages the gradients (once, in

@@ -15,27 +15,12 @@ from mdsearch.arch.latency import LatencyError, Measurement, Row, Table
 from mdsearch.arch.unet import Block, build
 from mdsearch.search.space import CostCache, SpaceError, load_space, parse_space
 
-from conftest import tiny
+from helpers import WHERE, fake_table, tiny
 
 RES = 64  # tiny specs: latent 8 -> 8, 4, 2
-WHERE = ("onnxruntime-cpu", "0.0-test", "test cpu", 1)
 TINY_SET = {"levels.0.channels": 32, "levels.1.channels": 64, "levels.2.channels": 64,
             "head_dim": 16, "norm_groups": 8, "context_dim": 32, "context_len": 8,
             "time_freq_dim": 32, "time_embed_dim": 64}
-
-
-def fake_table(path, specs, terms=None, resolution=RES, ms=lambda u: 1.0 + int(u.key[:2], 16) / 64):
-    """A latency table for `specs` with made-up entries (no timing) and given fitted terms."""
-    rows = []
-    for unit in latency.distinct(latency.units(s, resolution) for s in specs):
-        value = ms(unit)
-        rows.append(Row(unit.key, unit.kind, unit.label, latency.shapes_text(unit.inputs), value,
-                        0.9 * value, 1.1 * value, *WHERE))
-    latency.write_rows(path, rows)
-    fitted = latency.Fit({"graph_ms": 0.0, "per_unit_ms": 0.0, "scale": 0.0, **(terms or {})},
-                         [Measurement("m", 1.0, 1.0, 1)], resolution, WHERE)
-    latency.fit_path(path).write_text(fitted.to_json())
-    return path
 
 
 def run(*args, env=None):
@@ -104,6 +89,7 @@ def test_fit_recovers_terms_and_leaves_what_it_cannot_tell_at_zero():
     assert fitted.terms == pytest.approx({"graph_ms": 2.0, "per_unit_ms": 0.5, "scale": 0.1})
 
 
+@pytest.mark.slow
 def test_a_spec_with_a_block_missing_from_the_table_is_one_line_exit_2(tmp_path):
     spec = tiny("md")
     path = fake_table(tmp_path / "t.csv", [spec])
@@ -130,6 +116,7 @@ def _rewrite(path, edit):
     path.write_text("\n".join(lines) + "\n")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("edit, expected", [
     (lambda ls: ls.__setitem__(0, "trial_id,status,params"), "not a mdsearch latency table"),
     (lambda ls: ls.__setitem__(2, ls[2].replace(ls[2].split(",")[0], "zz")), "line 3: column key"),
@@ -171,6 +158,7 @@ def _tiny_space(tmp_path, **extra):
     return path
 
 
+@pytest.mark.chaos
 def test_a_killed_table_run_resumes_without_retiming_finished_blocks(tmp_path):
     space, table = _tiny_space(tmp_path), tmp_path / "table.csv"
     args = ("latency", "table", "--space", str(space), "--threads", "1", "--repeats", "2",
@@ -207,6 +195,7 @@ def test_a_killed_table_run_resumes_without_retiming_finished_blocks(tmp_path):
         busy.wait()
 
 
+@pytest.mark.slow
 def test_a_probe_and_its_device_rows_import_as_a_table(tmp_path):
     space = _tiny_space(tmp_path)
     probe = tmp_path / "probe"

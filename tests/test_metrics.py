@@ -51,6 +51,7 @@ def real():
     return _rendered("test", seed=1)
 
 
+@pytest.mark.slow
 def test_classifier_accuracy_on_held_out_images(evaluator):
     report = evaluator.classifier_report
     acc = report["accuracy"]
@@ -273,6 +274,7 @@ def test_clip_score_with_local_clip_folder(tmp_path, evaluator, cache_dir, real)
     assert out["clip_score"] == pytest.approx(max(0.0, 100 * float(cosine)), abs=1e-3)
 
 
+@pytest.mark.slow
 def test_a_damaged_classifier_cache_is_rebuilt(evaluator, tmp_path, cache_dir):
     """Random bytes in the cached weights (torch.load raises UnpicklingError): retrained and
     replaced, never an error."""

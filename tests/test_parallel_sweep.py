@@ -17,7 +17,8 @@ from mdsearch.search.space import load_space
 from mdsearch.search.sweep import run_sweep
 from mdsearch.train.recipe import Recipe
 from mdsearch.train.trainer import train_trial
-from test_sweep import RECIPE, SPACE, _sweep_cmd, trained, write
+
+from helpers import SWEEP_RECIPE, SWEEP_SPACE, sweep_cmd, trained, write
 
 
 def one_process(row: pd.Series, out: Path):
@@ -40,6 +41,8 @@ def assert_equal_to_one_process(row: pd.Series, one) -> None:
     assert row["fid_proxy"] == pytest.approx(last["fid_proxy"], rel=1e-3)
 
 
+@pytest.mark.ray
+@pytest.mark.chaos
 def test_two_worker_trials_on_a_two_node_cluster_equal_one_process_and_survive_a_kill(tmp_path):
     """3 trials x 2 workers on a head and a worker node of one CPU each, so that every trial's
     two workers sit on different nodes; the driver is SIGKILLed during the second trial."""
@@ -49,12 +52,12 @@ def test_two_worker_trials_on_a_two_node_cluster_equal_one_process_and_survive_a
     try:
         cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()
-        space_file = write(tmp_path / "space.yaml", {**SPACE, "search": {
+        space_file = write(tmp_path / "space.yaml", {**SWEEP_SPACE, "search": {
             "algorithm": "random", "num_samples": 3, "seed": 0}})
         recipe_file = write(tmp_path / "recipe.yaml", {
-            **RECIPE, "steps": 30, "checkpoint_every": 10, "workers": 2,
-            "eval": {**RECIPE["eval"], "every": 10}})
-        cmd = _sweep_cmd(space_file, recipe_file, tmp_path, "--address", cluster.address)
+            **SWEEP_RECIPE, "steps": 30, "checkpoint_every": 10, "workers": 2,
+            "eval": {**SWEEP_RECIPE["eval"], "every": 10}})
+        cmd = sweep_cmd(space_file, recipe_file, tmp_path, "--address", cluster.address)
         log = tmp_path / "first.log"
         with open(log, "w") as err:
             driver = subprocess.Popen(cmd, stderr=err, stdout=subprocess.DEVNULL)
@@ -87,20 +90,16 @@ def test_two_worker_trials_on_a_two_node_cluster_equal_one_process_and_survive_a
         assert_equal_to_one_process(row, one_process(row, tmp_path / "one" / row["trial_id"]))
 
 
+@pytest.mark.ray
 def test_seeds_stacked_inside_a_two_worker_trial_equal_one_process(tmp_path):
     """seeds_per_trial with workers: every worker trains its slice of each seed's batch."""
-    write(tmp_path / "recipe.yaml", {**RECIPE, "workers": 2})
-    write(tmp_path / "space.yaml", {**SPACE, "objectives": [{"val_loss": "min"}],
+    write(tmp_path / "recipe.yaml", {**SWEEP_RECIPE, "workers": 2})
+    write(tmp_path / "space.yaml", {**SWEEP_SPACE, "objectives": [{"val_loss": "min"}],
                                     "seeds_per_trial": 2,
                                     "search": {"algorithm": "random", "num_samples": 1,
                                                "seed": 0}})
-    import ray
-
-    try:
-        run_sweep(load_space(tmp_path / "space.yaml"), tmp_path / "recipe.yaml", name="seeds",
-                  storage=tmp_path, mlflow=False)
-    finally:
-        ray.shutdown()  # the Ray this sweep started here
+    run_sweep(load_space(tmp_path / "space.yaml"), tmp_path / "recipe.yaml", name="seeds",
+              storage=tmp_path, mlflow=False)
     row = trained(read_results(tmp_path / "seeds")).iloc[0]
     assert row["status"] == "completed" and row["seeds_measured"] == 2
     one = one_process(row, tmp_path / "one")
@@ -116,14 +115,16 @@ def test_a_dimension_may_not_change_how_trials_are_laid_out(tmp_path):
     dimensions, in one line naming the space file and the dimension."""
     from mdsearch.search.space import SpaceError, check_recipe_fields
 
-    write(tmp_path / "space.yaml", {**SPACE, "dimensions": {
+    write(tmp_path / "space.yaml", {**SWEEP_SPACE, "dimensions": {
         "w": {"field": "recipe.workers", "values": [1, 2]}}})
-    recipe = Recipe.from_dict({**RECIPE, "name": "r"}, "r")
+    recipe = Recipe.from_dict({**SWEEP_RECIPE, "name": "r"}, "r")
     with pytest.raises(SpaceError, match=r"space\.yaml: dimensions\.w: recipe\.workers is how a "
                                          "trial is laid out"):
         check_recipe_fields(load_space(tmp_path / "space.yaml"), recipe)
 
 
+@pytest.mark.ray
+@pytest.mark.chaos
 def test_a_worker_that_dies_fails_its_trial_naming_it_instead_of_hanging(tmp_path):
     """Rank 1 is SIGKILLed right after joining the process group: rank 0's first collective
     fails, the trial ends as failed with the dead rank named, and the sweep finishes. (A sweep
@@ -131,11 +132,11 @@ def test_a_worker_that_dies_fails_its_trial_naming_it_instead_of_hanging(tmp_pat
     an earlier test in this process would not.)"""
     import os
 
-    space_file = write(tmp_path / "space.yaml", {**SPACE, "search": {
+    space_file = write(tmp_path / "space.yaml", {**SWEEP_SPACE, "search": {
         "algorithm": "random", "num_samples": 1, "seed": 0}})
-    recipe_file = write(tmp_path / "recipe.yaml", {**RECIPE, "workers": 2})
+    recipe_file = write(tmp_path / "recipe.yaml", {**SWEEP_RECIPE, "workers": 2})
     env = {**os.environ, "MDSEARCH_FAULT_KILL": "data-parallel-rank-1"}
-    done = subprocess.run(_sweep_cmd(space_file, recipe_file, tmp_path), env=env,
+    done = subprocess.run(sweep_cmd(space_file, recipe_file, tmp_path), env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     row = trained(read_results(tmp_path / "killed")).iloc[0]

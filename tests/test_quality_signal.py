@@ -16,12 +16,7 @@ from mdsearch.search.space import SpaceError, parse_space
 from mdsearch.train.heldout import EvalBank, heldout_metrics
 from mdsearch.train.trainer import Training, lr_factor
 
-from test_train import tiny_recipe
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("MDSEARCH_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
+from helpers import tiny_recipe
 
 
 NO_CROSS_ATTENTION = {"levels.1.down.layers": 0, "levels.1.down.cross_attn": False,  # ablations.yaml
@@ -171,7 +166,7 @@ def test_reliability_command_measures_evaluation_noise_of_a_run(tmp_path, capsys
     from mdsearch.cli import main
     from mdsearch.train.trainer import train_trial
 
-    from test_train import ImageStats
+    from helpers import ImageStats
 
     train_trial(presets.get("md"), tiny_recipe(), tmp_path / "run", evaluator=ImageStats())
     assert main(["reliability", str(tmp_path / "run"), "--redraws", "2", "--bank-only",
@@ -220,7 +215,7 @@ def test_noise_floors_take_each_part_from_the_best_source(tmp_path):
 def test_sampled_metrics_only_every_kth_evaluation_and_at_the_end(tmp_path):
     from mdsearch.train.trainer import train_trial
 
-    from test_train import ImageStats
+    from helpers import ImageStats
 
     result = train_trial(presets.get("md"), tiny_recipe(**{"steps": 9, "eval.sample_every": 2}),
                          tmp_path / "run", evaluator=ImageStats())

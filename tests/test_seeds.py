@@ -14,17 +14,11 @@ from mdsearch.cli import main
 from mdsearch.rundir import CHECKPOINT, RESULT
 from mdsearch.train.trainer import TrainError, train_trial
 
-from test_train import ImageStats, tiny_recipe
+from helpers import ATOL, RTOL, ImageStats, tiny_recipe
 
 # A seed in a stack and alone differ only by the order in which batched kernels sum: after 20
 # steps of AdamW, losses and held-out metrics agree to 2e-4 relative (measured: ~1e-5).
-RTOL, ATOL = 2e-4, 1e-6
 HELDOUT = ("val_loss", "val_loss_low", "val_loss_mid", "val_loss_high", "text_gain")
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("MDSEARCH_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
 
 
 def recipe(**changes):
@@ -48,6 +42,7 @@ def test_a_stack_computes_what_each_seed_alone_computes(tiny_spec, knobs):
                                                      alone.state_dict().values()))
 
 
+@pytest.mark.slow
 def test_a_seed_in_a_batch_is_that_seed_alone_after_20_steps(tmp_path):
     md = presets.get("md")
     stacked = train_trial(md, recipe(seeds=3, seed=5), tmp_path / "stack", evaluator=ImageStats())
@@ -81,6 +76,7 @@ def test_losses_of_a_stack_match_solo_losses_step_by_step(tmp_path):
     assert stacked.history[-1]["loss"] == pytest.approx(mean, rel=RTOL)
 
 
+@pytest.mark.slow
 def test_a_stack_resumes_bit_for_bit(tmp_path):
     md = presets.get("md")
     full = train_trial(md, recipe(seeds=2), tmp_path / "full", evaluator=ImageStats())
@@ -99,6 +95,7 @@ def test_a_stack_resumes_bit_for_bit(tmp_path):
     assert set(a["model"]) == set(plain) or len(a["model"]) == len(plain)
 
 
+@pytest.mark.slow
 def test_resuming_with_other_seeds_is_one_clear_error(tmp_path):
     md = presets.get("md")
     train_trial(md, recipe(seeds=2), tmp_path / "run", steps=10, evaluator=ImageStats())
@@ -106,6 +103,7 @@ def test_resuming_with_other_seeds_is_one_clear_error(tmp_path):
         train_trial(md, recipe(seeds=3), tmp_path / "run", evaluator=ImageStats())
 
 
+@pytest.mark.slow
 def test_one_diverging_seed_fails_alone(tmp_path, monkeypatch):
     """Seed 1's loss turns non-finite at step 4: it stops with its reason; seeds 0 and 2 train
     on, unchanged by it, and the run ends ok with their metrics."""

@@ -37,6 +37,7 @@ def supernet(spec=SMALL, seed=0):
     return net
 
 
+@pytest.mark.slow
 def test_every_quickstart_configuration_is_a_slice_of_its_supernet():
     space = load_space("quickstart")
     specs = [proxy_spec(space.spec_for(p), 0.0625, 3, 384, 16) for p in space.grid()]
@@ -177,6 +178,7 @@ def tiny_run(tmp_path, out, space=TINY_SPACE, **kwargs):
                             Recipe.from_dict(TINY_RECIPE), tmp_path / out, **kwargs)
 
 
+@pytest.mark.slow
 @pytest.mark.minilm
 def test_a_killed_supernet_training_resumes_to_the_uninterrupted_weights(tmp_path):
     whole = tiny_run(tmp_path, "whole")
@@ -219,6 +221,7 @@ def test_supernet_train_refuses_a_space_it_cannot_hold_in_one_line(tmp_path, cap
     assert not (tmp_path / "sn" / "supernet.pt").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.minilm
 def test_supernet_score_ranks_every_configuration_on_one_bank_without_training(tmp_path, capsys):
     import pandas as pd
@@ -274,12 +277,13 @@ def test_supernet_training_is_one_mlflow_run_continued_on_resume(tmp_path, monke
 
 # --- Sweeps scored on a supernet (mdsearch sweep SPACE --supernet DIR) ---------------------------
 
-@pytest.fixture
-def trained_supernet(tmp_path, monkeypatch):
-    """A trained tiny supernet's folder and its space file (grid search; 8 configurations)."""
+@pytest.fixture(scope="module")
+def trained_supernet(tmp_path_factory):
+    """A trained tiny supernet's folder and its space file (grid search; 8 configurations),
+    trained once for the module: tests read it and write elsewhere."""
     import yaml
 
-    monkeypatch.setenv("MDSEARCH_CACHE_DIR", str(tmp_path / "cache"))
+    tmp_path = tmp_path_factory.mktemp("supernet")
     recipe = {**TINY_RECIPE, "eval": {**TINY_RECIPE["eval"], "bank": 24},
               "resources": {"cpu": 1, "gpu": 0}}
     space = {**TINY_SPACE, "search": {"algorithm": "tpe", "num_samples": 3, "seed": 0,
@@ -294,12 +298,10 @@ def trained_supernet(tmp_path, monkeypatch):
     run = SupernetTraining(load_space(tmp_path / "space.yaml"), Recipe.from_dict(recipe),
                            tmp_path / "sn")
     run.run()
-    yield tmp_path / "sn", tmp_path / "space.yaml"
-    import ray
-
-    ray.shutdown()
+    return tmp_path / "sn", tmp_path / "space.yaml"
 
 
+@pytest.mark.ray
 @pytest.mark.minilm
 def test_a_supernet_scored_sweep_writes_each_slices_score_as_a_trial(trained_supernet, tmp_path):
     from dataclasses import replace
@@ -384,10 +386,11 @@ def test_a_supernet_sweep_it_cannot_score_is_refused_in_one_line(trained_superne
     assert not (tmp_path / "sweeps").exists() or not any((tmp_path / "sweeps").rglob("*.csv"))
 
 
+@pytest.mark.slow
 @pytest.mark.minilm
 def test_evolve_removes_the_block_with_the_least_loss_per_ms_until_the_target(trained_supernet,
                                                                              tmp_path, capsys):
-    from test_latency import fake_table
+    from helpers import fake_table
 
     from mdsearch.arch.latency import Table, unit_cost
     from mdsearch.arch.spec import ArchSpec

@@ -17,54 +17,18 @@ from mdsearch.rundir import RESULT, TUNE_HISTORY, read_results
 from mdsearch.search.sweep import run_sweep
 from mdsearch.search.space import load_space
 
-RECIPE = {
-    "name": "tiny", "data": {"kind": "synthetic", "size": 64, "eval_size": 32, "seed": 0},
-    "text_encoder": {"name": "minilm", "max_length": 8}, "resolution": 16, "width": 0.0625,
-    "batch_size": 4, "steps": 6, "ema_decay": 0.9, "checkpoint_every": 3, "log_every": 3,
-    "eval": {"every": 3, "sample_steps": 2, "prompts": 8, "reference_images": 32},
-    "optimizer": {"lr": 1e-3, "warmup_steps": 2}, "resources": {"cpu": 1, "gpu": 0},
-}
-SPACE = {
-    "name": "tiny_space", "base": "md",
-    "dimensions": {
-        "inner_channels": {"field": "levels.2.channels", "values": [512, 640, 1280]},
-        "inner_layers": {"fields": ["levels.2.down.layers", "levels.2.up.layers"],
-                         "values": [1, 2]},
-    },
-    # 1280 channels (310M and up) is over this budget; 512 and 640 at 1, 2 or 3 layers fit
-    "constraints": {"resolution": 512, "max_params": "210M"},
-    "objectives": [{"fid_proxy": "min"}],
-    "search": {"algorithm": "tpe", "num_samples": 2, "seed": 0, "max_concurrent": 2},
-}
-
-
-@pytest.fixture(autouse=True)
-def _isolated(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("MDSEARCH_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
-    yield
-    import ray
-
-    ray.shutdown()
-
-
-def write(path: Path, data: dict) -> Path:
-    path.write_text(yaml.safe_dump(data))
-    return path
-
+from helpers import SWEEP_RECIPE, SWEEP_SPACE, sweep_cmd, trained, write
 
 def files(tmp_path, recipe=None, **space_changes):
-    recipe_file = write(tmp_path / "recipe.yaml", {**RECIPE, **(recipe or {})})
-    space_file = write(tmp_path / "space.yaml", {**SPACE, **space_changes})
+    recipe_file = write(tmp_path / "recipe.yaml", {**SWEEP_RECIPE, **(recipe or {})})
+    space_file = write(tmp_path / "space.yaml", {**SWEEP_SPACE, **space_changes})
     return load_space(space_file), recipe_file
 
 
-def trained(table: pd.DataFrame) -> pd.DataFrame:
-    return table[table["status"] != "filtered"]
-
-
+@pytest.mark.ray
 def test_grid_sweep_filters_before_training_and_writes_results(tmp_path):
     space, recipe = files(tmp_path, search={"algorithm": "grid"},
-                          dimensions={"inner_channels": SPACE["dimensions"]["inner_channels"]})
+                          dimensions={"inner_channels": SWEEP_SPACE["dimensions"]["inner_channels"]})
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     result = run_sweep(space, recipe, name="grid", storage=tmp_path / "sweeps",
                        tracking_uri=uri)
@@ -112,8 +76,8 @@ def test_grid_sweep_filters_before_training_and_writes_results(tmp_path):
     # resolution, a higher one, the relu fine-tune), and export it for phones
     from mdsearch.cli import main
 
-    full = write(tmp_path / "full.yaml", {**RECIPE, "steps": 5, "eval": {
-        **RECIPE["eval"], "every": 100}, "stages": [
+    full = write(tmp_path / "full.yaml", {**SWEEP_RECIPE, "steps": 5, "eval": {
+        **SWEEP_RECIPE["eval"], "every": 100}, "stages": [
         {"name": "low", "steps": 2, "resolution": 8}, {"name": "high", "steps": 2},
         {"name": "relu", "steps": 1, "attn_nonlinearity": "relu"}]})
     out = tmp_path / "promoted"
@@ -141,6 +105,7 @@ def test_grid_sweep_filters_before_training_and_writes_results(tmp_path):
     assert (tmp_path / "export" / "text_encoder.onnx").is_file()
 
 
+@pytest.mark.ray
 def test_optuna_sweep_records_a_failed_trial_and_goes_on(tmp_path):
     # lr 1e30 drives every trial to a non-finite loss: each is recorded as failed, with its
     # reason, and the sweep still ends normally with its results
@@ -184,9 +149,12 @@ def test_every_optuna_searcher_survives_the_pickle_tune_makes_of_it(tmp_path, al
     assert len(copy.study.trials) == 2  # the journal's first trial, and the new one
 
 
+@pytest.mark.ray
 def test_two_node_loopback_cluster_runs_a_sweep(tmp_path):
+    import ray
     from ray.cluster_utils import Cluster
 
+    ray.shutdown()  # the local Ray an earlier test left up: this sweep joins the cluster
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     try:
         cluster.add_node(num_cpus=1)
@@ -202,26 +170,21 @@ def test_two_node_loopback_cluster_runs_a_sweep(tmp_path):
         assert done["fid_proxy"].notna().all() and (done["steps"] >= 3).all()
         assert done["node_id"].nunique() == 2  # one trial per 1-CPU node, run concurrently
     finally:
-        import ray
-
         ray.shutdown()
         cluster.shutdown()
 
 
-def _sweep_cmd(space_file, recipe_file, storage, *extra):
-    return [sys.executable, "-m", "mdsearch.cli", "sweep", str(space_file), "--trial",
-            str(recipe_file), "--name", "killed", "--storage", str(storage), "--no-mlflow", *extra]
-
-
+@pytest.mark.ray
+@pytest.mark.chaos
 def test_sigkill_then_resume_completes_every_trial_exactly_once(tmp_path):
-    space_file = write(tmp_path / "space.yaml", {**SPACE, "search": {
+    space_file = write(tmp_path / "space.yaml", {**SWEEP_SPACE, "search": {
         "algorithm": "random", "num_samples": 4, "seed": 0, "max_concurrent": 2}})
     recipe_file = write(tmp_path / "recipe.yaml", {
-        **RECIPE, "steps": 40, "checkpoint_every": 10,
-        "eval": {**RECIPE["eval"], "every": 10}})
+        **SWEEP_RECIPE, "steps": 40, "checkpoint_every": 10,
+        "eval": {**SWEEP_RECIPE["eval"], "every": 10}})
     log = tmp_path / "first.log"
     with open(log, "w") as err:
-        driver = subprocess.Popen(_sweep_cmd(space_file, recipe_file, tmp_path), stderr=err,
+        driver = subprocess.Popen(sweep_cmd(space_file, recipe_file, tmp_path), stderr=err,
                                   stdout=subprocess.DEVNULL)
     deadline = time.time() + 240
     while "finished" not in log.read_text():
@@ -229,7 +192,7 @@ def test_sigkill_then_resume_completes_every_trial_exactly_once(tmp_path):
         assert time.time() < deadline, "no trial finished in time"
         time.sleep(0.5)
     # a second sweep on the same directory fails at once, naming the first
-    second = subprocess.run(_sweep_cmd(space_file, recipe_file, tmp_path, "--resume"),
+    second = subprocess.run(sweep_cmd(space_file, recipe_file, tmp_path, "--resume"),
                             capture_output=True, text=True, timeout=120)
     assert second.returncode == 2 and f"in use by pid {driver.pid}" in second.stderr
     assert "Traceback" not in second.stderr
@@ -243,7 +206,7 @@ def test_sigkill_then_resume_completes_every_trial_exactly_once(tmp_path):
     partial = pd.read_csv(tmp_path / "killed" / "results.csv", dtype={"trial_id": str})
     assert finished_before <= set(partial[partial["status"] == "completed"]["trial_id"])
 
-    resumed = subprocess.run(_sweep_cmd(space_file, recipe_file, tmp_path, "--resume"),
+    resumed = subprocess.run(sweep_cmd(space_file, recipe_file, tmp_path, "--resume"),
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     table = pd.read_csv(tmp_path / "killed" / "results.csv", dtype={"trial_id": str})
@@ -263,7 +226,7 @@ def test_sigkill_then_resume_completes_every_trial_exactly_once(tmp_path):
     assert (sweep / "optuna_journal.log").is_file()  # the Optuna study, in Optuna's own format
     state.write_bytes(state.read_bytes()[:40])
     before[state.name] = state.read_bytes()
-    again = subprocess.run(_sweep_cmd(space_file, recipe_file, tmp_path, "--resume"),
+    again = subprocess.run(sweep_cmd(space_file, recipe_file, tmp_path, "--resume"),
                            capture_output=True, text=True, timeout=120)
     assert again.returncode == 2 and "Traceback" not in again.stderr
     assert f"{state}: the sweep's searcher state is damaged" in again.stderr
@@ -277,7 +240,7 @@ def test_sigkill_then_resume_completes_every_trial_exactly_once(tmp_path):
             return (open, (str(tmp_path / "pwned"), "w"))
 
     state.write_bytes(pickle.dumps(Payload()))
-    again = subprocess.run(_sweep_cmd(space_file, recipe_file, tmp_path, "--resume"),
+    again = subprocess.run(sweep_cmd(space_file, recipe_file, tmp_path, "--resume"),
                            capture_output=True, text=True, timeout=120)
     assert again.returncode == 2 and "damaged" in again.stderr
     assert not (tmp_path / "pwned").exists()
@@ -286,7 +249,7 @@ def test_sigkill_then_resume_completes_every_trial_exactly_once(tmp_path):
 def test_cli_reports_a_bad_space_in_one_line(tmp_path, capsys):
     from mdsearch.cli import main
 
-    bad = write(tmp_path / "bad.yaml", {**SPACE, "constraints": {"max_params": "1M"}})
+    bad = write(tmp_path / "bad.yaml", {**SWEEP_SPACE, "constraints": {"max_params": "1M"}})
     assert main(["sweep", str(bad), "--storage", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "bad.yaml: constraints: no configuration of this space satisfies params <= 1M" in err
@@ -305,16 +268,18 @@ def test_unnamed_sweeps_are_timestamped_and_resume_takes_the_latest(tmp_path):
     assert default_name(space, tmp_path, resume=True) == "tiny_space-20261125-080000"
 
 
+@pytest.mark.ray
+@pytest.mark.chaos
 def test_a_driver_killed_at_any_point_resumes_to_every_trial_exactly_once(tmp_path):
     """Fault injection: the driver is killed six times, at the worst moments of its writes
     (mid results.csv, mid searcher state, mid copy of the searcher state into the sweep folder)
     and at arbitrary times, and resumed each time."""
     import os
 
-    space_file = write(tmp_path / "space.yaml", {**SPACE, "search": {
+    space_file = write(tmp_path / "space.yaml", {**SWEEP_SPACE, "search": {
         "algorithm": "random", "num_samples": 4, "seed": 1, "max_concurrent": 2}})
     recipe_file = write(tmp_path / "recipe.yaml", {
-        **RECIPE, "steps": 30, "checkpoint_every": 10, "eval": {**RECIPE["eval"], "every": 10}})
+        **SWEEP_RECIPE, "steps": 30, "checkpoint_every": 10, "eval": {**SWEEP_RECIPE["eval"], "every": 10}})
     kills = [("fault", "results.csv:1"), ("fault", "searcher-state:3"),
              ("fault", "results.csv:1"), ("fault", "storage-copy-searcher-state:2"),
              ("after", 12.0), ("after", 6.0)]
@@ -323,7 +288,7 @@ def test_a_driver_killed_at_any_point_resumes_to_every_trial_exactly_once(tmp_pa
         env = dict(os.environ)
         if how == "fault":
             env["MDSEARCH_FAULT_KILL"] = what
-        cmd = _sweep_cmd(space_file, recipe_file, tmp_path, *(["--resume"] if started else []))
+        cmd = sweep_cmd(space_file, recipe_file, tmp_path, *(["--resume"] if started else []))
         driver = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
                                   stderr=subprocess.PIPE, text=True)
         try:
@@ -338,7 +303,7 @@ def test_a_driver_killed_at_any_point_resumes_to_every_trial_exactly_once(tmp_pa
         if driver.returncode == 0:
             break
     assert seen[:4] == [-signal.SIGKILL] * 4, seen  # the four faults did fire
-    final = subprocess.run(_sweep_cmd(space_file, recipe_file, tmp_path, "--resume"),
+    final = subprocess.run(sweep_cmd(space_file, recipe_file, tmp_path, "--resume"),
                            capture_output=True, text=True, timeout=600)
     assert final.returncode == 0, final.stderr[-3000:]
     table = pd.read_csv(tmp_path / "killed" / "results.csv", dtype={"trial_id": str})
@@ -348,6 +313,7 @@ def test_a_driver_killed_at_any_point_resumes_to_every_trial_exactly_once(tmp_pa
     assert not list((tmp_path / "killed").rglob("*.mdsearch-partial"))  # a killed copy's temp
 
 
+@pytest.mark.ray
 def test_a_sweep_without_address_never_joins_a_ray_already_running_here(tmp_path):
     """`ray.init()` alone joins the cluster Ray last recorded on this machine; mdsearch starts a
     private local Ray instead (address="local")."""
@@ -397,12 +363,13 @@ def test_a_recipe_asking_for_more_than_a_worker_uses_is_refused():
 
     with pytest.raises(SweepError, match="recipe r: field resources.gpu: 8: each of a trial's "
                                          "workers trains on one GPU"):
-        check_trial_resources(Recipe.from_dict({**RECIPE, "name": "r",
+        check_trial_resources(Recipe.from_dict({**SWEEP_RECIPE, "name": "r",
                                                 "resources": {"cpu": 8, "gpu": 8}}, "r"))
     for ok in ({"resources": {"gpu": 1}}, {"workers": 2, "resources": {"gpu": 1}}):
-        check_trial_resources(Recipe.from_dict({**RECIPE, "name": "r", **ok}, "r"))
+        check_trial_resources(Recipe.from_dict({**SWEEP_RECIPE, "name": "r", **ok}, "r"))
 
 
+@pytest.mark.ray
 def test_a_tpe_sweep_with_seeds_per_trial_ranks_by_seed_means(tmp_path):
     """seeds_per_trial: 3 makes every trial a stack of 3 seeds: results.csv keeps each seed's
     value, their mean, std and standard error; TPE is told the mean; the winner statement uses
@@ -435,9 +402,10 @@ def test_a_tpe_sweep_with_seeds_per_trial_ranks_by_seed_means(tmp_path):
         result.table, "val_loss", None)
 
 
+@pytest.mark.ray
 def test_num_samples_takes_the_first_points_of_a_grid(tmp_path):
     space, recipe = files(tmp_path, search={"algorithm": "grid"},
-                          dimensions={"inner_channels": SPACE["dimensions"]["inner_channels"]})
+                          dimensions={"inner_channels": SWEEP_SPACE["dimensions"]["inner_channels"]})
     run_sweep(space, recipe, name="one", storage=tmp_path / "s", num_samples=1, mlflow=False)
     done = trained(read_results(tmp_path / "s" / "one"))
     assert list(done["inner_channels"]) == [512]  # the grid's first point, not all three
@@ -470,8 +438,8 @@ def test_a_sweep_name_is_one_folder_inside_the_storage(tmp_path, name):
 def test_an_address_nothing_answers_at_is_one_line_within_seconds(tmp_path, capsys):
     from mdsearch.cli import main
 
-    space_file = write(tmp_path / "space.yaml", SPACE)
-    recipe_file = write(tmp_path / "recipe.yaml", RECIPE)
+    space_file = write(tmp_path / "space.yaml", SWEEP_SPACE)
+    recipe_file = write(tmp_path / "recipe.yaml", SWEEP_RECIPE)
     started = time.monotonic()
     code = main(["sweep", str(space_file), "--trial", str(recipe_file), "--name", "addr",
                  "--storage", str(tmp_path / "s"), "--address", "127.0.0.1:1", "--no-mlflow"])
@@ -501,6 +469,7 @@ def test_a_damaged_optuna_journal_is_refused_naming_the_line(tmp_path):
         check_journal(journal)
 
 
+@pytest.mark.ray
 def test_a_moved_or_copied_sweep_folder_resumes_in_place(tmp_path):
     """Tune pickles the searcher, stop rule and callbacks with the folder they were made in;
     resumed from a moved folder they must use that folder (the original is gone), and a copy
@@ -525,6 +494,8 @@ def test_a_moved_or_copied_sweep_folder_resumes_in_place(tmp_path):
     assert [p for p in before if p.name != ".lock" and before[p] != after[p]] == []
 
 
+@pytest.mark.ray
+@pytest.mark.chaos
 def test_a_crafted_pickle_in_a_sweep_folder_is_refused_and_runs_nothing(tmp_path):
     """Ray Tune unpickles tuner.pkl, experiment_state-*.json, search_gen_state-*.json and failed
     trials' error.pkl on --resume. mdsearch signs each as it is written, with a key outside the
@@ -534,10 +505,10 @@ def test_a_crafted_pickle_in_a_sweep_folder_is_refused_and_runs_nothing(tmp_path
 
     from mdsearch.search import signing
 
-    space_file = write(tmp_path / "space.yaml", SPACE)
-    recipe_file = write(tmp_path / "recipe.yaml", RECIPE)
+    space_file = write(tmp_path / "space.yaml", SWEEP_SPACE)
+    recipe_file = write(tmp_path / "recipe.yaml", SWEEP_RECIPE)
     storage = tmp_path / "s"
-    first = subprocess.run(_sweep_cmd(space_file, recipe_file, storage), capture_output=True,
+    first = subprocess.run(sweep_cmd(space_file, recipe_file, storage), capture_output=True,
                            text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
     sweep = storage / "killed"
@@ -563,7 +534,7 @@ def test_a_crafted_pickle_in_a_sweep_folder_is_refused_and_runs_nothing(tmp_path
         original = target.read_bytes()
         target.write_bytes(pickle.dumps(Payload()))
         before = {p: p.read_bytes() for p in sweep.rglob("*") if p.is_file() and p.name != ".lock"}
-        again = subprocess.run(_sweep_cmd(space_file, recipe_file, storage, "--resume"),
+        again = subprocess.run(sweep_cmd(space_file, recipe_file, storage, "--resume"),
                                capture_output=True, text=True, timeout=120)
         assert again.returncode == 2, again.stderr[-2000:]
         assert "Traceback" not in again.stderr
@@ -577,10 +548,10 @@ def test_a_crafted_pickle_in_a_sweep_folder_is_refused_and_runs_nothing(tmp_path
     # an unsigned folder (made before signing, or with another key) resumes once the user vouches
     for p in sweep.rglob("*.sig"):
         p.unlink()
-    refused = subprocess.run(_sweep_cmd(space_file, recipe_file, storage, "--resume"),
+    refused = subprocess.run(sweep_cmd(space_file, recipe_file, storage, "--resume"),
                              capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "has no signature" in refused.stderr
-    trusted = subprocess.run(_sweep_cmd(space_file, recipe_file, storage, "--resume",
+    trusted = subprocess.run(sweep_cmd(space_file, recipe_file, storage, "--resume",
                                         "--trust-state"), capture_output=True, text=True,
                              timeout=600)
     assert trusted.returncode == 0, trusted.stderr[-3000:]
@@ -595,7 +566,7 @@ def test_a_configuration_filtered_twice_is_one_row_and_trials_count_in_start_ord
     from mdsearch.search.callbacks import started_number
     from mdsearch.search.searchers import BudgetedSearch
 
-    space = load_space(write(tmp_path / "space.yaml", SPACE))
+    space = load_space(write(tmp_path / "space.yaml", SWEEP_SPACE))
     over, fits = {"inner_channels": 1280, "inner_layers": 1}, {"inner_channels": 512,
                                                                "inner_layers": 1}
 

@@ -10,13 +10,7 @@ from mdsearch.rundir import RunDirError
 from mdsearch.train.recipe import RecipeError
 from mdsearch.train.trainer import train_trial
 
-from test_train import ImageStats, tiny_recipe
-from test_seeds import ATOL, RTOL
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("MDSEARCH_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
+from helpers import ATOL, RTOL, ImageStats, tiny_recipe
 
 
 def recipe(**changes):
@@ -32,6 +26,7 @@ def teacher(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_teacher_gap_is_the_distance_to_the_teachers_predictions(tmp_path, teacher):
     md = presets.get("md")
     # the teacher's own weights, retrained bit for bit with the teacher named: gap 0
@@ -47,6 +42,7 @@ def test_teacher_gap_is_the_distance_to_the_teachers_predictions(tmp_path, teach
     assert "teacher_gap" not in plain.history[-1]
 
 
+@pytest.mark.slow
 def test_distilling_moves_a_student_toward_its_teacher(tmp_path, teacher):
     md = presets.get("md")
     changes = {"teacher.run": str(teacher), "optimizer.lr": 3e-3}
@@ -56,6 +52,7 @@ def test_distilling_moves_a_student_toward_its_teacher(tmp_path, teacher):
     assert distilled.history[-1]["teacher_gap"] < 0.9 * plain.history[-1]["teacher_gap"]
 
 
+@pytest.mark.slow
 def test_a_distilled_seed_in_a_stack_is_that_seed_alone(tmp_path, teacher):
     md = presets.get("md")
     changes = {"teacher.run": str(teacher), "teacher.weight": 0.5}
@@ -96,7 +93,7 @@ def test_a_sweep_with_a_wrong_teacher_stops_before_any_trial(tmp_path, teacher):
     from mdsearch.search.space import load_space
     from mdsearch.search.sweep import run_sweep
 
-    from test_sweep import RECIPE, SPACE, write
+    from helpers import SWEEP_RECIPE as RECIPE, SWEEP_SPACE as SPACE, write
 
     space = load_space(write(tmp_path / "space.yaml", SPACE))
     other = write(tmp_path / "recipe.yaml", {**RECIPE, "resolution": 32,

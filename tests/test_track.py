@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 from mdsearch.arch import presets
 from mdsearch.track import MLflowTracker, flatten
 from mdsearch.train.trainer import train_trial
-from test_train import ImageStats, tiny_recipe
+from helpers import ImageStats, tiny_recipe
 
 
 def test_flatten():
@@ -51,6 +51,7 @@ def mlflow_server(tmp_path_factory):
     proc.wait(timeout=30)
 
 
+@pytest.mark.slow
 def test_trial_logs_params_metrics_and_artifacts_to_a_server(mlflow_server, tmp_path,
                                                              monkeypatch):
     monkeypatch.setenv("MDSEARCH_CACHE_DIR", str(tmp_path / "cache"))
@@ -81,11 +82,11 @@ def test_an_unreachable_tracking_server_is_one_clear_error(tmp_path, capsys, mon
     assert "--no-mlflow" in err and not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_autoencoder_and_one_step_runs_log_to_the_server(mlflow_server, tmp_path, monkeypatch):
     from mdsearch.train.ufogen import ufogen_trial
     from mdsearch.train.vae import vae_train
-    from test_ufogen import recipe as ufogen_recipe
-    from test_vae import Stats, recipe as vae_recipe
+    from helpers import VaeStats as Stats, ufogen_recipe, vae_recipe
 
     monkeypatch.setenv("MDSEARCH_CACHE_DIR", str(tmp_path / "cache"))
     client = MlflowClient(mlflow_server)

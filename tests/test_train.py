@@ -11,37 +11,11 @@ from mdsearch.train.recipe import Recipe
 from mdsearch.rundir import CHECKPOINT
 from mdsearch.train.trainer import train_trial
 
-TINY = {
-    "name": "test", "data": {"kind": "synthetic", "size": 64, "eval_size": 32, "seed": 0},
-    "text_encoder": {"name": "minilm", "max_length": 8}, "resolution": 16, "width": 0.0625,
-    "batch_size": 4, "steps": 6, "ema_decay": 0.9, "checkpoint_every": 3, "log_every": 1,
-    "eval": {"every": 3, "sample_steps": 2, "prompts": 8, "reference_images": 32},
-    "optimizer": {"lr": 1e-3, "warmup_steps": 2},
-}
+from helpers import TINY, ImageStats, tiny_recipe, weights
 
 
-def tiny_recipe(**overrides) -> Recipe:
-    return Recipe.from_dict(TINY, "tiny").override(overrides) if overrides else Recipe.from_dict(
-        TINY, "tiny")
 
-
-class ImageStats:
-    """A cheap stand-in for the quality evaluator, for tests of the loop itself: it reports
-    statistics of the sampled images, so the history still depends on the trained weights."""
-
-    def evaluate(self, images, captions, labels):
-        return {"sample_mean": images.mean().item(), "sample_std": images.std().item()}
-
-
-def weights(out_dir):
-    return torch.load(out_dir / CHECKPOINT, weights_only=True)["model"]
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("MDSEARCH_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
-
-
+@pytest.mark.slow
 def test_same_seed_same_history_and_weights(tmp_path):
     a = train_trial(presets.get("md"), tiny_recipe(), tmp_path / "a", evaluator=ImageStats())
     b = train_trial(presets.get("md"), tiny_recipe(), tmp_path / "b", evaluator=ImageStats())
@@ -68,6 +42,7 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path):
     assert (again.steps, again.history, again.metrics) == (6, full.history, full.metrics)
 
 
+@pytest.mark.slow
 def test_accumulated_micro_batches_take_the_step_the_whole_batch_takes(tmp_path):
     whole = train_trial(presets.get("md"), tiny_recipe(), tmp_path / "whole",
                         evaluator=ImageStats())

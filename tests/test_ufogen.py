@@ -16,17 +16,8 @@ from mdsearch.train.recipe import RecipeError
 from mdsearch.train.trainer import train_trial
 from mdsearch.train.ufogen import (Discriminator, LoRA, UFOGenRecipe, add_lora, merged_state,
                                    ufogen_trial)
-from test_train import ImageStats, tiny_recipe
 
-UFO = {"name": "ufo-test", "steps": 4, "batch_size": 4, "eval": {"every": 2, "prompts": 8},
-       "checkpoint_every": 2, "log_every": 1, "lr_g": 1e-3, "lr_d": 1e-3,
-       "timesteps": [999, 500]}
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("MDSEARCH_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
-
+from helpers import UFO, ImageStats, tiny_recipe, ufogen_recipe as recipe
 
 @pytest.fixture(scope="module")
 def start(tmp_path_factory):
@@ -34,10 +25,6 @@ def start(tmp_path_factory):
     out = tmp_path_factory.mktemp("start") / "md"
     assert train_trial(presets.get("md"), tiny_recipe(), out, evaluator=ImageStats()).status == "ok"
     return out
-
-
-def recipe(**changes) -> UFOGenRecipe:
-    return UFOGenRecipe.from_dict({**UFO, **changes}, "test")
 
 
 def small_unet():
@@ -96,6 +83,7 @@ def test_recipe_errors_name_the_field(field, value):
         recipe(**{field: value})
 
 
+@pytest.mark.slow
 def test_history_holds_the_start_in_one_step_and_ddim_then_the_one_step_model(start, tmp_path):
     result = ufogen_trial(start, recipe(), tmp_path / "ufo", evaluator=ImageStats())
     assert result.status == "ok" and result.steps == 4
@@ -107,6 +95,7 @@ def test_history_holds_the_start_in_one_step_and_ddim_then_the_one_step_model(st
     assert saved["metrics"] == result.metrics
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("changes", [{}, {"reconstruction": "ema_distill", "adapter": "lora"}])
 def test_resumed_fine_tune_equals_an_uninterrupted_one(start, tmp_path, changes):
     r = recipe(**changes)
@@ -163,6 +152,7 @@ def test_cli_init_from_a_damaged_checkpoint_is_one_line(tmp_path, capsys, monkey
     assert code == 2 and str(run / CHECKPOINT) in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_a_one_step_run_exports_its_generator_and_says_it_is_one_step(start, tmp_path, capsys):
     run = tmp_path / "ufo"
     ufogen_trial(start, recipe(adapter="lora", steps=2), run, evaluator=ImageStats())
@@ -176,8 +166,8 @@ def test_a_one_step_run_exports_its_generator_and_says_it_is_one_step(start, tmp
     assert "a ufogen run; noise floors are measured on diffusion" in capsys.readouterr().err
 
 
+@pytest.mark.ray
 def test_table5_space_sweeps_recipe_fields_of_fine_tunes_of_one_run(start, tmp_path):
-    import ray
     import yaml
 
     from mdsearch.analysis.report import build_report
@@ -210,11 +200,8 @@ def test_table5_space_sweeps_recipe_fields_of_fine_tunes_of_one_run(start, tmp_p
         run_sweep(load_space(space_file), name="from_one_step", storage=tmp_path / "s",
                   mlflow=False, init=str(one_step))
     assert not (tmp_path / "s" / "from_one_step" / "tuner.pkl").exists()
-    try:
-        result = run_sweep(load_space(space_file), name="t5", storage=tmp_path / "sweeps",
-                           mlflow=False, init=str(start))
-    finally:
-        ray.shutdown()
+    result = run_sweep(load_space(space_file), name="t5", storage=tmp_path / "sweeps",
+                       mlflow=False, init=str(start))
     table = result.table
     assert sorted(table["reconstruction"]) == ["diffusion", "distill"]
     assert (table["status"] == "completed").all() and table["fid_proxy"].notna().all()
@@ -228,6 +215,7 @@ def test_table5_space_sweeps_recipe_fields_of_fine_tunes_of_one_run(start, tmp_p
     assert "Distill loss" in report.files["table5_md"].read_text()
 
 
+@pytest.mark.slow
 def test_bf16_autocast_fine_tune_runs_on_the_cpu(start, tmp_path):
     bf16 = ufogen_trial(start, recipe(precision="bf16", steps=2, eval={"every": 2, "prompts": 8}),
                         tmp_path / "bf16", evaluator=ImageStats())
@@ -249,16 +237,11 @@ def test_evaluations_sample_the_one_step_model_with_every_asked_number_of_steps(
         recipe(eval={"every": 2, "prompts": 8, "steps": [4]})
 
 
+@pytest.mark.ray
 def test_two_ray_train_workers_fine_tune_as_one_process_does(start, tmp_path):
     """Each worker takes half of every batch (its share of the losses) and the gradients of G and
     D are summed over the two before each step: the run ends where one process does."""
-    import ray
-
     from mdsearch.train.distributed import train_distributed
-
-    # a Ray an earlier test left up in this process would run the workers with that test's
-    # environment (another MDSEARCH_CACHE_DIR: every cache rebuilt, minutes): start afresh
-    ray.shutdown()
 
     r = recipe(resources={"cpu": 1}, steps=2)  # evaluations: the start's two, then step 2's
     one = ufogen_trial(start, r, tmp_path / "one")

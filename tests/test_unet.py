@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import tiny
+from helpers import tiny
 from mdsearch.arch import presets
 from mdsearch.arch.blocks import Attention
 from mdsearch.arch.cost import example_inputs

@@ -17,32 +17,11 @@ from mdsearch.train.vae import (VAERecipe, VAETraining, build_vae, cost_of, deco
                                 vae_train)
 from mdsearch.train.trainer import _step_generator
 
-TINY = {"name": "vae-test", "data": {"kind": "synthetic", "size": 200, "eval_size": 40},
-        "resolution": 32,
-        "arch": {"latent_channels": 4, "widths": [8, 8, 16, 16], "layers": 1, "norm_groups": 4},
-        "steps": 4, "batch_size": 4, "lr": 1e-3, "lr_d": 1e-3,
-        "loss": {"kl_weight": 1e-4, "adv_weight": 0.5, "adv_start": 2},
-        "discriminator": {"width": 8, "layers": 2}, "eval": {"every": 2, "images": 8, "grid": 4},
-        "checkpoint_every": 2, "log_every": 1}
+from helpers import VAE_TINY as TINY, VaeStats as Stats, vae_recipe as recipe
+
 LIGHT = {"train": "decoder", "arch": {**TINY["arch"], "decoder_widths": [4, 4, 8, 8],
                                       "decoder_layers": 1},
          "loss": {"kl_weight": 0.0, "adv_weight": 0.1, "adv_start": 0}}
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("MDSEARCH_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
-
-
-class Stats:
-    """A cheap stand-in for the classifier-based sample metrics."""
-
-    def evaluate(self, images, captions):
-        return {"fid_proxy": float(images.mean()), "align": 0.5}
-
-
-def recipe(**changes) -> VAERecipe:
-    return VAERecipe.from_dict({**TINY, **changes}, "test")
 
 
 def state(module) -> dict:
@@ -210,7 +189,7 @@ def test_corrupt_or_mismatched_autoencoder_is_one_clear_error(trained, tmp_path,
         make_autoencoder({"kind": "diffusers", "path": str(broken)})
 
     from mdsearch.train.trainer import train_trial
-    from test_train import ImageStats, tiny_recipe
+    from helpers import ImageStats, tiny_recipe
     from mdsearch.arch import presets
 
     latent = tiny_recipe().override({"autoencoder": {"kind": "diffusers", "path": str(trained)},
@@ -241,8 +220,8 @@ def test_cli_vae_train_and_bad_recipe(tmp_path, capsys):
     assert "kind: vae" in capsys.readouterr().err
 
 
+@pytest.mark.ray
 def test_latent_channel_space_sweeps_autoencoders_and_reports_the_study(tmp_path):
-    import ray
     import yaml
 
     from mdsearch.analysis.report import build_report
@@ -264,11 +243,8 @@ def test_latent_channel_space_sweeps_autoencoders_and_reports_the_study(tmp_path
     diffusion_space.write_text(yaml.safe_dump({**space, "trial": "cpu_quick"}))
     with pytest.raises(SweepError, match="base: autoencoder"):
         run_sweep(load_space(diffusion_space), name="d", storage=tmp_path / "s", mlflow=False)
-    try:
-        result = run_sweep(load_space(space_file), name="c", storage=tmp_path / "sweeps",
-                           mlflow=False)
-    finally:
-        ray.shutdown()
+    result = run_sweep(load_space(space_file), name="c", storage=tmp_path / "sweeps",
+                       mlflow=False)
     table = result.table
     assert (table["status"] == "completed").all() and len(table) == 4
     assert table["psnr"].notna().all()
@@ -296,18 +272,13 @@ def test_a_perceptual_path_that_is_not_a_torch_export_is_one_line(tmp_path, capf
     assert "Traceback" not in capfd.readouterr().err  # nothing logged before the one line
 
 
+@pytest.mark.ray
 def test_two_ray_train_workers_train_as_one_process_does(tmp_path):
     """Two workers, each with half of every batch, end where one process does that accumulates
     the same halves as two micro-batches (the adversarial term's adaptive weight is per
     micro-batch, as in one process): the gradients of both networks are summed over the workers
     before each step."""
-    import ray
-
     from mdsearch.train.distributed import train_distributed
-
-    # a Ray an earlier test left up in this process would run the workers with that test's
-    # environment (another MDSEARCH_CACHE_DIR: every cache rebuilt, minutes): start afresh
-    ray.shutdown()
 
     one = vae_train(recipe(accumulate=2), tmp_path / "one")
     two = train_distributed(None, recipe(resources={"cpu": 1}), tmp_path / "two", workers=2)
