@@ -265,6 +265,35 @@ def seed_tied(done: pd.DataFrame, metric: str) -> tuple[pd.DataFrame, pd.Series]
     return ordered, bands
 
 
+def front_chances(table: pd.DataFrame, objectives: list[tuple[str, str]],
+                  floors: dict | None = None, draws: int = 4000) -> pd.Series:
+    """Each completed trial's probability of being on the Pareto front of `objectives`
+    ((column, "min"|"max") pairs; one pair: of being the best), from its means and their
+    noise: a trial's own standard error (`<metric>_se`, trials with several seeds), else the
+    metric's noise floor (`floors[metric]["floor"]`, one trial's std around its mean); costs
+    are exact. Empty when a quality metric has neither (nothing to say)."""
+    from .rundir import front_probability
+
+    done = table[(table["status"] == COMPLETED)] if "status" in table else table
+    cols = [c for c, _ in objectives]
+    if done.empty or any(c not in done for c in cols):
+        return pd.Series(dtype=float)
+    errors = []
+    for c in cols:
+        if not is_quality(c):
+            errors.append(pd.Series(0.0, index=done.index))
+        elif has_own_seeds(done, c):
+            errors.append(done[f"{c}_se"].astype(float))
+        elif floors and math.isfinite((floors.get(c) or {}).get("floor", math.nan)):
+            errors.append(pd.Series(float(floors[c]["floor"]), index=done.index))
+        else:
+            return pd.Series(dtype=float)
+    signs = [1.0 if mode == "min" else -1.0 for _, mode in objectives]
+    means = done[cols].astype(float).to_numpy() * signs
+    p = front_probability(means, pd.concat(errors, axis=1).to_numpy(), draws=draws)
+    return pd.Series(p, index=done.index)
+
+
 def winner_statement(table: pd.DataFrame, metric: str, floor: dict | None) -> str:
     """Whether the best completed trial can be called the winner: only when it is ahead of
     the runner-up by more than the noise of a difference (1.96 * sqrt(2) * floor). Trials with

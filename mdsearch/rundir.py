@@ -74,6 +74,9 @@ FILTERED = "filtered.jsonl"
 # snapshot, so a .json file mdsearch updates during a resumed sweep goes back to its old contents
 STOP_STATE = "stop_rule.jsonl"
 STOP_STATE_V1 = "stop_rule.json"  # the same state as one JSON object, before 2026-11-27
+RACE_LOG = "seed_race.jsonl"  # seed racing: every decision after a trial's seed group
+# trial files
+RACE_STATE = "race.json"  # in a racing trial's checkpoint: its seed groups' per-seed metrics
 RELIABILITY = "reliability.json"
 LOCK = ".lock"  # held by the process writing a trial or sweep directory (see `locked`)
 

@@ -75,6 +75,30 @@ def test_front_probability_matches_counting_fronts_draw_by_draw(seed):
     assert np.array_equal(exact > 0, pareto_mask(means)) and set(exact) <= {0.0, 1.0}
 
 
+def test_a_sweeps_front_chances_take_each_trials_own_error_or_the_floor():
+    from scipy.stats import norm
+
+    from mdsearch.quality import front_chances
+
+    table = pd.DataFrame({"trial_id": ["a", "b", "c", "d"],
+                          "status": ["completed", "completed", "completed", "filtered"],
+                          "gmacs": [10.0, 20.0, 30.0, 5.0], "val_loss": [0.50, 0.49, 0.60, None],
+                          "val_loss_se": [0.01, 0.01, 0.01, None]})
+    p = front_chances(table, [("val_loss", "min"), ("gmacs", "min")], draws=100_000)
+    assert list(p.index) == [0, 1, 2]  # completed trials only
+    assert p[0] == 1.0 and p[2] < 0.01  # the cheapest is on it; c is beaten by both
+    assert p[1] == pytest.approx(norm.cdf(0.01 / math.hypot(0.01, 0.01)), abs=0.01)
+    # without own seeds: the metric's noise floor, the same for every trial
+    single = table.drop(columns="val_loss_se")
+    assert front_chances(single, [("val_loss", "min"), ("gmacs", "min")]).empty  # no noise known
+    floor = {"val_loss": {"floor": 0.01 * math.sqrt(2)}}
+    q = front_chances(single, [("val_loss", "min"), ("gmacs", "min")], floor, draws=100_000)
+    assert q[1] == pytest.approx(norm.cdf(0.01 / 0.02), abs=0.01)
+    # one objective: the probability of being the best
+    best = front_chances(table, [("val_loss", "min")], draws=100_000)
+    assert best[1] > best[0] > best[2] and best.sum() == pytest.approx(1.0)
+
+
 def test_kendall_tau_b():
     assert kendall_tau_b([1, 2, 3, 4], [10, 20, 30, 40]) == 1
     assert kendall_tau_b([1, 2, 3, 4], [4, 3, 2, 1]) == -1

@@ -403,6 +403,105 @@ def test_a_tpe_sweep_with_seeds_per_trial_ranks_by_seed_means(tmp_path):
 
 
 @pytest.mark.ray
+def test_a_racing_sweep_gives_seeds_only_while_the_race_is_open(tmp_path):
+    """seeds_per_trial: {min: 1, max: 3, group: 1}: every trial starts with one seed and gets
+    another only while the rule says its interval overlaps a trial at no more cost. Every
+    decision is in the race log and equals the rule replayed on the logged values; each seed a
+    trial raced is exactly that seed trained alone; results.csv says how many seeds each trial
+    used and why it stopped."""
+    from mdsearch.rundir import RACE_LOG, read_jsonl
+    from mdsearch.search.racing import Entrant
+    from mdsearch.train.recipe import load_recipe
+    from mdsearch.train.trainer import train_trial
+
+    space, recipe = files(tmp_path, objectives=[{"val_loss": "min"}, {"gmacs": "min"}],
+                          seeds_per_trial={"min": 1, "max": 3, "group": 1},
+                          search={"algorithm": "grid", "max_concurrent": 1},
+                          dimensions={"inner_channels": {"field": "levels.2.channels",
+                                                         "values": [512, 640]},
+                                      "inner_layers": SWEEP_SPACE["dimensions"]["inner_layers"]})
+    assert space.race.max_seeds == 3 and space.race.cost == "gmacs"
+    result = run_sweep(space, recipe, name="race", storage=tmp_path, mlflow=False)
+    done = trained(result.table)
+    assert len(done) == 4 and (done["status"] == "completed").all()
+    log = read_jsonl(tmp_path / "race" / RACE_LOG)
+    entrants = {}
+    for record in log:  # the decisions replay from the log alone
+        trial = Entrant(record["trial"], {int(k): v for k, v in record["seeds"].items()},
+                        record["cost"])
+        entrants[trial.trial_id] = trial
+        again = space.race.decide(trial, list(entrants.values()))
+        assert (again.action, again.reason) == (record["action"], record["reason"])
+    for _, row in done.iterrows():
+        n = int(row["seeds_measured"])
+        mine = [r for r in log if r["trial"] == row["trial_id"]]
+        assert len(mine) == n and mine[-1]["action"] == "stop"  # one decision per group
+        assert all(r["action"] == "more" for r in mine[:-1])
+        assert row["seeds_reason"] == mine[-1]["reason"]
+        if n > 1:
+            assert row["val_loss"] == pytest.approx(sum(row[f"val_loss_s{k}"]
+                                                        for k in range(n)) / n)
+    raced = done[done["seeds_measured"] > 1]
+    assert len(raced) >= 1, "nothing raced: the test proves nothing"
+    row = raced.iloc[0]  # its last seed, trained alone, is what the race recorded
+    k = int(row["seeds_measured"]) - 1
+    alone = train_trial(space.spec_for({"inner_channels": int(row["inner_channels"]),
+                                        "inner_layers": int(row["inner_layers"])}),
+                        load_recipe(recipe), tmp_path / "alone", seed=k)
+    assert alone.metrics["val_loss"] == pytest.approx(row[f"val_loss_s{k}"], rel=1e-5)
+    from mdsearch.search.results import summary
+
+    assert "seed racing (1 to 3 seeds on val_loss" in summary(result, space)
+
+
+@pytest.mark.chaos
+@pytest.mark.ray
+def test_racing_decisions_survive_a_driver_killed_right_after_logging_one(tmp_path):
+    """The driver is SIGKILLed just after it logs its second racing decision (the first
+    trial's stop at max seeds), before Tune acts on it; --resume finishes the sweep with the
+    same decisions, per configuration, as a sweep that was never killed."""
+    import os
+
+    from mdsearch.rundir import RACE_LOG, read_jsonl
+
+    space = {**SWEEP_SPACE, "objectives": [{"val_loss": "min"}, {"gmacs": "min"}],
+             "seeds_per_trial": {"min": 1, "max": 2, "group": 1},
+             "dimensions": {**SWEEP_SPACE["dimensions"],
+                            "inner_channels": {"field": "levels.2.channels", "values": [512]}},
+             "search": {"algorithm": "grid", "max_concurrent": 1}}
+    space_file = write(tmp_path / "space.yaml", space)
+    recipe_file = write(tmp_path / "recipe.yaml", SWEEP_RECIPE)
+
+    def decisions(name):  # per configuration (trial ids differ between sweeps)
+        table = pd.read_csv(tmp_path / name / "results.csv", dtype={"trial_id": str})
+        label = {r["trial_id"]: f"c{int(r['inner_channels'])}_l{int(r['inner_layers'])}"
+                 for _, r in table.iterrows()}
+        out = []
+        for r in read_jsonl(tmp_path / name / RACE_LOG):
+            reason = r["reason"]
+            for trial, config in label.items():
+                reason = reason.replace(trial, config)
+            out.append((label[r["trial"]], len(r["seeds"]), r["action"], reason))
+        return sorted(out)
+
+    whole = subprocess.run(sweep_cmd(space_file, recipe_file, tmp_path, name="whole"),
+                           capture_output=True, text=True, timeout=600)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    env = {**os.environ, "MDSEARCH_FAULT_KILL": "seed-race:2"}
+    killed = subprocess.run(sweep_cmd(space_file, recipe_file, tmp_path), env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert len(read_jsonl(tmp_path / "killed" / RACE_LOG)) == 2
+    resumed = subprocess.run(sweep_cmd(space_file, recipe_file, tmp_path, "--resume"),
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert decisions("killed") == decisions("whole")
+    table = trained(pd.read_csv(tmp_path / "killed" / "results.csv"))
+    assert len(table) == 2 and (table["status"] == "completed").all()
+    assert (table["seeds_measured"] == 2).all()  # the stop that was logged was not re-raced
+
+
+@pytest.mark.ray
 def test_num_samples_takes_the_first_points_of_a_grid(tmp_path):
     space, recipe = files(tmp_path, search={"algorithm": "grid"},
                           dimensions={"inner_channels": SWEEP_SPACE["dimensions"]["inner_channels"]})
@@ -421,6 +520,21 @@ def test_seeds_per_trial_is_checked_when_the_space_is_read(tmp_path):
     with pytest.raises(SpaceError, match="either seeds .* or seeds_per_trial"):
         files(tmp_path, seeds_per_trial=2, seeds=[0, 1],
               search={"algorithm": "grid", "num_samples": 1})
+    # seed racing: {min, max, group, tie_margin}, on a metric every seed of a stack reports
+    for bad, why in (({"min": 3, "max": 3}, "seeds_per_trial.max: must be more than min"),
+                     ({"min": 2, "max": 99}, "seeds_per_trial.max: must be an integer in"),
+                     ({"max": 4, "grup": 1}, "seeds_per_trial.grup: unknown.*group"),
+                     ({"tie_margin": float("nan")}, "seeds_per_trial.tie_margin: must be a"),
+                     ({"tie_margin": -0.1}, "seeds_per_trial.tie_margin: must be a")):
+        with pytest.raises(SpaceError, match=why):
+            files(tmp_path, seeds_per_trial=bad, objectives=[{"val_loss": "min"}])
+    with pytest.raises(SpaceError, match="seed racing compares every seed's fid_proxy"):
+        files(tmp_path, seeds_per_trial={"min": 2, "max": 4})  # SWEEP_SPACE ranks fid_proxy
+    space, _ = files(tmp_path, seeds_per_trial={"min": 2, "max": 6, "tie_margin": 0.002},
+                     objectives=[{"text_gain": "max"}, {"params": "min"}])
+    assert (space.seeds_per_trial, space.race.group, space.race.cost) == (2, 2, "params")
+    assert (space.race.metric, space.race.mode, space.race.tie_margin) == ("text_gain", "max",
+                                                                           0.002)
 
 
 @pytest.mark.parametrize("name", ["../../escaped", "/abs/path", "a/b", "..", ""])

@@ -26,6 +26,7 @@ from ..rundir import (COMPLETED, FAILED, FILTERED_STATUS, LATENCY_PLOT, LATENCY_
                       PLOT, RESULTS, RunDirError, front, numeric_column, read_results,
                       trial_status)
 from ..search.space import AUTOENCODER_BASE
+from ..search.racing import racing_line
 from .plots import latency_references
 
 ABLATION_METRICS = ("val_loss_mid", "text_gain", "align", "kid_proxy")
@@ -310,6 +311,9 @@ def _summary(table, space, recipe, name, metric, mode, report, ablation, floors)
               f"- filtered before training (over budget or invalid): "
               f"{int(counts.get('filtered', 0))}",
               f"- trial-steps trained: {int(trained['steps'].fillna(0).sum())}", ""]
+    if space is not None and "steps_total" in table and \
+            (raced := racing_line(table, space.race, int(table["steps_total"].max()))):
+        lines[-1:] = [f"- {raced}", ""]
     if metric in table:
         best = table[table["status"] == COMPLETED].sort_values(metric, ascending=mode == "min")
         cols = ["trial_id", *([d.name for d in space.dimensions] if space else []), "seed",

@@ -73,9 +73,10 @@ class Decision:
 
 @dataclass(frozen=True)
 class SeedRace:
-    """The racing rule. `mode`: "min" or "max" for `metric`; `tie_margin`: the absolute
-    difference under which two trials count as equal (0: only an exact tie); `level`: the
-    two-sided confidence of every interval."""
+    """The racing rule. `mode`: "min" or "max" for `metric`; `cost`: the cost metric of the
+    front (None: no cost, the front is the best trial); `tie_margin`: the absolute difference
+    under which two trials count as equal (0: only an exact tie); `level`: the two-sided
+    confidence of every interval."""
 
     metric: str
     mode: str
@@ -84,6 +85,7 @@ class SeedRace:
     group: int | None = None
     tie_margin: float = 0.0
     level: float = 0.95
+    cost: str | None = None
 
     def __post_init__(self):
         if self.mode not in ("min", "max"):
@@ -102,6 +104,19 @@ class SeedRace:
     def next_seeds(self, have: int) -> int:
         """How many seeds the next group adds to a trial that has `have` (never past max)."""
         return max(0, min(self.step, self.max_seeds - have))
+
+    def entrant(self, trial_id: str, result: dict) -> Entrant:
+        """A trial's race from a report: its per-seed values `<metric>_s<k>` (one seed reports
+        the metric alone, seed 0) and its cost."""
+        prefix = f"{self.metric}_s"
+        values = {int(k[len(prefix):]): float(v) for k, v in result.items()
+                  if k.startswith(prefix) and k[len(prefix):].isdigit()
+                  and isinstance(v, (int, float)) and math.isfinite(v)}
+        one = result.get(self.metric)
+        if not values and isinstance(one, (int, float)) and math.isfinite(one):
+            values = {0: float(one)}
+        cost = float(result.get(self.cost, 0.0)) if self.cost else 0.0
+        return Entrant(trial_id, values, cost)
 
     def interval(self, a: Entrant, b: Entrant,
                  field: list[Entrant] | None = None) -> tuple[float, float]:
@@ -151,3 +166,21 @@ class SeedRace:
         # on the front so far: every later trial is judged against its mean, so it races on
         return Decision(MORE, "on the front so far" if rivals else
                         "nothing at its cost or less: on the front so far")
+
+
+def racing_line(table, race, steps_total: int) -> str | None:
+    """What seed racing spent: seed-steps trained (each trial's steps x its seeds) against
+    every trial trained to `max` seeds; None for a sweep that does not race."""
+    from ..rundir import COMPLETED, STOPPED
+
+    if race is None or "seeds_measured" not in table:
+        return None
+    done = table[table["status"].isin([COMPLETED, STOPPED])]
+    seeds = done["seeds_measured"].fillna(race.min_seeds)
+    spent = int((seeds * done["steps"].fillna(0)).sum())
+    full = len(done) * race.max_seeds * steps_total
+    counts = ", ".join(f"{int(v)} x {int(k)}" for k, v in seeds.value_counts().sort_index().items())
+    return (f"seed racing ({race.min_seeds} to {race.max_seeds} seeds on {race.metric}, tie "
+            f"margin {race.tie_margin:g}): {spent} seed-steps trained, {full - spent} "
+            f"({(full - spent) / max(full, 1):.0%}) fewer than {race.max_seeds} seeds for every "
+            f"trial (trials x seeds: {counts})")

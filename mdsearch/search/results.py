@@ -13,9 +13,11 @@ import pandas as pd
 from ray.tune import Callback
 
 from ..quality import winner_statement
-from ..rundir import (COMPLETED, FAILED, FILTERED, FILTERED_STATUS, RESULTS, STOP_STATE, STOPPED,
+from ..rundir import (COMPLETED, FAILED, FILTERED, FILTERED_STATUS, RACE_LOG, RESULTS, STOP_STATE,
+                      STOPPED,
                       SWEEP_SUPERNET, front, in_resumed, read_jsonl, trial_folder_name,
                       trial_status, write_results)
+from .racing import racing_line
 from .callbacks import TUNE_KEYS, error_text, reason_from_traceback
 from .space import COST_METRICS as COSTS, Space
 
@@ -40,6 +42,7 @@ def results_table(grid, space: Space, sweep_dir: Path, steps_total: int) -> pd.D
     Tune's trials as they end), filtered ones from FILTERED."""
     reasons = {r["trial"]: r["reason"] for r in read_jsonl(sweep_dir / STOP_STATE)
                if r.get("reason")}
+    raced = {r["trial"]: r["reason"] for r in read_jsonl(sweep_dir / RACE_LOG)}  # the last
     dims = [d.name for d in space.dimensions]
     rows = []
     for r in grid:
@@ -60,6 +63,8 @@ def results_table(grid, space: Space, sweep_dir: Path, steps_total: int) -> pd.D
         row["seed"] = config.get("seed")
         row.update({k: v for k, v in metrics.items()
                     if k not in TUNE_KEYS and not k.startswith("config") and k != "step"})
+        if trial_id in raced:
+            row["seeds_reason"] = raced[trial_id]
         row["steps"] = steps
         row["path"] = trial_folder_name(r.path)
         rows.append(row)
@@ -142,6 +147,8 @@ def summary(result: SweepResult, space: Space) -> str:
                f"({space.budget.describe()})"]
     if "steps" in t:
         lines.append(f"trial-steps trained: {int(t['steps'].fillna(0).sum())}")
+    if "steps_total" in t and (raced := racing_line(t, space.race, int(t["steps_total"].max()))):
+        lines.append(raced)
     if len(result.best):
         front = "Pareto front" if len(space.objectives) > 1 else "best trials"
         cols = ["trial_id", *[d.name for d in space.dimensions], "seed", *COSTS,
@@ -154,6 +161,13 @@ def summary(result: SweepResult, space: Space) -> str:
             lines.append(winner_statement(t, space.quality.metric,
                                           result.floors.get(space.quality.metric))
                          .replace("**", ""))
+        if "p_front" in t and t["p_front"].notna().any():
+            likely = t[t["p_front"] >= 0.05].sort_values("p_front", ascending=False)
+            what = "on the Pareto front" if len(space.objectives) > 1 else "the best"
+            lines.append(f"P({what}), from each trial's mean and its noise: " + ", ".join(
+                f"{r['trial_id']} {r['p_front']:.2f}" for _, r in likely.iterrows())
+                + (f" (the other {int(t['p_front'].notna().sum()) - len(likely)} below 0.05)"
+                   if t["p_front"].notna().sum() > len(likely) else ""))
     else:
         lines.append("no trial completed its full budget")
     if scored.is_file():  # no per-trial seed floor applies: say what moves these scores

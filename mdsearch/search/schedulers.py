@@ -17,7 +17,9 @@ from pathlib import Path
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
 from ..quality import mean_difference_band
-from ..rundir import STOP_STATE_V1, RunDirError, append_jsonl, in_resumed, read_jsonl
+from ..rundir import (STOP_STATE_V1, RunDirError, append_jsonl, fault_point, in_resumed,
+                      read_jsonl)
+from .racing import STOP as RACE_STOP
 
 
 class PaperStopRule(FIFOScheduler):
@@ -129,6 +131,92 @@ class PaperStopRule(FIFOScheduler):
         return f"PaperStopRule: {len(self.reasons)} stopped"
 
 
+class SeedRacing(TrialScheduler):
+    """Seed racing (search/racing.py) around the sweep's scheduler. A racing trial reports every
+    evaluation of its first seed group, then one record after each further group (step = the
+    full budget, its values the means over all its seeds so far). At a report that ends a group
+    (step >= the budget) the race decides: STOP ends the trial (completed: it trained its whole
+    budget on every seed it has), CONTINUE lets it train the next group. Before that, the
+    sweep's own scheduler (the paper rule, ASHA) decides as in any sweep; it sees the group ends
+    too, for its bookkeeping, but does not decide them (ASHA would stop every trial at max_t).
+
+    Each decision is appended to `log` (JSON lines: trial, seeds' values, cost, action, reason),
+    and the race is rebuilt from it, so a resumed sweep decides as the first would have."""
+
+    def __init__(self, race, steps_total: int, log: str | Path, inner=None):
+        super().__init__()
+        self.race, self.steps_total, self.log = race, steps_total, Path(log)
+        self.inner = inner if inner is not None else FIFOScheduler()
+        self.entrants: dict = {}
+        self.decided: dict = {}  # (trial, seeds) -> (action, reason), as logged
+        self._load()
+
+    def __setstate__(self, state: dict) -> None:  # a resumed sweep: its log, wherever it is
+        self.__dict__.update(state)
+        self.log = Path(in_resumed(self.log))
+        self._load()
+
+    def _load(self) -> None:
+        from .racing import Entrant
+
+        self.entrants, self.decided = {}, {}
+        for r in read_jsonl(self.log):
+            self.entrants[r["trial"]] = Entrant(r["trial"], {int(k): v for k, v in
+                                                             r["seeds"].items()}, r["cost"])
+            self.decided[(r["trial"], len(r["seeds"]))] = (r["action"], r["reason"])
+
+    def set_search_properties(self, metric, mode, **spec) -> bool:
+        return self.inner.set_search_properties(metric, mode, **spec)
+
+    def on_trial_add(self, tune_controller, trial) -> None:
+        self.inner.on_trial_add(tune_controller, trial)
+
+    def on_trial_error(self, tune_controller, trial) -> None:
+        self.inner.on_trial_error(tune_controller, trial)
+
+    def on_trial_complete(self, tune_controller, trial, result) -> None:
+        self.inner.on_trial_complete(tune_controller, trial, result)
+
+    def on_trial_remove(self, tune_controller, trial) -> None:
+        self.inner.on_trial_remove(tune_controller, trial)
+
+    def choose_trial_to_run(self, tune_controller):
+        return self.inner.choose_trial_to_run(tune_controller)
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        decision = self.inner.on_trial_result(tune_controller, trial, result)
+        if result.get("step", 0) < self.steps_total:
+            return decision
+        return self.judge(trial.trial_id, result)
+
+    def judge(self, trial_id: str, result: dict) -> str:
+        """CONTINUE (train the next seed group) or STOP for a report that ends a group."""
+        entrant = self.race.entrant(trial_id, result)
+        if entrant.n == 0:
+            raise RunDirError(f"seed racing on {self.race.metric}: trial {trial_id} reported no "
+                              f"per-seed values ({self.race.metric}_s0, ...); race on a held-out "
+                              "metric (val_loss, val_loss_mid, text_gain, ...)")
+        # a resumed trial reports a group again: the logged decision stands (and a stop logged
+        # at fewer seeds, which a killed driver could not enact, still stops it)
+        logged = self.decided.get((trial_id, entrant.n)) or next(
+            (d for (t, n), d in self.decided.items()
+             if t == trial_id and n < entrant.n and d[0] == RACE_STOP), None)
+        if logged is not None:
+            return TrialScheduler.STOP if logged[0] == RACE_STOP else TrialScheduler.CONTINUE
+        self.entrants[trial_id] = entrant
+        decision = self.race.decide(entrant, list(self.entrants.values()))
+        self.decided[(trial_id, entrant.n)] = (decision.action, decision.reason)
+        append_jsonl(self.log, {"trial": trial_id, "seeds": {str(k): v for k, v in
+                                                             entrant.values.items()},
+                                "cost": entrant.cost, "action": decision.action,
+                                "reason": decision.reason})
+        fault_point("seed-race")  # (tests: a driver killed after logging, before enacting)
+        return TrialScheduler.STOP if decision.action == RACE_STOP else TrialScheduler.CONTINUE
+
+    def debug_string(self) -> str:
+        return f"SeedRacing ({len(self.entrants)} raced) over {self.inner.debug_string()}"
+
+
 def convert_v1_state(log: Path) -> None:
     """A sweep from before the judgement log kept the rule's state in STOP_STATE_V1 (one JSON
     object: step -> trial -> values, and the reasons); write it as the log, so that resuming such
@@ -161,8 +249,18 @@ def _best(peers: dict[str, dict[str, float]], metric: str, mode: str) -> tuple[s
 
 
 def make_scheduler(settings: dict, quality_metric: str, quality_mode: str, max_steps: int,
-                   eval_every: int, state_file: Path | None):
-    """The Tune scheduler a search space's `scheduler:` section asks for (None: run to the end)."""
+                   eval_every: int, state_file: Path | None, race=None,
+                   race_log: Path | None = None):
+    """The Tune scheduler a search space's `scheduler:` section asks for (None: run to the end),
+    inside seed racing when the space races seeds (`race`: its SeedRace)."""
+    inner = _scheduler(settings, quality_metric, quality_mode, max_steps, eval_every, state_file)
+    if race is None:
+        return inner
+    return SeedRacing(race, max_steps, race_log, inner)
+
+
+def _scheduler(settings: dict, quality_metric: str, quality_mode: str, max_steps: int,
+               eval_every: int, state_file: Path | None):
     kind = settings.get("kind", "none")
     if kind == "paper":
         return PaperStopRule(settings["metrics"], margin=settings.get("margin", 0.1),

@@ -32,6 +32,9 @@
     seeds: [0]                        # training seeds per configuration (several: grid only)
     seeds_per_trial: 3                # every trial trains seeds seed..seed+2 as one stacked
                                       # model and reports their mean (any searcher)
+    seeds_per_trial: {min: 2, max: 8, tie_margin: 0.001}   # or: seed racing (search/racing.py):
+                                      # min seeds first, then groups of `group` (default min)
+                                      # while the trial may still be on the front
     scheduler: {kind: paper, margin: 0.1}   # paper | asha | none (see search/schedulers.py)
 
 Everything is checked when the file is loaded: unknown keys, unknown fields, values a field cannot
@@ -185,6 +188,7 @@ class Space:
     max_concurrent: int | None = None
     seeds: list[int] = field(default_factory=lambda: [0])
     seeds_per_trial: int = 1  # training seeds stacked in every trial (the recipe's `seeds`)
+    race: Any = None  # seeds_per_trial: {min, max}: the racing rule (search.racing.SeedRace)
     scheduler: dict[str, Any] = field(default_factory=lambda: {"kind": "none"})
     description: str = ""
     base_name: str = ""  # as written: a preset, a spec file, init or autoencoder
@@ -469,10 +473,7 @@ def parse_space(data: Any, source: str = "space", base_dir: Path | None = None) 
                       "would treat seeds as different configurations)")
     from ..train.recipe import MAX_SEEDS
 
-    per_trial = data.get("seeds_per_trial", 1)
-    if isinstance(per_trial, bool) or not isinstance(per_trial, int) or not \
-            1 <= per_trial <= MAX_SEEDS:
-        fail("seeds_per_trial", f"must be an integer in 1..{MAX_SEEDS}, got {per_trial!r}")
+    per_trial, race = _parse_seeds_per_trial(data.get("seeds_per_trial", 1), objectives, fail)
     if per_trial > 1 and len(seeds) > 1:
         fail("seeds_per_trial", "give either seeds (grid repeats, one seed per trial) or "
                                 "seeds_per_trial (several seeds inside every trial), not both")
@@ -484,7 +485,7 @@ def parse_space(data: Any, source: str = "space", base_dir: Path | None = None) 
                  trial_overrides=trial_overrides, dimensions=dims, ties=ties, budget=budget,
                  objectives=objectives, algorithm=algorithm, num_samples=num_samples,
                  search_seed=int(search.get("seed", 0)), max_concurrent=max_conc, seeds=seeds,
-                 seeds_per_trial=per_trial,
+                 seeds_per_trial=per_trial, race=race,
                  scheduler=scheduler, description=str(data.get("description", "")).strip(),
                  base_name=base_name, latency_table=latency_table)
 
@@ -729,6 +730,48 @@ def _mode(metric: str, mode: Any, where: str, fail) -> str:
         fail(where, f"{metric} is better when {'lower' if known == 'min' else 'higher'}: "
                     f"its direction is {known}, not {mode}")
     return mode or known
+
+
+RACE_KEYS = ("min", "max", "group", "tie_margin")
+
+
+def _parse_seeds_per_trial(raw: Any, objectives: list[Objective], fail):
+    """`seeds_per_trial`: K (every trial K stacked seeds) or {min, max, group, tie_margin} (seed
+    racing on the space's quality objective, the front taken against its first cost objective).
+    Returns (the seeds a trial starts with, the SeedRace or None)."""
+    from ..train.recipe import MAX_SEEDS
+    from .racing import SeedRace
+
+    def count(value, where):
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SEEDS:
+            fail(where, f"must be an integer in 1..{MAX_SEEDS}, got {value!r}")
+        return value
+
+    if not isinstance(raw, dict):
+        return count(raw, "seeds_per_trial"), None
+    for key in raw:
+        if key not in RACE_KEYS:
+            fail(f"seeds_per_trial.{key}", "unknown" + did_you_mean(str(key), RACE_KEYS))
+    low = count(raw.get("min", 2), "seeds_per_trial.min")
+    high = count(raw.get("max", 8), "seeds_per_trial.max")
+    if high <= low:
+        fail("seeds_per_trial.max", f"must be more than min ({low}), got {high}")
+    group = count(raw.get("group", low), "seeds_per_trial.group")
+    margin = raw.get("tie_margin", 0.0)
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not \
+            math.isfinite(margin) or margin < 0:
+        fail("seeds_per_trial.tie_margin", f"must be a finite number >= 0 (in units of the "
+                                           f"quality metric), got {margin!r}")
+    quality = next(o for o in objectives if not o.is_cost)
+    from ..train.heldout import PER_SEED
+
+    if quality.metric not in PER_SEED:
+        fail("seeds_per_trial", f"seed racing compares every seed's {quality.metric}, which a "
+                                f"stack of seeds reports for {', '.join(PER_SEED)} only; make "
+                                "one of them the first quality objective")
+    cost = next((o.metric for o in objectives if o.is_cost), None)
+    return low, SeedRace(quality.metric, quality.mode, min_seeds=low, max_seeds=high,
+                         group=group, tie_margin=float(margin), cost=cost)
 
 
 def _parse_scheduler(raw: Any, objectives: list[Objective], fail) -> dict:

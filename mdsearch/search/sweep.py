@@ -36,9 +36,10 @@ from typing import Callable
 import yaml
 
 from ..config import ConfigError
-from ..quality import noise_floors
+from ..quality import front_chances, noise_floors
 from ..arch.latency import copy_table
-from ..rundir import (FILTERED_STATUS, LATENCY_TABLE, LATEST, LOCK, RECIPE, SPACE, STOP_STATE,
+from ..rundir import (FILTERED_STATUS, LATENCY_TABLE, LATEST, LOCK, RACE_LOG, RECIPE, SPACE,
+                      STOP_STATE,
                       SWEEP_INIT, SWEEP_SUPERNET, atomic_write, link_duplicate_checkpoints,
                       locked, resuming, write_results)
 from ..raylocal import check_address, start_ray
@@ -180,7 +181,7 @@ def bind_supernet(space: Space, trial, folder: str | Path, finetune: int):
     if changed:
         raise SweepError(f"{space.source}: dimensions change the recipe ({', '.join(changed)}); "
                          "one supernet is trained with one recipe, so it cannot score them")
-    if space.seeds_per_trial > 1:
+    if space.seeds_per_trial > 1 or space.race is not None:
         raise SweepError(f"{space.source}: field seeds_per_trial: {space.seeds_per_trial}; a "
                          "supernet-scored trial starts one seed from the supernet's weights")
     if len(space.seeds) > 1 and not finetune:
@@ -315,7 +316,8 @@ def _run_sweep(space: Space, recipe, name: str, sweep_dir: Path, address, resume
         scheduler = None  # a supernet-scored trial reports once: nothing to stop early
         if supernet is None:
             scheduler = make_scheduler(space.scheduler, quality.metric, quality.mode,
-                                       recipe.steps, recipe.eval.every, sweep_dir / STOP_STATE)
+                                       recipe.steps, recipe.eval.every, sweep_dir / STOP_STATE,
+                                       space.race, sweep_dir / RACE_LOG)
         tuner = tune.Tuner(
             trainable,
             # a supernet's scoring trials reuse their worker, which keeps the supernet it opened
@@ -337,11 +339,14 @@ def _run_sweep(space: Space, recipe, name: str, sweep_dir: Path, address, resume
     with resuming(sweep_dir) if resume else nullcontext():
         grid = tuner.fit()
     table = results_table(grid, space, sweep_dir, steps_total)
-    write_results(table, sweep_dir)
-    link_duplicate_checkpoints(sweep_dir)
     # a supernet's scores carry none of the study's training-seed noise (one shared training)
     floors = noise_floors(table, [d.name for d in space.dimensions],
                           None if supernet else recipe.to_dict(), sweep_dir)
+    chances = front_chances(table, [(o.metric, o.mode) for o in space.objectives], floors)
+    if len(chances):  # each completed trial's probability of being on the front (or the best)
+        table.loc[chances.index, "p_front"] = chances.round(3)
+    write_results(table, sweep_dir)
+    link_duplicate_checkpoints(sweep_dir)
     return SweepResult(sweep_dir, table, int((table["status"] == FILTERED_STATUS).sum()),
                        best_trials(table, space), None, floors, recipe.name)
 

@@ -14,7 +14,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..rundir import CHECKPOINT
+import json
+
+from ..rundir import CHECKPOINT, RACE_STATE, atomic_write
 from .space import CostCache, Space
 
 
@@ -51,10 +53,13 @@ def run_trial(config: dict, space: Space, recipe, init: str | None = None,
     # Tune's last reported checkpoint is the truth: a newer local file may be from steps Tune
     # never saw reported (the driver died first); those steps are replayed, deterministically.
     (work / CHECKPOINT).unlink(missing_ok=True)
+    (work / RACE_STATE).unlink(missing_ok=True)
     restored = tune.get_checkpoint()
     if restored is not None:
         with restored.as_directory() as d:
-            shutil.copy2(Path(d) / CHECKPOINT, work / CHECKPOINT)
+            for name in (CHECKPOINT, RACE_STATE):
+                if (Path(d) / name).is_file():
+                    shutil.copy2(Path(d) / name, work / name)
 
     cache = CostCache(space.latency)  # full-size costs at 512 px, as the sweep's screen rounds them
     if space.autoencoder is not None:  # the autoencoder's params, its decoder's GMACs
@@ -78,7 +83,9 @@ def run_trial(config: dict, space: Space, recipe, init: str | None = None,
             tune.report(metrics)
             return
         with tempfile.TemporaryDirectory() as d:
-            shutil.copy2(work / CHECKPOINT, Path(d) / CHECKPOINT)
+            for name in (CHECKPOINT, RACE_STATE):
+                if (work / name).is_file():
+                    shutil.copy2(work / name, Path(d) / name)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
 
     if supernet is not None:
@@ -94,15 +101,70 @@ def run_trial(config: dict, space: Space, recipe, init: str | None = None,
     else:
         from ..train.ufogen import train_any
 
-        # every rank trains the same; only rank 0 (this process) reports
-        train = functools.partial(train_any, None if space.autoencoder else spec, trial_recipe,
-                                  work, init=init)
-        if recipe.workers == 1:
-            result = train(on_eval=report)
-        else:  # this process is rank 0 of the trial's data-parallel workers
-            from ..train.distributed import trial_ranks
+        def train(recipe, folder, on_eval):
+            # every rank trains the same; only rank 0 (this process) reports
+            run = functools.partial(train_any, None if space.autoencoder else spec, recipe,
+                                    folder, init=init)
+            if recipe.workers == 1:
+                return run(on_eval=on_eval)
+            from ..train.distributed import trial_ranks  # rank 0 of the trial's workers
 
-            with trial_ranks(trial_recipe, train):
-                result = train(on_eval=report)
+            with trial_ranks(recipe, run):
+                return run(on_eval=on_eval)
+
+        if space.race is None:
+            result = train(trial_recipe, work, report)
+        else:
+            result = race_seeds(space.race, trial_recipe, work, train, report)
     if result.status != "ok":
         raise TrialFailed(result.reason)
+
+
+def race_seeds(race, recipe, work: Path, train, report):
+    """A racing trial (search/racing.py): its first seed group in `work`, reporting every
+    evaluation as any trial does; then group after group of `race.next_seeds` more seeds, each
+    a stacked run in its own folder, reporting once at its end the means over every seed so far.
+    Between groups the sweep's SeedRacing scheduler stops it or lets it go on. The groups done
+    are kept in RACE_STATE, which travels in the trial's checkpoints, so a resumed trial goes
+    on with the next group."""
+    from ..train.heldout import seed_summary
+
+    state = work / RACE_STATE
+    per_seed = {int(k): v for k, v in json.loads(state.read_text()).items()} \
+        if state.is_file() else {}
+    result = train(recipe, work, None if per_seed else report)
+    if result.status != "ok" or race.max_seeds <= recipe.seeds:
+        return result
+    first = dict(result.metrics)
+    per_seed = per_seed or seeds_of(first, 0, recipe.seeds)
+    while (k := race.next_seeds(len(per_seed))) > 0:
+        n = len(per_seed)  # seeds trained so far (a diverged one stays, empty)
+        group = recipe.override({"seed": recipe.seed + n, "seeds": k,
+                                 "eval.every": recipe.steps},  # nothing reads the others
+                                source="seed racing")
+        done = train(group, work / f"seeds_{n}-{n + k - 1}", None)
+        if done.status != "ok":
+            return done
+        per_seed.update(seeds_of(done.metrics, n, k))
+        atomic_write(state, json.dumps({str(s): v for s, v in sorted(per_seed.items())}) + "\n")
+        summary = seed_summary({s: v for s, v in per_seed.items() if v})
+        # the first group's other metrics (sampled ones come from one seed) with every seed's
+        result.metrics = {**{m: v for m, v in first.items() if m not in summary
+                             and not m.rpartition("_s")[2].isdigit()}, **summary}
+        report({**result.metrics, "step": recipe.steps})
+    return result
+
+
+def seeds_of(metrics: dict, offset: int, k: int) -> dict[int, dict[str, float]]:
+    """A group's per-seed held-out metrics, keyed by the seed's place in the whole race (a seed
+    that diverged: empty)."""
+    from ..train.heldout import PER_SEED
+
+    names = [m for m in PER_SEED if m in metrics]
+    if k == 1:
+        return {offset: {m: metrics[m] for m in names}}
+    out = {}
+    for i in range(k):
+        values = {m: metrics.get(f"{m}_s{i}") for m in names}
+        out[offset + i] = values if None not in values.values() else {}
+    return out

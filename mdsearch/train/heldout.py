@@ -99,6 +99,11 @@ def teacher_predictions(teacher, bank: EvalBank, schedule) -> torch.Tensor:
                                                             bank.context)])
 
 
+PER_SEED = ("val_loss", "val_loss_low", "val_loss_mid", "val_loss_high", "text_gain",
+            "teacher_gap")
+"""The metrics a stack of seeds reports per seed (`<metric>_s<k>`): heldout_metrics' names."""
+
+
 @torch.no_grad()
 def heldout_metrics(model, bank: EvalBank, schedule) -> dict[str, float]:
     """val_loss, val_loss_low / _mid / _high, text_gain (and teacher_gap, where the bank holds a
