@@ -24,14 +24,15 @@ def pareto_plot(table: pd.DataFrame, metric: str, out: str | Path, mode: str = "
                 budget: float | None = None, title: str = "",
                 references: dict[str, float] | None = None, x: str = "gmacs",
                 noise: float | None = None, xlabel: str | None = None,
-                scored_by: str = "proxy training") -> Path:
+                scored_by: str = "proxy training", chance: str | None = None) -> Path:
     """Every trained trial at (full-size cost `x`, `metric`), the front of the completed ones
     drawn and labelled, stopped-early trials hollow, failed ones as crosses on the top edge, the
     budget and the reference models' costs as vertical lines (all in `x`'s units: GMACs, or
     parameters, plotted in millions). `noise` (the metric's noise floor, one std) draws error
     bars on the completed trials and shades the band within which a trial cannot be told from
     the best (1.96 * sqrt 2 * noise). `xlabel` names a cost other than a UNet's (an
-    autoencoder's). Writes `out` (.png) and .svg."""
+    autoencoder's). `chance` ("best", "on front"): label each trial with results.csv's p_front,
+    its probability of being the best / on the front. Writes `out` (.png) and .svg."""
     default_label, budget_label, scale = X_AXES[x]
     xlabel = xlabel or default_label
     table = table.assign(gmacs=table[x] * scale)  # the plotted x, whatever the cost
@@ -78,7 +79,10 @@ def pareto_plot(table: pd.DataFrame, metric: str, out: str | Path, mode: str = "
         ax.step(best["gmacs"], best[metric], where="post", color="tab:blue", alpha=0.6,
                 label="Pareto front (completed)")
     for _, row in pd.concat([done, stopped]).iterrows():  # every point named, as in results.csv
-        ax.annotate(str(row["trial_id"])[:8], (row["gmacs"], row[metric]),
+        label = str(row["trial_id"])[:8]
+        if chance and pd.notna(row.get("p_front")):  # results.csv's p_front
+            label += f" (P {chance} {row['p_front']:.2f})"
+        ax.annotate(label, (row["gmacs"], row[metric]),
                     textcoords="offset points", xytext=(4, 4), fontsize=6)
     top = ax.get_ylim()[1]
     if len(failed):
@@ -134,9 +138,11 @@ def sweep_plot(result, space) -> Path | None:
     if (result.path / SWEEP_SUPERNET).is_file():
         title, scored_by = title.replace("recipe", "supernet of"), "a supernet's slices: a screen"
     noise = result.floors.get(metric, {}).get("floor")
+    chance = "best" if len(space.objectives) == 1 else "on front"  # how p_front reads
     result.plot = pareto_plot(
         table, metric, result.path / PLOT, space.quality.mode, space.budget.max_gmacs,
-        title=title, references=reference_costs()["gmacs"], noise=noise, scored_by=scored_by)
+        title=title, references=reference_costs()["gmacs"], noise=noise, scored_by=scored_by,
+        chance=chance)
     if "latency_ms" in table and table["latency_ms"].notna().any():
         pareto_plot(table, metric, result.path / LATENCY_PLOT, space.quality.mode,
                     space.budget.max_latency_ms, title=title, x="latency_ms", noise=noise,
