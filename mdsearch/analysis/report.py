@@ -317,13 +317,17 @@ def _summary(table, space, recipe, name, metric, mode, report, ablation, floors)
     if metric in table:
         best = table[table["status"] == COMPLETED].sort_values(metric, ascending=mode == "min")
         cols = ["trial_id", *([d.name for d in space.dimensions] if space else []), "seed",
-                "params", "gmacs", "latency_ms", metric, "align", "steps"]
+                "params", "gmacs", "latency_ms", metric, "p_front", "align", "steps"]
         best = best.reindex(columns=[c for c in cols if c in best.columns]).head(5)
         if "params" in best:
             best = best.assign(params=(best["params"] / 1e6).round(1).astype(str) + "M")
         lines += [f"## Best completed trials (by {mode} {metric})", "",
                   best.to_markdown(index=False, floatfmt=".4g") if len(best) else "none", "",
                   winner_statement(table, metric, floors.get(metric)), ""]
+        if "p_front" in best:
+            lines += ["`p_front`: the trial's probability of being the best (one objective) or "
+                      "on the Pareto front (several), from its mean and its noise (its own "
+                      "seeds' standard error, else the noise floor below).", ""]
     lines += _noise_section(floors, table)
     reasons = trained[trained["status"].isin([STOPPED, FAILED])]
     if len(reasons):
